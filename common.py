@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import gzip
 import json
+import math
 import os
 import random
 import shutil
@@ -164,19 +165,30 @@ def write_jsonl(path: str, records: Iterable[dict]) -> None:
 
 
 class MetricsLog:
-    """Append-only JSONL of metrics, written by rank 0 only; flushed every line so a crash loses nothing."""
+    """Append-only JSONL of metrics, written by rank 0 only. The file is opened for each line, so a crash loses
+    nothing and a checkpoint save may move the folder that holds it."""
 
-    def __init__(self, path: str | None):
-        self.f = open(path, "a") if path is not None and is_main() else None
+    def __init__(self, path: str):
+        self.path = path
 
     def log(self, **metrics: Any) -> None:
-        if self.f is not None:
-            self.f.write(json.dumps(metrics) + "\n")
-            self.f.flush()
+        if is_main():
+            with open(self.path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
 
-    def close(self) -> None:
-        if self.f is not None:
-            self.f.close()
+
+def prepare_output(folder: str, overwrite: bool) -> None:
+    """Refuse to write into a folder that already holds files, unless --overwrite (then its old metrics.jsonl is
+    removed; its checkpoint files are replaced only when the new checkpoint is complete, see `save_model`)."""
+    exists = os.path.isdir(folder) and len(os.listdir(folder)) > 0
+    check(not exists or overwrite, f"{folder}: output folder already holds files (pass --overwrite to replace them)")
+    check(not os.path.exists(folder) or os.path.isdir(folder), f"{folder}: exists and is not a folder")
+    if dist.is_initialized():
+        dist.barrier()  # every rank has checked before rank 0 creates the folder
+    if is_main():
+        os.makedirs(folder, exist_ok=True)
+        if overwrite and os.path.exists(os.path.join(folder, "metrics.jsonl")):
+            os.remove(os.path.join(folder, "metrics.jsonl"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -208,7 +220,9 @@ def is_main() -> bool:
 def print0(*a: Any, **k: Any) -> None:
     """print on rank 0 only (every other rank would print the same line)."""
     if is_main():
-        print(*a, **k, flush=True)
+        from tqdm import tqdm
+
+        tqdm.write(" ".join(str(x) for x in a), **k)  # keeps a progress bar intact below the line
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:
@@ -226,6 +240,34 @@ def all_reduce_mean(values: dict[str, float], world: int) -> dict[str, float]:
     t = torch.tensor(list(values.values()), dtype=torch.float64)
     dist.all_reduce(t)
     return {k: v / world for k, v in zip(values, t.tolist())}
+
+
+def all_reduce_sum(x: float, world: int) -> float:
+    """Sum a python float over ranks."""
+    if world == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item()
+
+
+class NonFiniteError(UserError):
+    """A loss or gradient became NaN/inf: the stage stops, naming the step and quantity; no checkpoint is written."""
+
+
+def check_finite(value: float, what: str) -> None:
+    if not math.isfinite(value):
+        raise NonFiniteError(f"{what} is {value}; stopping (the last saved checkpoint is untouched)")
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
+    """Clip the global gradient norm (over all ranks under FSDP2) and return the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
+        norm = norm.full_tensor()
+    norm = norm.item()
+    check_finite(norm, "gradient norm")
+    return norm
 
 
 def split_batch(global_batch: int, micro_batch: int, world: int, flag: str = "--batch-size") -> int:
@@ -343,6 +385,10 @@ def save_model(model: torch.nn.Module, tokenizer: Any, folder: str, world: int, 
         if args is not None:
             save_args(args, tmp)
         old = folder.rstrip("/") + ".old"
+        if os.path.isdir(folder):  # keep the files that are not part of the checkpoint (metrics.jsonl, ...)
+            for name in os.listdir(folder):
+                if not os.path.exists(os.path.join(tmp, name)) and os.path.isfile(os.path.join(folder, name)):
+                    shutil.copy2(os.path.join(folder, name), os.path.join(tmp, name))
         if os.path.exists(folder):
             shutil.rmtree(old, ignore_errors=True)
             os.replace(folder, old)
@@ -354,8 +400,9 @@ def save_model(model: torch.nn.Module, tokenizer: Any, folder: str, world: int, 
 
 def _unwrapped_class(model: torch.nn.Module) -> type:
     """FSDP2 swaps a module's class for a subclass named FSDP<Name>; return the original Hugging Face class."""
-    cls = type(model)
-    return cls.__mro__[1] if cls.__name__.startswith("FSDP") else cls
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -427,3 +474,38 @@ def truncate_at_eos(response: torch.Tensor, eos_id: int, pad_id: int) -> torch.T
     # after_eos[b, t] is True when an EOS occurred strictly before t
     after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
     return response.masked_fill(after_eos, pad_id)
+
+
+def sample_texts(model: torch.nn.Module, tokenizer: Any, prompts: list[str], *, max_new_tokens: int, world: int,
+                 rank: int, batch_size: int = 64, **sampling: Any) -> tuple[list[str], list[bool]]:
+    """Sample one response per prompt, prompts spread over ranks; every rank gets all (text, ended_with_eos).
+
+    Each rank takes prompts[rank::world]; the list is first padded (repeating its last prompt) to a multiple of the
+    world size so every rank runs the same number of generate calls (FSDP2 forwards are collective)."""
+    n = len(prompts)
+    padded = prompts + [prompts[-1]] * ((-n) % world)
+    mine = padded[rank::world]
+    texts: list[str] = []
+    ended: list[bool] = []
+    for i in range(0, len(mine), batch_size):
+        _, resp = generate(model, tokenizer, mine[i: i + batch_size], max_new_tokens=max_new_tokens, world=world,
+                           **sampling)
+        for row in resp.tolist():
+            ended.append(tokenizer.eos_token_id in row)
+            texts.append(tokenizer.decode([t for t in row if t not in (tokenizer.eos_token_id,
+                                                                      tokenizer.pad_token_id)]))
+    if world > 1:
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, (texts, ended))
+        texts = [gathered[i % world][0][i // world] for i in range(len(padded))]
+        ended = [gathered[i % world][1][i // world] for i in range(len(padded))]
+    return texts[:n], ended[:n]
+
+
+def gold_scores(prompts: list[str], responses: list[str]) -> list[float] | None:
+    """The testbed's hidden gold reward of each (prompt, response), or None when the data is not the testbed's.
+    Used only for reporting; it never enters training."""
+    import testbed
+
+    scores = [testbed.gold_reward(p, r) for p, r in zip(prompts, responses)]
+    return None if any(s is None for s in scores) else scores

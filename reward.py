@@ -1,0 +1,242 @@
+"""Reward model (RM): Bradley–Terry training on preference pairs — the paper's vanilla loss, Eq. (1).
+
+r_θ(x, y) is the SFT model with a linear head (no bias) on the final hidden state of the last token: the EOS that
+ends the response. It is a plain `AutoModelForSequenceClassification` with `num_labels=1`, so the checkpoint loads
+with transformers alone and gives the same scores. Eq. (1), over a batch of pairs (x, y_w, y_l) from D:
+
+    L_θ = − mean log σ( r_θ(x, y_w) − r_θ(x, y_l) )
+
+Commands
+    python reward.py                                             # 1 process, CPU, the built-in testbed
+    torchrun --standalone --nproc_per_node=2 reward.py           # FSDP2 over 2 processes (gloo on CPU)
+    torchrun --nproc_per_node=8 reward.py --model runs/llama2-sft --train hh_train.jsonl --test hh_test.jsonl --bf16
+
+Paper defaults (Llama-2-7B): lr 5e-6, global batch 16 pairs, 1 epoch.
+
+Deliberate choices the paper leaves open
+  1. Constant learning rate (no schedule is stated); AdamW betas (0.9, 0.95), no weight decay, gradient clip 1.0.
+  2. Chosen and rejected responses go through the model in one forward pass (2n sequences), right-padded; the
+     score is read at the last non-pad token, which is the EOS appended to every response (common.encode).
+  3. The head is initialised by transformers (normal, std = initializer_range) under the run's seed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+import common
+from common import arg, check
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Args:
+    model: str = arg("runs/testbed/sft", "initial model: the SFT checkpoint (a save_pretrained folder)")
+    train: str = arg("runs/testbed/data/pairs_train.jsonl", "preference pairs D, JSONL {prompt, chosen, rejected}")
+    test: str = arg("runs/testbed/data/pairs_test.jsonl", "held-out pairs for evaluation (empty string = none)")
+    out: str = arg("runs/testbed/rm", "output folder: the RM checkpoint, metrics.jsonl, args.json")
+    lr: float = arg(5e-6, "learning rate (paper: 5e-6), constant")
+    epochs: float = arg(1.0, "passes over D (paper: 1)")
+    batch_size: int = arg(16, "global batch in pairs = micro-batch x accumulation x world size (paper: 16)")
+    micro_batch_size: int = arg(8, "pairs per forward/backward on one process (2x sequences: chosen + rejected)")
+    max_len: int = arg(512, "maximum tokens of prompt + response; longer ones are truncated (see common.encode)")
+    grad_clip: float = arg(1.0, "clip the global gradient norm to this value (0 = off)")
+    seed: int = arg(0, "random seed (data order, head initialisation)")
+    bf16: bool = arg(False, "bf16 autocast for forward/backward (fp32 master weights); fp32 is the reference")
+    max_steps: int = arg(-1, "stop after this many optimiser steps (-1 = the whole epoch); for smoke tests")
+    eval_every: int = arg(50, "evaluate on the test pairs every N steps (and at the end; 0 = only at the end)")
+    eval_batch_size: int = arg(32, "pairs per forward pass during evaluation")
+    log_every: int = arg(10, "print a metrics line every N steps")
+    overwrite: bool = arg(False, "replace an existing output folder")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pieces that are the method
+# ----------------------------------------------------------------------------------------------------------------
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """Eq. (1): mean over pairs of −log σ(r_w − r_l). (n,), (n,) -> scalar.
+
+    `logsigmoid` instead of log(sigmoid(.)): exact for large negative margins, where sigmoid underflows to 0."""
+    return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+
+def rewards(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """r_θ(x, y) for right-padded sequences (B, T) -> (B,). transformers pools the logit of the last non-pad token
+    (it finds it with config.pad_token_id), i.e. the EOS that ends each response."""
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+
+
+def pair_batch(tokenizer, pairs: list[dict], max_len: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Tokenise n pairs into one (2n, T) batch: rows 0..n-1 chosen, rows n..2n-1 rejected. Returns (ids, mask, n
+    truncated sequences)."""
+    seqs, n_truncated = [], 0
+    for key in ("chosen", "rejected"):
+        for p in pairs:
+            ids, _, truncated = common.encode(tokenizer, p["prompt"], p[key], max_len)
+            seqs.append(ids)
+            n_truncated += truncated
+    ids, mask = common.pad_right(seqs, tokenizer.pad_token_id)
+    return ids, mask, n_truncated
+
+
+def load_reward_model(path: str, world: int, device: torch.device, **overrides):
+    """An RM (or an SFT checkpoint to start one from) as AutoModelForSequenceClassification with one output.
+
+    The pad token must differ from EOS: transformers reads the score at the last token that is not pad, and the
+    score belongs on the EOS."""
+    common.check_checkpoint(path, "model")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    check(tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id,
+          f"{path}: the tokenizer needs a PAD token distinct from EOS (the reward is read at the EOS token)")
+    model = common.load_model(AutoModelForSequenceClassification, path, world, device, num_labels=1,
+                              pad_token_id=tokenizer.pad_token_id, **overrides)
+    return model, tokenizer
+
+
+@torch.no_grad()
+def score_texts(model, tokenizer, prompts: list[str], responses: list[str], *, max_len: int, world: int, rank: int,
+                batch_size: int = 64, bf16: bool = False) -> torch.Tensor:
+    """r(x, y) for every (prompt, response), spread over ranks; every rank gets all N scores (N,) on CPU.
+
+    Every rank runs the same number of forward passes (FSDP2 forwards are collective): the list is padded with
+    repeats of its last item to a multiple of world x batch_size, and the padding is dropped after gathering."""
+    device = next(model.parameters()).device
+    n = len(prompts)
+    chunk = world * batch_size
+    idx = list(range(n)) + [n - 1] * ((-n) % chunk)
+    scores = []
+    for start in range(0, len(idx), chunk):
+        mine = idx[start + rank * batch_size: start + (rank + 1) * batch_size]
+        seqs = [common.encode(tokenizer, prompts[i], responses[i], max_len)[0] for i in mine]
+        ids, mask = common.pad_right(seqs, tokenizer.pad_token_id)
+        with common.autocast(device, bf16):
+            r = rewards(model, ids.to(device), mask.to(device)).float()
+        if world > 1:
+            parts = [torch.empty_like(r) for _ in range(world)]
+            dist.all_gather(parts, r)
+            r = torch.cat(parts)
+        scores.append(r.cpu())
+    if world > 1:
+        model.reshard()  # a no-grad forward leaves the FSDP2 root unsharded (DESIGN.md §7)
+    return torch.cat(scores)[:n]
+
+
+def evaluate(model, tokenizer, pairs: list[dict], *, max_len: int, world: int, rank: int, batch_size: int,
+             bf16: bool = False) -> dict[str, float]:
+    """Accuracy on held-out pairs vs their (noisy) labels and, on the testbed, vs the hidden gold ordering."""
+    was_training = model.training
+    model.eval()
+    prompts = [p["prompt"] for p in pairs]
+    r_w = score_texts(model, tokenizer, prompts, [p["chosen"] for p in pairs], max_len=max_len, world=world,
+                      rank=rank, batch_size=batch_size, bf16=bf16)
+    r_l = score_texts(model, tokenizer, prompts, [p["rejected"] for p in pairs], max_len=max_len, world=world,
+                      rank=rank, batch_size=batch_size, bf16=bf16)
+    model.train(was_training)
+    out = {"acc": (r_w > r_l).float().mean().item(), "reward_chosen": r_w.mean().item(),
+           "reward_rejected": r_l.mean().item(), "margin": (r_w - r_l).mean().item(),
+           "loss": bradley_terry_loss(r_w, r_l).item()}
+    g_w = common.gold_scores(prompts, [p["chosen"] for p in pairs])
+    g_l = common.gold_scores(prompts, [p["rejected"] for p in pairs])
+    if g_w is not None and g_l is not None:
+        # agreement with the gold ordering, over the pairs whose gold scores differ
+        gold_says = torch.tensor(g_w) - torch.tensor(g_l)
+        keep = gold_says != 0
+        out["acc_gold"] = ((r_w - r_l)[keep] * gold_says[keep] > 0).float().mean().item()
+        out["label_acc_gold"] = (gold_says[keep] > 0).float().mean().item()  # how often the labels match gold
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage
+# ----------------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    args = common.parse_args(Args, argv)
+    rank, world, device = common.init_distributed()
+    accum = common.split_batch(args.batch_size, args.micro_batch_size, world)
+    common.check_checkpoint(args.model, "--model")
+    pairs = common.read_jsonl(args.train, ["prompt", "chosen", "rejected"])
+    test_pairs = common.read_jsonl(args.test, ["prompt", "chosen", "rejected"]) if args.test else []
+    common.prepare_output(args.out, args.overwrite)
+    common.seed_everything(args.seed, 0)  # same head initialisation on every rank (rank 0's is broadcast anyway)
+
+    # ---- model and optimiser ----
+    model, tokenizer = load_reward_model(args.model, world, device)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    log = common.MetricsLog(os.path.join(args.out, "metrics.jsonl"))
+
+    steps_per_epoch = len(pairs) // args.batch_size
+    check(steps_per_epoch > 0, f"{args.train}: {len(pairs)} pairs, fewer than one batch of {args.batch_size}")
+    total_steps = math.floor(steps_per_epoch * args.epochs)
+    if args.max_steps > 0:
+        total_steps = min(total_steps, args.max_steps)
+    common.print0(f"reward: {len(pairs)} pairs, {total_steps} steps of {args.batch_size} = {args.micro_batch_size} "
+                  f"x {accum} accumulation x {world} processes")
+
+    def run_eval(step: int) -> None:
+        if not test_pairs:
+            return
+        m = evaluate(model, tokenizer, test_pairs, max_len=args.max_len, world=world, rank=rank,
+                     batch_size=args.eval_batch_size, bf16=args.bf16)
+        log.log(step=step, **{"eval_" + k: v for k, v in m.items()})
+        common.print0(f"eval @ {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
+
+    # ---- loop ----
+    data_gen = torch.Generator().manual_seed(args.seed)  # same on every rank: all ranks agree on the batch
+    order: list[int] = []
+    bar = tqdm(range(total_steps), desc="reward", disable=not common.is_main())
+    t0, n_truncated = time.time(), 0
+    for step in bar:
+        if not order:
+            order = torch.randperm(len(pairs), generator=data_gen).tolist()[: steps_per_epoch * args.batch_size]
+        batch = [pairs[i] for i in order[: args.batch_size]]
+        del order[: args.batch_size]
+        mine = batch[rank * len(batch) // world: (rank + 1) * len(batch) // world]
+        # Each micro-batch's loss is its share of the global mean: mean over its pairs x (its pairs / global pairs).
+        # FSDP2 averages gradients over ranks, so x world turns that average back into the sum over ranks.
+        loss_sum, correct = 0.0, 0.0
+        for micro in range(accum):
+            part = mine[micro * args.micro_batch_size: (micro + 1) * args.micro_batch_size]
+            ids, mask, truncated = pair_batch(tokenizer, part, args.max_len)
+            n_truncated += truncated
+            with common.autocast(device, args.bf16):
+                r = rewards(model, ids.to(device), mask.to(device)).float()  # (2n,)
+            r_w, r_l = r[: len(part)], r[len(part):]
+            loss = bradley_terry_loss(r_w, r_l)
+            (loss * len(part) / args.batch_size * world).backward()
+            loss_sum += loss.item() * len(part)
+            correct += (r_w > r_l).sum().item()
+        grad_norm = common.clip_grad_norm(model, args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        loss = common.all_reduce_sum(loss_sum, world) / args.batch_size
+        common.check_finite(loss, f"reward step {step + 1}: loss")
+        acc = common.all_reduce_sum(correct, world) / args.batch_size
+        log.log(step=step + 1, loss=loss, acc=acc, grad_norm=grad_norm,
+                pairs_per_s=(step + 1) * args.batch_size / max(time.time() - t0, 1e-9))
+        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}")
+        if (step + 1) % args.log_every == 0 or step + 1 == total_steps:
+            common.print0(f"step {step + 1}/{total_steps} loss {loss:.4f} acc {acc:.3f} grad_norm {grad_norm:.3f}")
+        if args.eval_every > 0 and (step + 1) % args.eval_every == 0 and step + 1 < total_steps:
+            run_eval(step + 1)
+
+    run_eval(total_steps)
+    if n_truncated:
+        common.print0(f"note: {n_truncated} sequences were longer than --max-len {args.max_len} and were truncated")
+    common.save_model(model, tokenizer, args.out, world, args)
+    common.print0(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    common.run_main(main)

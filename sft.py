@@ -1,0 +1,200 @@
+"""Supervised fine-tuning (SFT): next-token loss on the response tokens of (prompt, response) demonstrations.
+
+The first stage of the pipeline (paper §"Experimental settings"; DESIGN.md §4): the policy that PPO starts from,
+the reference policy of the KL term, and the backbone of the reward model all come from this checkpoint.
+
+Commands
+    python sft.py                                               # 1 process, CPU, the built-in testbed
+    torchrun --standalone --nproc_per_node=2 sft.py             # FSDP2 over 2 processes (gloo on CPU)
+    torchrun --nproc_per_node=8 sft.py --model meta-llama/Llama-2-7b-hf --data hh_sft.jsonl --bf16   # GPUs
+
+Paper defaults (Llama-2-7B): lr 2e-5, 2 epochs, warm-up 0.3 epoch then linear decay to 0, global batch 32.
+
+Deliberate choices the paper leaves open
+  1. Loss on response tokens only (prompt and padding are masked with -100); the EOS token is part of the target,
+     so the model learns to stop.
+  2. The loss is the mean NLL per response token over the whole *global* batch (not a mean of per-micro-batch
+     means), so the gradient does not depend on how the batch is split over micro-batches and ranks.
+  3. AdamW with betas (0.9, 0.95), no weight decay; gradient norm clipped to 1.0.
+  4. The last incomplete global batch of an epoch is dropped (every step sees exactly `batch_size` examples).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import common
+from common import arg, check
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Args:
+    model: str = arg("runs/testbed/base_model", "base model: a save_pretrained folder (config, safetensors, tokenizer)")
+    data: str = arg("runs/testbed/data/sft_train.jsonl", "demonstrations, JSONL records {prompt, response}")
+    out: str = arg("runs/testbed/sft", "output folder: the SFT checkpoint, metrics.jsonl, args.json")
+    lr: float = arg(2e-5, "peak learning rate (paper: 2e-5)")
+    epochs: float = arg(2.0, "passes over the data (paper: 2)")
+    warmup_epochs: float = arg(0.3, "linear warm-up length in epochs (paper: 0.3), then linear decay to 0")
+    batch_size: int = arg(32, "global batch size in examples = micro-batch x accumulation x world size (paper: 32)")
+    micro_batch_size: int = arg(8, "examples per forward/backward on one process")
+    max_len: int = arg(512, "maximum tokens of prompt + response; longer ones are truncated (see common.encode)")
+    grad_clip: float = arg(1.0, "clip the global gradient norm to this value (0 = off)")
+    seed: int = arg(0, "random seed (data order, initialisation)")
+    bf16: bool = arg(False, "bf16 autocast for forward/backward (fp32 master weights); fp32 is the reference")
+    max_steps: int = arg(-1, "stop after this many optimiser steps (-1 = run all epochs); for smoke tests")
+    log_every: int = arg(10, "print a metrics line every N steps")
+    eval_prompts: str = arg("runs/testbed/data/eval_prompts.jsonl",
+                            "prompts sampled after training to report EOS rate (and gold reward on the testbed); "
+                            "empty string = skip")
+    eval_samples: int = arg(64, "how many eval prompts to sample after training")
+    max_new_tokens: int = arg(48, "maximum new tokens when sampling after training")
+    overwrite: bool = arg(False, "replace an existing output folder")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pieces that are the method
+# ----------------------------------------------------------------------------------------------------------------
+def sft_labels(ids: list[int], n_prompt: int) -> list[int]:
+    """Targets for the next-token loss: -100 (ignored) on the prompt, the token itself on the response + EOS.
+
+    The one-token shift (logits at position t predict token t+1) happens in `sft_loss_sum`, not here."""
+    return [-100] * n_prompt + ids[n_prompt:]
+
+
+def sft_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed NLL of the labelled tokens. logits (B, T, V), labels (B, T) with -100 where ignored.
+
+    Position t's logits predict token t+1, so logits drop the last column and labels drop the first."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
+                           reduction="sum")
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
+    """Linear warm-up then linear decay to 0; `step` is the 0-based index of the optimiser step about to run.
+
+    warm-up (step < W): peak * (step + 1) / W     -> the first step already moves, the W-th reaches the peak
+    decay   (step >= W): peak * (T - step) / (T - W) -> the last step (T - 1) still has peak / (T - W) > 0
+    """
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    return peak * (total_steps - step) / max(1, total_steps - warmup_steps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage
+# ----------------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    args = common.parse_args(Args, argv)
+    rank, world, device = common.init_distributed()
+    accum = common.split_batch(args.batch_size, args.micro_batch_size, world)
+    common.seed_everything(args.seed, rank)
+
+    # ---- data: every rank reads the whole file and draws the same order; each takes its slice of a batch ----
+    common.check_checkpoint(args.model, "--model")
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    records = common.read_jsonl(args.data, ["prompt", "response"])
+    examples, n_truncated = [], 0
+    for r in records:
+        ids, n_prompt, truncated = common.encode(tokenizer, r["prompt"], r["response"], args.max_len)
+        examples.append((ids, sft_labels(ids, n_prompt)))
+        n_truncated += truncated
+    steps_per_epoch = len(examples) // args.batch_size
+    check(steps_per_epoch > 0, f"{args.data}: {len(examples)} examples, fewer than one batch of {args.batch_size}")
+    total_steps = math.floor(steps_per_epoch * args.epochs)
+    if args.max_steps > 0:
+        total_steps = min(total_steps, args.max_steps)
+    warmup_steps = max(1, round(steps_per_epoch * args.warmup_epochs))
+    common.prepare_output(args.out, args.overwrite)
+    common.print0(f"sft: {len(examples)} examples ({n_truncated} truncated to {args.max_len} tokens), "
+                  f"{total_steps} steps of {args.batch_size} = {args.micro_batch_size} x {accum} accumulation x "
+                  f"{world} processes")
+
+    # ---- model and optimiser ----
+    model = common.load_model(AutoModelForCausalLM, args.model, world, device)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    log = common.MetricsLog(os.path.join(args.out, "metrics.jsonl"))
+
+    # ---- loop ----
+    data_gen = torch.Generator().manual_seed(args.seed)  # same on every rank: all ranks agree on the batch
+    order: list[int] = []
+    bar = tqdm(range(total_steps), desc="sft", disable=not common.is_main())
+    t0, tokens_seen = time.time(), 0
+    for step in bar:
+        if not order:
+            order = torch.randperm(len(examples), generator=data_gen).tolist()[: steps_per_epoch * args.batch_size]
+        batch = [examples[i] for i in order[: args.batch_size]]
+        del order[: args.batch_size]
+        # Loss normalisation: the target is the mean NLL per response token of the whole global batch, so each
+        # micro-batch contributes (its summed NLL) / (response tokens in the global batch). Every rank can count
+        # those tokens itself because every rank holds the whole batch. FSDP2 *averages* gradients over ranks,
+        # so the loss is multiplied by the world size to turn that average back into the sum over ranks.
+        n_tokens = sum(sum(t != -100 for t in labels[1:]) for _, labels in batch)
+        mine = batch[rank * len(batch) // world: (rank + 1) * len(batch) // world]
+        lr = lr_at(step, total_steps, warmup_steps, args.lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        nll = 0.0
+        for micro in range(accum):
+            part = mine[micro * args.micro_batch_size: (micro + 1) * args.micro_batch_size]
+            ids, mask = common.pad_right([x for x, _ in part], tokenizer.pad_token_id)
+            labels, _ = common.pad_right([y for _, y in part], tokenizer.pad_token_id, fill=-100)
+            ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+            with common.autocast(device, args.bf16):
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (b, T, V)
+            loss_sum = sft_loss_sum(logits, labels)
+            (loss_sum * world / n_tokens).backward()
+            nll += loss_sum.item()
+        grad_norm = common.clip_grad_norm(model, args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        loss = common.all_reduce_sum(nll, world) / n_tokens
+        common.check_finite(loss, f"sft step {step}: loss")
+        tokens_seen += sum(len(ids) for ids, _ in batch)
+        metrics = dict(step=step + 1, loss=loss, lr=lr, grad_norm=grad_norm,
+                       tokens_per_s=tokens_seen / max(time.time() - t0, 1e-9))
+        log.log(**metrics)
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
+        if (step + 1) % args.log_every == 0 or step + 1 == total_steps:
+            common.print0(f"step {step + 1}/{total_steps} loss {loss:.4f} lr {lr:.3e} grad_norm {grad_norm:.3f} "
+                          f"tok/s {metrics['tokens_per_s']:.0f}")
+
+    # ---- save ----
+    common.save_model(model, tokenizer, args.out, world, args)
+    common.print0(f"saved {args.out}")
+
+    # ---- what the SFT model does: EOS rate, and gold reward on the testbed ----
+    if args.eval_prompts:
+        report = sample_report(model, tokenizer, args, world, rank)
+        log.log(**{"final_" + k: v for k, v in report.items()})
+        common.print0("sft samples: " + ", ".join(f"{k} {v:.3f}" for k, v in report.items()))
+
+
+def sample_report(model, tokenizer, args: Args, world: int, rank: int) -> dict[str, float]:
+    """Sample responses to held-out prompts (paper's PPO sampling settings) and report the share that end with
+    EOS, their mean length and, on the testbed, their mean gold reward."""
+    prompts = [r["prompt"] for r in common.read_jsonl(args.eval_prompts, ["prompt"])][: args.eval_samples]
+    model.eval()
+    texts, ended = common.sample_texts(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, world=world,
+                                       rank=rank)
+    report = {"eos_rate": sum(ended) / len(ended),
+              "mean_response_words": sum(len(t.split()) for t in texts) / len(texts)}
+    gold = common.gold_scores(prompts, texts)
+    if gold is not None:
+        report["gold_reward"] = sum(gold) / len(gold)
+    return report
+
+
+if __name__ == "__main__":
+    common.run_main(main)
