@@ -1,0 +1,110 @@
+"""The meta data set S of MetaRM: k responses per prompt sampled from the current policy (paper §3, "rounds").
+
+Round r ≥ 1 of the paper's procedure builds S_r by sampling k = 5 responses for each training prompt from the latest
+policy (round 1: the SFT model; later: the previous round's PPO policy). No labels: Eq. (2) only needs the RM's
+rewards of the k samples. A held-out part of the prompts is kept apart for the reward-gap statistics (Fig. 1, 5).
+
+Output, in --out:
+    meta_train.jsonl    {prompt, responses: [k strings]}    the S that meta_rm.py trains with
+    meta_heldout.jsonl  {prompt, responses: [k strings]}    held-out prompts (disjoint), for evaluation only
+
+Commands
+    python meta_data.py                                           # the testbed's SFT policy, 1 process
+    torchrun --standalone --nproc_per_node=2 meta_data.py          # prompts split over 2 processes (FSDP2)
+
+Choices (the paper gives k = 5 and allows a slightly higher temperature than PPO's 0.8 so that samples differ)
+  1. Default temperature 1.0, top-p 0.9, repetition penalty 1.1 (PPO's nucleus settings, hotter).
+  2. The held-out split is by prompt, drawn with the seed before sampling; the same seed and world size give the
+     same file (each process samples with seed + rank).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import common
+from common import arg, check
+
+
+@dataclasses.dataclass
+class Args:
+    policy: str = arg("runs/testbed/sft", "policy checkpoint to sample from (SFT or a PPO policy)")
+    prompts: str = arg("runs/testbed/data/rl_prompts.jsonl", "prompts, JSONL {prompt}")
+    out: str = arg("runs/testbed/meta_set", "output folder for meta_train.jsonl and meta_heldout.jsonl")
+    k: int = arg(5, "responses sampled per prompt (paper: 5); at least 2")
+    max_prompts: int = arg(-1, "use only the first N prompts (-1 = all)")
+    heldout: int = arg(64, "prompts kept out of meta_train.jsonl for the reward-gap evaluation")
+    temperature: float = arg(1.0, "sampling temperature (PPO uses 0.8; a little hotter so samples differ)")
+    top_p: float = arg(0.9, "nucleus sampling: keep the smallest token set with this much probability")
+    repetition_penalty: float = arg(1.1, "repetition penalty (paper's PPO sampling: 1.1)")
+    max_new_tokens: int = arg(48, "maximum new tokens per response")
+    batch_size: int = arg(64, "sequences per generate call on one process (prompts x k)")
+    seed: int = arg(0, "random seed (held-out split, sampling)")
+    overwrite: bool = arg(False, "replace existing output files")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = common.parse_args(Args, argv)
+    rank, world, device = common.init_distributed()
+    check(args.k >= 2, f"--k {args.k}: the difference loss compares responses, it needs k >= 2")
+    check(args.batch_size >= args.k, f"--batch-size {args.batch_size} must hold at least the k = {args.k} samples "
+                                     "of one prompt")
+    common.check_checkpoint(args.policy, "--policy")
+    prompts = [r["prompt"] for r in common.read_jsonl(args.prompts, ["prompt"])]
+    if args.max_prompts > 0:
+        prompts = prompts[: args.max_prompts]
+    check(0 <= args.heldout < len(prompts), f"--heldout {args.heldout} must be below the {len(prompts)} prompts")
+    common.prepare_output(args.out, args.overwrite)
+    common.seed_everything(args.seed, rank)
+
+    # held-out split by prompt, the same on every rank
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    heldout = set(order[: args.heldout])
+
+    tokenizer = AutoTokenizer.from_pretrained(args.policy)
+    model = common.load_model(AutoModelForCausalLM, args.policy, world, device)
+    model.eval()
+    # each prompt repeated k times, so one generate call samples all k responses of several prompts at once
+    per_call = args.batch_size // args.k
+    responses: list[str] = []
+    bar = tqdm(total=len(prompts), desc=f"sampling S (k = {args.k})", disable=not common.is_main())
+    for start in range(0, len(prompts), per_call * world):
+        chunk = prompts[start: start + per_call * world]
+        texts, _ = common.sample_texts(model, tokenizer, [p for p in chunk for _ in range(args.k)],
+                                       max_new_tokens=args.max_new_tokens, world=world, rank=rank,
+                                       batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p,
+                                       repetition_penalty=args.repetition_penalty)
+        responses += texts
+        bar.update(len(chunk))
+    bar.close()
+
+    records = [{"prompt": p, "responses": responses[i * args.k: (i + 1) * args.k]} for i, p in enumerate(prompts)]
+    if common.is_main():
+        common.write_jsonl(os.path.join(args.out, "meta_train.jsonl"),
+                           [r for i, r in enumerate(records) if i not in heldout])
+        common.write_jsonl(os.path.join(args.out, "meta_heldout.jsonl"),
+                           [r for i, r in enumerate(records) if i in heldout])
+        common.save_args(args, args.out)
+        distinct = sum(len(set(r["responses"])) for r in records) / len(records)
+        common.print0(f"wrote {len(records) - len(heldout)} train + {len(heldout)} held-out prompts x k = {args.k} "
+                      f"to {args.out} ({distinct:.2f} distinct responses per prompt on average)")
+        stats = {"prompts": len(records), "k": args.k, "distinct_per_prompt": distinct}
+        gold = common.gold_scores([r["prompt"] for r in records for _ in range(args.k)],
+                                  [s for r in records for s in r["responses"]])
+        if gold is not None:
+            stats["gold_mean"] = sum(gold) / len(gold)
+            common.print0(f"mean gold reward of the samples: {stats['gold_mean']:.3f}")
+        with open(os.path.join(args.out, "stats.json"), "w") as f:
+            json.dump(stats, f, indent=2)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+if __name__ == "__main__":
+    common.run_main(main)

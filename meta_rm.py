@@ -1,0 +1,459 @@
+"""MetaRM: reward-model training with a meta-learning step — Algorithm 1 of Dou et al. (AAAI 2025).
+
+The policy drifts during PPO; the RM then loses its ability to tell the policy's new responses apart (the reward
+differences between samples of one prompt shrink). MetaRM keeps training the RM on the ORIGINAL preference pairs D,
+but takes every update at parameters θ' that were first pushed one gradient-ASCENT step towards separating samples
+of the current policy (the meta set S). No new labels are needed.
+
+Equations (paper §3; DESIGN.md §2)
+    Eq. (1)  L_θ(X_t)   = − mean log σ( r_θ(x, y_w) − r_θ(x, y_l) )              reward.bradley_terry_loss
+    Eq. (2)  J_θ(x, s)  = (2 / k²) Σ_{i<j} σ( | r_θ(x, s_i) − r_θ(x, s_j) | )   difference_loss  (maximised)
+
+Algorithm 1, one iteration t (function `meta_gradient` below; each line is tagged "Alg.1 l.N" in the code):
+    l.2  X_t ← n pairs (x, y_w, y_l) from D
+    l.3  X_s ← m items (x, s_1..s_k) from S
+    l.4  J_θ(X_s) at θ_t
+    l.5  θ'_t = θ_t + η ∇_θ J_θ(X_s)                      meta-process: one gradient-ASCENT step
+    l.6  L_θ'(X_t) at θ'_t
+    l.7  θ_{t+1} = θ_t − α ∇_θ L_θ'(X_t)                   MetaRM-optimisation (here: AdamW with lr α)
+
+Commands
+    python meta_data.py --policy runs/testbed/sft --out runs/testbed/meta_set        # build S (k = 5 per prompt)
+    python meta_rm.py                                                                  # 1 process, CPU, testbed
+    torchrun --standalone --nproc_per_node=2 meta_rm.py                                # FSDP2, 2 processes
+    torchrun --nproc_per_node=8 meta_rm.py --model runs/llama2-rm --train hh_train.jsonl --meta runs/S1/meta_train.jsonl --bf16
+
+Paper defaults (Llama-2-7B): α = η = 5e-6, n = m = 16, k = 5, 1 epoch over D, lr 5e-6.
+
+Deliberate choices (the paper is silent or we offer more)
+  1. First order by default (`--meta-order 1`): θ' = θ + η·stopgrad(∇J), so ∇_θ L(θ') is the gradient AT θ' applied
+     to θ — what the paper's update and the authors' implementation do (back up θ, ascend in place, backward L,
+     restore θ). `--meta-order 2` is the exact gradient d L(θ + η ∇J(θ)) / dθ, which adds the Hessian-vector
+     product η ∇²J · ∇L; it needs double backward, so the model is loaded with eager attention.
+  2. J over a meta mini-batch is the MEAN over its m prompts of Eq. (2) (the paper does not say; mean is the natural
+     reading). The normaliser is 2/k², as printed, not 1/C(k, 2).
+  3. |·| has no derivative at 0; torch uses sign(0) = 0, so two responses with identical rewards push each other
+     nowhere. (Exact ties are rare except for identical responses.)
+  4. α is applied through AdamW (constant lr α, betas (0.9, 0.95), no weight decay, gradient clip 1.0), like
+     reward.py; Algorithm 1 writes a plain gradient step. The ascent of l.5 is a raw gradient step as in the paper.
+  5. `--normalize-ascent` (off by default, a deviation): θ' = θ + η ∇J / ‖∇J‖, a step of fixed length η. With the
+     paper's raw step, ‖θ' − θ‖ = η‖∇J‖ can be vanishingly small (the meta step then does nothing); the log shows it.
+  6. Under FSDP2 (world size > 1) `functional_call` cannot run on the sharded module, so two equivalent routes exist
+     (`--meta-impl`): `functional` gathers the full parameters, runs the textbook code on a plain copy of the model
+     and turns the gradients back into shards (both orders; holds the whole model on every rank during the step);
+     `inplace` keeps everything sharded: back up θ, add η·∇J in place, backward L at θ', restore θ exactly (first
+     order only; scales to 7B on 8 GPUs). Tests check that both give the single-process gradient.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch.func import functional_call
+from tqdm import tqdm
+from transformers import AutoModelForSequenceClassification
+
+import common
+import reward
+from common import arg, check
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Args:
+    model: str = arg("runs/testbed/rm", "initial reward model: an RM checkpoint (reward.py) or an SFT checkpoint")
+    train: str = arg("runs/testbed/data/pairs_train.jsonl", "preference pairs D, JSONL {prompt, chosen, rejected}")
+    test: str = arg("runs/testbed/data/pairs_test.jsonl", "held-out pairs for evaluation (empty string = none)")
+    meta: str = arg("runs/testbed/meta_set/meta_train.jsonl",
+                    "meta set S: JSONL {prompt, responses: [k strings]} sampled from the current policy (meta_data.py)")
+    meta_heldout: str = arg("runs/testbed/meta_set/meta_heldout.jsonl",
+                            "held-out part of S for reward-gap statistics (empty string = none)")
+    out: str = arg("runs/testbed/meta_rm", "output folder: the RM checkpoint, metrics.jsonl, args.json")
+    lr: float = arg(5e-6, "α: learning rate of the MetaRM-optimisation step, Alg. 1 l.7 (paper: 5e-6)")
+    eta: float = arg(5e-6, "η: step size of the meta-process ascent, Alg. 1 l.5 (paper: 5e-6)")
+    meta_order: int = arg(1, "1: first order, the gradient at θ' applied to θ (paper); 2: exact, through ∇²J",
+                          choices=[1, 2])
+    meta_impl: str = arg("auto", "how the meta step runs: functional (torch.func.functional_call; on a gathered "
+                         "copy under FSDP2), inplace (sharded: perturb θ in place and restore; order 1 only), "
+                         "auto = functional at world size 1 or order 2, else inplace",
+                         choices=["auto", "functional", "inplace"])
+    normalize_ascent: bool = arg(False, "deviation, off by default: ascend by η·∇J/‖∇J‖ instead of η·∇J")
+    epochs: float = arg(1.0, "passes over D (paper: 1)")
+    batch_size: int = arg(16, "n: preference pairs per step, global (paper: 16)")
+    meta_batch_size: int = arg(16, "m: meta prompts per step, global (paper: 16); each has k responses")
+    micro_batch_size: int = arg(16, "pairs (and meta prompts) per forward on one process; inplace impl only "
+                                "splits a step into several forwards")
+    max_len: int = arg(512, "maximum tokens of prompt + response; longer ones are truncated (see common.encode)")
+    grad_clip: float = arg(1.0, "clip the global gradient norm to this value (0 = off)")
+    seed: int = arg(0, "random seed (data order, head initialisation when starting from SFT)")
+    bf16: bool = arg(False, "bf16 autocast for forward/backward (fp32 master weights); fp32 is the reference")
+    max_steps: int = arg(-1, "stop after this many steps (-1 = the whole epoch); for smoke tests")
+    eval_every: int = arg(50, "evaluate on the test pairs and held-out S every N steps (and at the end; 0 = end)")
+    eval_batch_size: int = arg(32, "sequences per forward pass during evaluation")
+    log_every: int = arg(10, "print a metrics line every N steps")
+    log_adapted_every: int = arg(1, "measure J(θ') (one extra forward of X_s) every N steps; 0 = never")
+    overwrite: bool = arg(False, "replace an existing output folder")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Eq. (2): the difference loss
+# ----------------------------------------------------------------------------------------------------------------
+def difference_loss(rewards: torch.Tensor) -> torch.Tensor:
+    """Eq. (2), averaged over prompts: mean_x (2/k²) Σ_{i<j} σ(|r(x, s_i) − r(x, s_j)|). (m, k) -> scalar.
+
+    To be MAXIMISED (the meta-process ascends it): a larger value means the RM spreads the k responses of a prompt
+    further apart. Every term is ≥ σ(0) = 0.5, so J ≥ (2/k²)·C(k,2)·0.5 = (k−1)/(2k), reached when all k rewards
+    are equal. The normaliser is 2/k² as printed in the paper (not 1/C(k, 2)); there is no log.
+    At r_i = r_j, |·| has no derivative; torch's abs uses sign(0) = 0, so the pair contributes no gradient.
+    """
+    m, k = rewards.shape
+    gaps = (rewards[:, :, None] - rewards[:, None, :]).abs()  # (m, k, k): |r_i − r_j|
+    i, j = torch.triu_indices(k, k, offset=1)  # the C(k, 2) pairs i < j
+    per_prompt = torch.sigmoid(gaps[:, i, j]).sum(dim=1) * 2 / k**2  # (m,)
+    return per_prompt.mean()
+
+
+def reward_gaps(scores: torch.Tensor) -> dict[str, float]:
+    """Statistics of how well the RM separates k samples of one prompt. scores (m, k) -> dict.
+
+    gap_mean / gap_std: of |r_i − r_j| over all pairs i < j of every prompt (paper Fig. 5, before normalising);
+    diff12_var: variance over prompts of r(x, s_1) − r(x, s_2) (paper Fig. 1); J: Eq. (2)."""
+    k = scores.shape[1]
+    i, j = torch.triu_indices(k, k, offset=1)
+    gaps = (scores[:, i] - scores[:, j]).abs().flatten()
+    return {"gap_mean": gaps.mean().item(), "gap_std": gaps.std().item(),
+            "diff12_var": (scores[:, 0] - scores[:, 1]).var().item(), "J": difference_loss(scores).item()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Algorithm 1, lines 4–7: the meta step
+# ----------------------------------------------------------------------------------------------------------------
+Batch = tuple[torch.Tensor, torch.Tensor]  # (input_ids, attention_mask), right-padded
+
+
+def meta_gradient(model: torch.nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+                  pairs: Batch, meta: Batch, k: int, eta: float, order: int, normalize_ascent: bool = False,
+                  average: Callable[[torch.Tensor], torch.Tensor] = lambda g: g, bf16: bool = False,
+                  measure_adapted: bool = False) -> tuple[list[torch.Tensor], dict[str, float]]:
+    """∇_θ L_θ'(X_t) with θ' = θ + η ∇_θ J_θ(X_s) — Algorithm 1, lines 4–7 up to the optimiser step.
+
+    params   θ by name: the model's own parameters (world size 1) or gathered full copies (under FSDP2)
+    pairs    X_t as one (2n, T) batch: rows 0..n−1 chosen, rows n..2n−1 rejected (reward.pair_batch)
+    meta     X_s as one (m·k, T) batch: row i·k + j is response j of prompt i
+    average  turns this process's ∇J into the mean over all processes (identity at world size 1); it must be
+             differentiable for order 2 (an autograd-aware all-reduce)
+    measure_adapted  also report J at θ' (one extra no-grad forward of X_s), to show the ascent raised J
+    Returns the gradient for every parameter (same order as `params`) and statistics of the step.
+    """
+    device = next(iter(params.values())).device
+
+    def r(theta: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
+        """r_θ(x, y) evaluated at the parameters `theta` (a dict), not at the module's own: torch.func."""
+        ids, mask = batch
+        with common.autocast(device, bf16):
+            out = functional_call(model, {**theta, **buffers}, args=(),
+                                  kwargs=dict(input_ids=ids, attention_mask=mask, use_cache=False))
+        return out.logits[:, 0].float()  # (B,)
+
+    names, theta = list(params), list(params.values())
+
+    # Alg.1 l.4: J_θ(X_s) at θ_t
+    J = difference_loss(r(params, meta).view(-1, k))  # (m, k) -> scalar
+
+    # Alg.1 l.5: θ' = θ + η ∇θ J(X_s)   (meta-process: ASCENT, hence the plus sign)
+    # First order: the ascent direction is a constant (no graph), so dθ'/dθ = I and the gradient that l.7 takes at
+    # θ' is applied to θ unchanged. Second order: keep the graph (create_graph) so that backpropagating through θ'
+    # also differentiates ∇J, giving dθ'/dθ = I + η ∇²J.
+    grad_J = torch.autograd.grad(J, theta, create_graph=order == 2)
+    grad_J = [average(g if order == 2 else g.detach()) for g in grad_J]
+    grad_J_norm = torch.sqrt(sum((g.detach().double() ** 2).sum() for g in grad_J)).item()
+    step = eta / max(grad_J_norm, 1e-12) if normalize_ascent else eta
+    adapted = {name: p + step * g for name, p, g in zip(names, theta, grad_J)}  # θ'
+
+    # Alg.1 l.6: L_θ'(X_t), the vanilla Bradley–Terry loss (Eq. 1) at the adapted parameters
+    r_pairs = r(adapted, pairs)  # (2n,)
+    n = r_pairs.shape[0] // 2
+    L = reward.bradley_terry_loss(r_pairs[:n], r_pairs[n:])
+
+    # Alg.1 l.7 (the gradient; the optimiser applies it with lr α): ∇θ L_θ'(X_t)
+    grads = torch.autograd.grad(L, theta)
+    stats = {"L_adapted": L.item(), "J": J.item(), "acc_adapted": (r_pairs[:n] > r_pairs[n:]).float().mean().item(),
+             "step_norm": step * grad_J_norm, "grad_J_norm": grad_J_norm}  # step_norm = ‖θ' − θ‖
+    if measure_adapted:
+        with torch.no_grad():
+            stats["J_adapted"] = difference_loss(r(adapted, meta).view(-1, k)).item()
+    return list(grads), stats
+
+
+def meta_gradient_inplace(model: torch.nn.Module, pairs: list[Batch], meta: list[Batch], k: int, eta: float,
+                          n_pairs: int, n_prompts: int, normalize_ascent: bool = False,
+                          bf16: bool = False, measure_adapted: bool = False) -> dict[str, float]:
+    """First-order Algorithm 1 l.4–7 without functional_call: leaves ∇_θ L_θ'(X_t) in each `p.grad`.
+
+    The authors' recipe, and the one that keeps FSDP2 parameters sharded: back up θ, add η·∇J to the parameters in
+    place, backpropagate L at θ', then restore θ exactly from the backup. Works on plain and FSDP2 modules, and
+    splits X_t / X_s into several forward passes (`pairs`, `meta` are lists of micro-batches; n_pairs and n_prompts
+    are this process's totals, used to weight each micro-batch's share of the mean).
+    """
+    device = next(model.parameters()).device
+    theta = [p for p in model.parameters()]
+    backup = [p.detach().clone() for p in theta]  # θ_t, to restore bit for bit after the look-ahead
+
+    # Alg.1 l.4: J_θ(X_s) at θ_t; backward leaves ∇J in p.grad (FSDP2 averages it over processes)
+    J = 0.0
+    for ids, mask in meta:
+        with common.autocast(device, bf16):
+            r = reward.rewards(model, ids, mask).float().view(-1, k)  # (b, k)
+        J_micro = difference_loss(r) * r.shape[0] / n_prompts
+        J_micro.backward()
+        J += J_micro.item()
+    J = common.all_reduce_mean({"J": J}, dist.get_world_size() if dist.is_initialized() else 1)["J"]
+
+    # Alg.1 l.5: θ' = θ + η ∇θ J   (ascent, in place)
+    grad_J_norm = _global_norm([p.grad for p in theta])
+    step = eta / max(grad_J_norm, 1e-12) if normalize_ascent else eta
+    with torch.no_grad():
+        for p in theta:
+            p.copy_(p + step * p.grad)  # same arithmetic as the functional path (θ + η·g), bit for bit
+            p.grad = None
+
+    # Alg.1 l.6: L_θ'(X_t); backward leaves ∇L at θ' in p.grad
+    L, correct = 0.0, 0.0
+    for ids, mask in pairs:
+        with common.autocast(device, bf16):
+            r = reward.rewards(model, ids, mask).float()
+        b = r.shape[0] // 2
+        L_micro = reward.bradley_terry_loss(r[:b], r[b:]) * b / n_pairs
+        L_micro.backward()
+        L += L_micro.item()
+        correct += (r[:b] > r[b:]).sum().item()
+    J_adapted = 0.0
+    if measure_adapted:  # J at θ', to show the ascent raised it
+        with torch.no_grad():
+            for ids, mask in meta:
+                with common.autocast(device, bf16):
+                    r = reward.rewards(model, ids, mask).float().view(-1, k)
+                J_adapted += difference_loss(r).item() * r.shape[0] / n_prompts
+        if hasattr(model, "reshard"):
+            model.reshard()  # a no-grad forward leaves the FSDP2 root unsharded (DESIGN.md §7)
+
+    # Alg.1 l.7 needs the gradient at θ' but the update applied to θ: restore θ, keep p.grad
+    with torch.no_grad():
+        for p, saved in zip(theta, backup):
+            p.copy_(saved)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    m = common.all_reduce_mean({"L": L, "acc": correct / n_pairs, "J_adapted": J_adapted}, world)
+    stats = {"L_adapted": m["L"], "J": J, "acc_adapted": m["acc"], "step_norm": step * grad_J_norm,
+             "grad_J_norm": grad_J_norm}
+    if measure_adapted:
+        stats["J_adapted"] = m["J_adapted"]
+    return stats
+
+
+def _global_norm(tensors: list[torch.Tensor]) -> float:
+    """‖(t_1, …, t_N)‖₂ over all processes (tensors may be FSDP2 shards)."""
+    sq = sum((t.to_local() if hasattr(t, "to_local") else t).double().pow(2).sum() for t in tensors)
+    if dist.is_initialized() and any(hasattr(t, "to_local") for t in tensors):
+        dist.all_reduce(sq)
+    return math.sqrt(float(sq))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running meta_gradient under FSDP2: gather θ, use a plain copy of the model, scatter the gradient back
+# ----------------------------------------------------------------------------------------------------------------
+def meta_gradient_gathered(model: torch.nn.Module, twin: torch.nn.Module, pairs: Batch, meta: Batch, k: int,
+                           eta: float, order: int, normalize_ascent: bool, bf16: bool,
+                           measure_adapted: bool = False) -> dict[str, float]:
+    """`meta_gradient` on an FSDP2 model: all-gather each parameter into a full tensor, run the textbook code on
+    `twin` (a plain, meta-device copy of the architecture whose weights come only from functional_call), then
+    turn each full gradient back into this process's shard and store it in `p.grad`.
+
+    ∇J is averaged over processes with an autograd-aware all-reduce, so order 2 differentiates through it;
+    the final gradients are averaged by redistributing Partial("avg") -> Shard(0)."""
+    from torch.distributed._functional_collectives import all_reduce
+    from torch.distributed.tensor import DTensor, Partial, Shard
+
+    world = dist.get_world_size()
+    sharded = dict(model.named_parameters())
+    full = {n: p.full_tensor().detach().requires_grad_(True) for n, p in sharded.items()}
+    buffers = dict(model.named_buffers())
+    average = lambda g: all_reduce(g, "sum", dist.group.WORLD) / world  # differentiable mean over processes
+    grads, stats = meta_gradient(twin, full, buffers, pairs, meta, k, eta, order, normalize_ascent, average, bf16,
+                                 measure_adapted)
+    for (name, p), g in zip(sharded.items(), grads):
+        g = DTensor.from_local(g, p.device_mesh, [Partial("avg")]).redistribute(p.device_mesh, [Shard(0)])
+        p.grad = g
+    local = {key: v for key, v in stats.items() if key in ("L_adapted", "acc_adapted", "J", "J_adapted")}
+    stats.update(common.all_reduce_mean(local, world))  # each process measured its own share; report the mean
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------
+def meta_batch(tokenizer, items: list[dict], max_len: int) -> Batch:
+    """X_s: m items {prompt, responses[k]} -> one (m·k, T) batch, row i·k + j = response j of prompt i."""
+    seqs = [common.encode(tokenizer, it["prompt"], resp, max_len)[0] for it in items for resp in it["responses"]]
+    return common.pad_right(seqs, tokenizer.pad_token_id)
+
+
+def read_meta_set(path: str) -> tuple[list[dict], int]:
+    """Read S; every record needs `prompt` and the same number k ≥ 2 of string `responses`. Returns (items, k)."""
+    items = common.read_jsonl(path, ["prompt", "responses"])
+    k = len(items[0]["responses"])
+    for lineno, it in enumerate(items, start=1):
+        ok = isinstance(it["responses"], list) and all(isinstance(s, str) for s in it["responses"])
+        check(ok, f"{path}:{lineno}: 'responses' must be a list of strings")
+        check(len(it["responses"]) == k, f"{path}:{lineno}: {len(it['responses'])} responses, the first record has {k}")
+    check(k >= 2, f"{path}: k = {k} responses per prompt; the difference loss needs k >= 2")
+    return items, k
+
+
+def heldout_gaps(model, tokenizer, items: list[dict], k: int, args: Args, world: int, rank: int) -> dict[str, float]:
+    """Reward-gap statistics (reward_gaps) of the RM on held-out items of S."""
+    prompts = [it["prompt"] for it in items for _ in range(k)]
+    responses = [s for it in items for s in it["responses"]]
+    was_training = model.training
+    model.eval()
+    scores = reward.score_texts(model, tokenizer, prompts, responses, max_len=args.max_len, world=world, rank=rank,
+                                batch_size=args.eval_batch_size, bf16=args.bf16).view(-1, k)
+    model.train(was_training)
+    return reward_gaps(scores)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage
+# ----------------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    args = common.parse_args(Args, argv)
+    rank, world, device = common.init_distributed()
+    impl = args.meta_impl if args.meta_impl != "auto" else (
+        "functional" if world == 1 or args.meta_order == 2 else "inplace")
+    check(not (impl == "inplace" and args.meta_order == 2),
+          "--meta-impl inplace computes the first-order gradient only; use --meta-impl functional for --meta-order 2")
+    for flag, size in (("--batch-size", args.batch_size), ("--meta-batch-size", args.meta_batch_size)):
+        check(size % world == 0, f"{flag} {size} is not divisible by the world size {world}")
+    n_local, m_local = args.batch_size // world, args.meta_batch_size // world
+    if impl == "functional":
+        check(args.micro_batch_size >= max(n_local, m_local),
+              f"--meta-impl functional runs X_t and X_s in one forward each ({n_local} pairs, {m_local} prompts "
+              f"per process); raise --micro-batch-size to {max(n_local, m_local)} or use --meta-impl inplace")
+    check(args.eta >= 0, "--eta must be >= 0 (it is the size of an ascent step)")
+    common.check_checkpoint(args.model, "--model")
+    pairs = common.read_jsonl(args.train, ["prompt", "chosen", "rejected"])
+    test_pairs = common.read_jsonl(args.test, ["prompt", "chosen", "rejected"]) if args.test else []
+    meta_items, k = read_meta_set(args.meta)
+    heldout = read_meta_set(args.meta_heldout)[0] if args.meta_heldout else []
+    common.prepare_output(args.out, args.overwrite)
+    common.seed_everything(args.seed, 0)
+
+    # ---- models and optimiser ----
+    # Order 2 differentiates twice through attention; the fused SDPA kernels have no double backward.
+    attn = {"attn_implementation": "eager"} if args.meta_order == 2 else {}
+    model, tokenizer = reward.load_reward_model(args.model, world, device, **attn)
+    model.train()
+    twin = None
+    if impl == "functional" and world > 1:
+        with torch.device("meta"):  # a plain copy of the architecture; its weights come from functional_call
+            twin = AutoModelForSequenceClassification.from_config(model.config)
+        twin.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    log = common.MetricsLog(os.path.join(args.out, "metrics.jsonl"))
+
+    steps_per_epoch = len(pairs) // args.batch_size
+    check(steps_per_epoch > 0, f"{args.train}: {len(pairs)} pairs, fewer than one batch of {args.batch_size}")
+    check(len(meta_items) >= args.meta_batch_size,
+          f"{args.meta}: {len(meta_items)} items, fewer than one meta batch of {args.meta_batch_size}")
+    total_steps = math.floor(steps_per_epoch * args.epochs)
+    if args.max_steps > 0:
+        total_steps = min(total_steps, args.max_steps)
+    common.print0(f"meta_rm: {len(pairs)} pairs, S has {len(meta_items)} prompts x k = {k}; {total_steps} steps of "
+                  f"n = {args.batch_size} pairs, m = {args.meta_batch_size} prompts; order {args.meta_order}, "
+                  f"{impl} on {world} process(es); η = {args.eta}, α = {args.lr}")
+
+    def run_eval(step: int) -> None:
+        metrics = {}
+        if test_pairs:
+            metrics.update(reward.evaluate(model, tokenizer, test_pairs, max_len=args.max_len, world=world,
+                                           rank=rank, batch_size=args.eval_batch_size, bf16=args.bf16))
+        if heldout:
+            metrics.update({"heldout_" + key: v for key, v in
+                            heldout_gaps(model, tokenizer, heldout, k, args, world, rank).items()})
+        if metrics:
+            log.log(step=step, **{"eval_" + key: v for key, v in metrics.items()})
+            common.print0(f"eval @ {step}: " + ", ".join(f"{key} {v:.4f}" for key, v in metrics.items()))
+
+    run_eval(0)  # the starting point, so every change is visible
+
+    # ---- loop: Algorithm 1 ----
+    pair_gen = torch.Generator().manual_seed(args.seed)  # same on every rank: all ranks agree on X_t and X_s
+    meta_gen = torch.Generator().manual_seed(args.seed + 1)
+    pair_order: list[int] = []
+    meta_order: list[int] = []
+    bar = tqdm(range(total_steps), desc=f"meta_rm (order {args.meta_order})", disable=not common.is_main())
+    t0 = time.time()
+    for step in bar:
+        # Alg.1 l.2: X_t ← n pairs from D (one epoch in a shuffled order)
+        if not pair_order:
+            pair_order = torch.randperm(len(pairs), generator=pair_gen).tolist()[: steps_per_epoch * args.batch_size]
+        X_t = [pairs[i] for i in pair_order[: args.batch_size]][rank * n_local: (rank + 1) * n_local]
+        del pair_order[: args.batch_size]
+        # Alg.1 l.3: X_s ← m items from S (S is cycled through in shuffled order, independently of D)
+        if len(meta_order) < args.meta_batch_size:
+            meta_order += torch.randperm(len(meta_items), generator=meta_gen).tolist()
+        X_s = [meta_items[i] for i in meta_order[: args.meta_batch_size]][rank * m_local: (rank + 1) * m_local]
+        del meta_order[: args.meta_batch_size]
+
+        # Alg.1 l.4–l.7 (gradient): ∇θ L_θ'(X_t) into p.grad. Every `log_adapted_every` steps also J(θ') on the
+        # same X_s, so the log shows that the ascent raised J (one extra forward of X_s).
+        measure = args.log_adapted_every > 0 and step % args.log_adapted_every == 0
+        if impl == "inplace":
+            mb = args.micro_batch_size
+            pair_micro = [reward.pair_batch(tokenizer, X_t[i: i + mb], args.max_len)[:2] for i in range(0, n_local, mb)]
+            meta_micro = [meta_batch(tokenizer, X_s[i: i + mb], args.max_len) for i in range(0, m_local, mb)]
+            pair_micro = [(a.to(device), b.to(device)) for a, b in pair_micro]
+            meta_micro = [(a.to(device), b.to(device)) for a, b in meta_micro]
+            stats = meta_gradient_inplace(model, pair_micro, meta_micro, k, args.eta, n_local, m_local,
+                                          args.normalize_ascent, args.bf16, measure)
+        else:
+            X_t_batch = tuple(t.to(device) for t in reward.pair_batch(tokenizer, X_t, args.max_len)[:2])
+            X_s_batch = tuple(t.to(device) for t in meta_batch(tokenizer, X_s, args.max_len))
+            if world == 1:
+                params = dict(model.named_parameters())
+                grads, stats = meta_gradient(model, params, dict(model.named_buffers()), X_t_batch, X_s_batch, k,
+                                             args.eta, args.meta_order, args.normalize_ascent, bf16=args.bf16,
+                                             measure_adapted=measure)
+                for p, g in zip(params.values(), grads):
+                    p.grad = g
+            else:
+                stats = meta_gradient_gathered(model, twin, X_t_batch, X_s_batch, k, args.eta, args.meta_order,
+                                               args.normalize_ascent, args.bf16, measure)
+
+        # Alg.1 l.7: θ_{t+1} = θ_t − α ∇θ L_θ'(X_t)   (AdamW with lr α)
+        grad_norm = common.clip_grad_norm(model, args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        common.check_finite(stats["L_adapted"], f"meta_rm step {step + 1}: L(θ')")
+        log.log(step=step + 1, grad_norm=grad_norm, **stats, s_per_step=(time.time() - t0) / (step + 1))
+        bar.set_postfix(L=f"{stats['L_adapted']:.3f}", J=f"{stats['J']:.4f}")
+        if (step + 1) % args.log_every == 0 or step + 1 == total_steps:
+            common.print0(f"step {step + 1}/{total_steps} " + " ".join(f"{key} {v:.4g}" for key, v in stats.items()))
+        if args.eval_every > 0 and (step + 1) % args.eval_every == 0 and step + 1 < total_steps:
+            run_eval(step + 1)
+
+    run_eval(total_steps)
+    common.save_model(model, tokenizer, args.out, world, args)
+    common.print0(f"saved {args.out}")
+
+
+
+if __name__ == "__main__":
+    common.run_main(main)
