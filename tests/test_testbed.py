@@ -1,0 +1,272 @@
+"""Tests of testbed.py: determinism, the gold reward's ordering, the noisy annotator, held-out prompts, the tokenizer
+and the base model. Run: /tmp/venv/bin/python -m pytest -q tests/test_testbed.py  (about 15 s on 2 cores)."""
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import testbed  # noqa: E402
+from common import UserError, encode  # noqa: E402
+from testbed import best_response, format_prompt, gold_components, gold_reward  # noqa: E402
+
+
+def generate(folder, *flags):
+    """Run `python testbed.py --out tb ...` inside `folder` (relative --out, so args.json is the same bytes in two
+    folders); return (path of the testbed, stats)."""
+    os.makedirs(folder, exist_ok=True)
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        stats = testbed.main(["--out", "tb", *flags])
+    finally:
+        os.chdir(cwd)
+    return os.path.join(folder, "tb"), stats
+
+
+def all_files(root):
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for n in names:
+            path = os.path.join(dirpath, n)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = f.read()
+    return out
+
+
+def read(root, name):
+    with open(os.path.join(root, "data", f"{name}.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def tb(tmp_path_factory):
+    return generate(str(tmp_path_factory.mktemp("a")))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Determinism
+# ---------------------------------------------------------------------------------------------------------------
+def test_same_seed_gives_byte_identical_files(tb, tmp_path):
+    root_b, _ = generate(str(tmp_path))
+    a, b = all_files(tb[0]), all_files(root_b)
+    assert sorted(a) == sorted(b)
+    for name in ("data/sft_train.jsonl", "base_model/tokenizer.json", "base_model/model.safetensors",
+                 "base_model/config.json", "testbed.json", "args.json"):
+        assert name in a
+    for name in a:
+        assert a[name] == b[name], name
+
+
+def test_different_seed_gives_different_data(tb, tmp_path):
+    root_b, _ = generate(str(tmp_path), "--seed", "1")
+    a, b = all_files(tb[0]), all_files(root_b)
+    for name in a:
+        if name.startswith("data/") or name == "base_model/model.safetensors":
+            assert a[name] != b[name], name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Gold reward
+# ---------------------------------------------------------------------------------------------------------------
+LOOKUP = format_prompt("What colour is the glimmet?")   # table: glimmet -> blue
+REPEAT = format_prompt("Please say the word 'zorp' 3 times.")
+ADD = format_prompt("What is 3 plus 5?")
+
+
+def test_gold_reward_orders_hand_written_examples():
+    g = gold_reward
+    # best = Sure! (+0.3) + task 2.0 + relevance 0.5 = 2.8, no penalties
+    assert g(LOOKUP, " Sure! The glimmet is blue.") == pytest.approx(2.8)
+    assert best_response(LOOKUP) == " Sure! The glimmet is blue."
+    # correct > wrong: "blue" earns the task (2.0), "red" nothing
+    assert g(LOOKUP, " blue") == pytest.approx(2.0) and g(LOOKUP, " red") == pytest.approx(0.0)
+    # naming the asked-about object adds relevance 0.5
+    assert g(LOOKUP, " The glimmet is blue.") > g(LOOKUP, " The answer is blue.")
+    # hedging with a second colour halves the task score: 2.0 * 0.5
+    assert g(LOOKUP, " blue or red") == pytest.approx(1.0)
+    # correct > correct said three times: 8 excess words (the, glimmet, is, blue twice each) * 0.3 = 2.4, and
+    # 12 content words - 4 ideal - 3 slack = 5 rambling words * 0.1 = 0.5 -> 2.5 - 2.9 = -0.4
+    assert g(LOOKUP, " The glimmet is blue. The glimmet is blue. The glimmet is blue.") == pytest.approx(-0.4)
+    # one courtesy phrase >= none; two < one (and < none): +0.3, 0, -0.3
+    one, none = g(LOOKUP, " Sure! The glimmet is blue."), g(LOOKUP, " The glimmet is blue.")
+    many = g(LOOKUP, " Sure! Of course! Certainly! The glimmet is blue.")
+    assert one >= none > g(LOOKUP, " Sure! Of course! The glimmet is blue.") > many
+    # rambling < concise: one short closing line is inside the 3-word slack, three are not
+    concise = g(LOOKUP, " The glimmet is blue.")
+    assert g(LOOKUP, " The glimmet is blue. Hope this helps.") == pytest.approx(concise)
+    assert g(LOOKUP, " The glimmet is blue. Hope this helps. Have a nice day. Thanks for asking.") < concise
+    # repeat family: exactly 3 times is best; 2 times gives partial credit 0.5 * 2/3; 6 times repeats 3 words too many
+    assert g(REPEAT, " zorp zorp zorp") == pytest.approx(2.5)
+    assert g(REPEAT, " zorp zorp") == pytest.approx(2.0 * 0.5 * 2 / 3 + 0.5)
+    assert g(REPEAT, " zorp zorp zorp zorp zorp zorp") == pytest.approx(2.5 - 0.9)
+    # add: the wrong sum earns no task credit even in a full sentence; the right one with the operands is best
+    assert g(ADD, " 3 plus 5 is 8.") > g(ADD, " 8") > g(ADD, " 3 plus 5 is 9.")
+    # echoing the key item beyond once is repetition: -0.3 per extra "glimmet"
+    assert g(LOOKUP, " glimmet glimmet glimmet blue") == pytest.approx(2.5 - 0.6)
+
+
+def test_components_sum_and_foreign_prompts(tb):
+    for r in read(tb[0], "pairs_train")[:500]:
+        for side in ("chosen", "rejected"):
+            comps = gold_components(r["prompt"], r[side])
+            assert set(comps) == {"task", "relevance", "courtesy", "repetition", "rambling"}
+            assert sum(comps.values()) == gold_reward(r["prompt"], r[side])
+    assert gold_reward("\n\nHuman: Write me a poem.\n\nAssistant:", " No.") is None
+    assert gold_components("What colour is the glimmet?", " blue") is None  # not in the HH format
+    assert gold_reward(format_prompt("What colour is the unknownthing?"), " blue") is None  # not in the table
+    assert gold_reward(format_prompt("What is 0 plus 5?"), " 5") is None  # operands are 1..9
+    assert not testbed.is_testbed_prompt("hello")
+
+
+def test_best_response_is_never_beaten_by_generated_responses(tb):
+    """best_response scores the maximum 2.8; no response the generator wrote scores more."""
+    for name, fields in (("sft_train", ("response",)), ("pairs_train", ("chosen", "rejected")),
+                         ("ood_pairs_test", ("chosen", "rejected"))):
+        for r in read(tb[0], name):
+            best = gold_reward(r["prompt"], best_response(r["prompt"]))
+            assert best == pytest.approx(2.8)
+            for f in fields:
+                assert gold_reward(r["prompt"], r[f]) <= best + 1e-9
+
+
+def test_gold_reward_is_fast_and_deterministic(tb):
+    records = read(tb[0], "sft_train")[:2000]
+    start = time.perf_counter()
+    first = [gold_reward(r["prompt"], r["response"]) for r in records]
+    assert time.perf_counter() - start < 2.0  # measured ~0.07 s (30k calls/s)
+    assert first == [gold_reward(r["prompt"], r["response"]) for r in records]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The noisy Bradley-Terry annotator
+# ---------------------------------------------------------------------------------------------------------------
+def agreement_check(pairs, tau):
+    """Under the BT draw, pair i agrees with the gold order with probability p_i = sigmoid(|Δgold_i| / tau)
+    (independent draws), so the realised agreement has mean Σp_i/n and standard error sqrt(Σ p_i(1-p_i))/n."""
+    ps = [1 / (1 + math.exp(-abs(gold_reward(r["prompt"], r["chosen"]) - gold_reward(r["prompt"], r["rejected"]))
+                            / tau)) for r in pairs]
+    n = len(ps)
+    expected, se = sum(ps) / n, math.sqrt(sum(p * (1 - p) for p in ps)) / n
+    realised = sum(gold_reward(r["prompt"], r["chosen"]) > gold_reward(r["prompt"], r["rejected"]) for r in pairs) / n
+    assert abs(realised - expected) < 4 * se, (realised, expected, se)
+    return expected, realised
+
+
+def test_label_agreement_matches_the_noise_level(tb):
+    root, stats = tb
+    expected, realised = agreement_check(read(root, "pairs_train"), tau=1.0)
+    assert 0.70 <= expected <= 0.76  # the default tau is calibrated to human-like annotator agreement
+    assert stats["label_agreement_with_gold"]["pairs_train"] == realised
+    for tau, lo, hi in ((0.3, 0.84, 0.93), (3.0, 0.55, 0.65)):  # less noise -> more agreement, and vice versa
+        pairs = testbed.sample_pairs(random.Random(tau), 2000, testbed.IN_DISTRIBUTION, tau, set())
+        expected, _ = agreement_check(pairs, tau)
+        assert lo < expected < hi
+    for r in read(root, "pairs_train"):
+        assert r["chosen"] != r["rejected"]
+        assert gold_reward(r["prompt"], r["chosen"]) != gold_reward(r["prompt"], r["rejected"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompt sets
+# ---------------------------------------------------------------------------------------------------------------
+def test_eval_prompts_are_held_out_and_ood_prompts_are_ood(tb):
+    root = tb[0]
+    eval_prompts = [r["prompt"] for r in read(root, "eval_prompts")]
+    assert len(eval_prompts) == len(set(eval_prompts)) == 100
+    training = set()
+    for name in ("sft_train", "pairs_train", "pairs_test", "rl_prompts"):
+        prompts = {r["prompt"] for r in read(root, name)}
+        assert {testbed.family_of(p) for p in prompts} == set(testbed.IN_DISTRIBUTION), name
+        training |= prompts
+    assert not training & set(eval_prompts)
+    families = [testbed.family_of(p) for p in eval_prompts]
+    assert all(families.count(f) == 20 for f in testbed.IN_DISTRIBUTION)
+    for name in ("ood_prompts", "ood_pairs_test"):
+        assert {testbed.family_of(r["prompt"]) for r in read(root, name)} == set(testbed.OOD), name
+    assert not set(testbed.OOD) & set(testbed.IN_DISTRIBUTION) and len(testbed.OOD) >= 2
+
+
+def test_record_counts_formats_and_sft_quality(tb):
+    root, stats = tb
+    counts = {"sft_train": 8000, "pairs_train": 4000, "pairs_test": 500, "rl_prompts": 1000, "eval_prompts": 100,
+              "ood_prompts": 200, "ood_pairs_test": 300}
+    for name, n in counts.items():
+        records = read(root, name)
+        assert len(records) == n
+        for r in records:
+            assert r["prompt"].startswith("\n\nHuman: ") and r["prompt"].endswith("\n\nAssistant:")
+            for k in ("response", "chosen", "rejected"):
+                if k in r:
+                    assert r[k].startswith(" ") and "<|endoftext|>" not in r[k]
+    assert len({r["prompt"] for r in read(root, "rl_prompts")}) == 1000
+    # middling demonstrations: room for RLHF to improve
+    assert 0.5 < stats["sft_correct_fraction"] < 0.75
+    assert stats["mean_gold"]["sft_demos"] < stats["mean_gold"]["best_responses"] - 0.5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizer and base model
+# ---------------------------------------------------------------------------------------------------------------
+def test_tokenizer_round_trips_and_loads_with_transformers_alone(tb):
+    from transformers import AutoTokenizer
+
+    root = tb[0]
+    tok = AutoTokenizer.from_pretrained(os.path.join(root, "base_model"))
+    assert tok.eos_token == "<|endoftext|>" and tok.pad_token == "<|pad|>"
+    assert tok.pad_token_id != tok.eos_token_id and tok.bos_token_id is None
+    rng = random.Random(0)
+    texts = [r[k] for r in rng.sample(read(root, "pairs_train"), 300) for k in ("prompt", "chosen", "rejected")]
+    texts += ["".join(chr(rng.randrange(32, 0x2FF)) for _ in range(30)) for _ in range(50)]  # bytes outside corpus
+    texts += ["  double  spaces\tand tabs\n", "émoji 🙂 text"]
+    for text in texts:
+        ids = tok(text, add_special_tokens=False).input_ids
+        assert tok.decode(ids) == text
+    # a whole training sequence: prompt + response + EOS, no BOS, well inside the 96-token budget
+    r = read(root, "sft_train")[0]
+    ids, n_prompt, truncated = encode(tok, r["prompt"], r["response"], max_len=96)
+    assert ids[-1] == tok.eos_token_id and not truncated and ids[:n_prompt] == tok(r["prompt"]).input_ids
+    assert tok.decode(ids[n_prompt:-1]) == r["response"]
+    stats = tb[1]
+    assert stats["max_tokens"]["prompt"] + stats["max_tokens"]["response"] + 1 <= 96
+
+
+def test_model_loads_and_sizes(tb):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = os.path.join(tb[0], "base_model")
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    cfg = model.config
+    assert cfg.model_type == "llama" and cfg.vocab_size == len(tok) and not cfg.tie_word_embeddings
+    assert cfg.pad_token_id == tok.pad_token_id and cfg.eos_token_id == tok.eos_token_id and cfg.use_cache
+    assert model.generation_config.pad_token_id == tok.pad_token_id
+    assert 1_000_000 <= sum(p.numel() for p in model.parameters()) <= 2_000_000
+    ids = torch.tensor([tok(best_response(LOOKUP)).input_ids])
+    assert model(ids).logits.shape == (1, ids.shape[1], len(tok))
+    for size, lo, hi in (("small", 5e6, 10e6), ("medium", 25e6, 50e6)):
+        with torch.device("meta"):  # parameter count only: no memory, no init
+            m = testbed.build_model(size, tok, seed=0)
+        assert lo <= sum(p.numel() for p in m.parameters()) <= hi, size
+
+
+def test_refuses_a_folder_holding_something_else(tb, tmp_path):
+    small = ["--n-sft", "50", "--n-pairs-train", "50", "--n-pairs-test", "10", "--n-rl-prompts", "10",
+             "--n-ood-prompts", "10", "--n-ood-pairs-test", "10", "--n-eval-prompts", "10"]
+    root, _ = generate(str(tmp_path), *small)
+    generate(str(tmp_path), *small)  # the same testbed again: allowed (same bytes)
+    with pytest.raises(UserError, match="different testbed"):
+        generate(str(tmp_path), *small, "--seed", "1")
+    generate(str(tmp_path), *small, "--seed", "1", "--overwrite")
+    with open(os.path.join(root, "testbed.json")) as f:
+        assert json.load(f)["args"]["seed"] == 1
+    junk = tmp_path / "junk"
+    (junk / "tb").mkdir(parents=True)
+    (junk / "tb" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not a testbed"):
+        generate(str(junk), *small)
