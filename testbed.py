@@ -76,7 +76,6 @@ Deliberate choices:
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -171,10 +170,6 @@ class Family:
     domain: frozenset                                  # words that could be an answer of this family
 
 
-def _distinct(rng: random.Random, pool: tuple, k: int) -> list:
-    return rng.sample(pool, k)
-
-
 def _shuffled_other(rng: random.Random, items: list, forbidden: list) -> list:
     """A permutation of `items` different from `forbidden` (items has >= 2 distinct elements)."""
     while True:
@@ -244,13 +239,13 @@ FAMILIES = {f.name: f for f in (
         corrupt=_corrupt_repeat, domain=frozenset(WORDS)),
     Family(
         "sort", False, ("Sort the letters {letters}.", "Put these letters in order: {letters}."),
-        sample=lambda rng: {"letters": " ".join(_distinct(rng, LETTERS, rng.randint(3, 4)))},
+        sample=lambda rng: {"letters": " ".join(rng.sample(LETTERS, rng.randint(3, 4)))},
         solve=_solve_sort, keys=lambda p: tuple(p["letters"].split(" ")),
         sentence=lambda p, ans: " ".join(ans), bare=lambda ans: " ".join(ans),
         corrupt=_corrupt_sort, domain=frozenset(LETTERS)),
     Family(
         "reverse", False, ("Reverse the list: {items}.", "Say these words backwards: {items}."),
-        sample=lambda rng: {"items": ", ".join(_distinct(rng, WORDS, 3))},
+        sample=lambda rng: {"items": ", ".join(rng.sample(WORDS, 3))},
         solve=_solve_reverse, keys=lambda p: tuple(p["items"].split(", ")),
         sentence=lambda p, ans: ", ".join(ans), bare=lambda ans: ", ".join(ans),
         corrupt=_corrupt_reverse, domain=frozenset(WORDS)),

@@ -1,5 +1,5 @@
 """Tests of testbed.py: determinism, the gold reward's ordering, the noisy annotator, held-out prompts, the tokenizer
-and the base model. Run: /tmp/venv/bin/python -m pytest -q tests/test_testbed.py  (about 15 s on 2 cores)."""
+and the base model. Run: /tmp/venv/bin/python -m pytest -q tests/test_testbed.py  (about 12 s on 2 cores)."""
 import json
 import math
 import os
@@ -43,6 +43,11 @@ def read(root, name):
         return [json.loads(line) for line in f]
 
 
+# small sizes for the tests that generate several testbeds (the default-size one is generated once, `tb`)
+SMALL = ["--n-sft", "50", "--n-pairs-train", "50", "--n-pairs-test", "10", "--n-rl-prompts", "10",
+         "--n-ood-prompts", "10", "--n-ood-pairs-test", "10", "--n-eval-prompts", "10"]
+
+
 @pytest.fixture(scope="module")
 def tb(tmp_path_factory):
     return generate(str(tmp_path_factory.mktemp("a")))
@@ -51,9 +56,10 @@ def tb(tmp_path_factory):
 # ---------------------------------------------------------------------------------------------------------------
 # Determinism
 # ---------------------------------------------------------------------------------------------------------------
-def test_same_seed_gives_byte_identical_files(tb, tmp_path):
-    root_b, _ = generate(str(tmp_path))
-    a, b = all_files(tb[0]), all_files(root_b)
+def test_same_seed_gives_byte_identical_files(tmp_path):
+    root_a, _ = generate(str(tmp_path / "a"), *SMALL)  # small sizes: the tokenizer and model are still full
+    root_b, _ = generate(str(tmp_path / "b"), *SMALL)
+    a, b = all_files(root_a), all_files(root_b)
     assert sorted(a) == sorted(b)
     for name in ("data/sft_train.jsonl", "base_model/tokenizer.json", "base_model/model.safetensors",
                  "base_model/config.json", "testbed.json", "args.json"):
@@ -62,9 +68,10 @@ def test_same_seed_gives_byte_identical_files(tb, tmp_path):
         assert a[name] == b[name], name
 
 
-def test_different_seed_gives_different_data(tb, tmp_path):
-    root_b, _ = generate(str(tmp_path), "--seed", "1")
-    a, b = all_files(tb[0]), all_files(root_b)
+def test_different_seed_gives_different_data(tmp_path):
+    root_a, _ = generate(str(tmp_path / "a"), *SMALL, "--seed", "0")
+    root_b, _ = generate(str(tmp_path / "b"), *SMALL, "--seed", "1")
+    a, b = all_files(root_a), all_files(root_b)
     for name in a:
         if name.startswith("data/") or name == "base_model/model.safetensors":
             assert a[name] != b[name], name
@@ -255,9 +262,8 @@ def test_model_loads_and_sizes(tb):
         assert lo <= sum(p.numel() for p in m.parameters()) <= hi, size
 
 
-def test_refuses_a_folder_holding_something_else(tb, tmp_path):
-    small = ["--n-sft", "50", "--n-pairs-train", "50", "--n-pairs-test", "10", "--n-rl-prompts", "10",
-             "--n-ood-prompts", "10", "--n-ood-pairs-test", "10", "--n-eval-prompts", "10"]
+def test_refuses_a_folder_holding_something_else(tmp_path):
+    small = SMALL
     root, _ = generate(str(tmp_path), *small)
     generate(str(tmp_path), *small)  # the same testbed again: allowed (same bytes)
     with pytest.raises(UserError, match="different testbed"):
