@@ -34,8 +34,9 @@ Deliberate choices (the paper is silent or we offer more)
      reading). The normaliser is 2/k², as printed, not 1/C(k, 2).
   3. |·| has no derivative at 0; torch uses sign(0) = 0, so two responses with identical rewards push each other
      nowhere. (Exact ties are rare except for identical responses.)
-  4. α is applied through AdamW (constant lr α, betas (0.9, 0.95), no weight decay, gradient clip 1.0), like
-     reward.py; Algorithm 1 writes a plain gradient step. The ascent of l.5 is a raw gradient step as in the paper.
+  4. α is applied through AdamW by default (constant lr α, betas (0.9, 0.95), no weight decay, gradient clip 1.0),
+     like reward.py; `--optimizer sgd` is Algorithm 1 l.7 to the letter (θ − α∇L). The ascent of l.5 is a raw
+     gradient step as in the paper.
   5. `--normalize-ascent` (off by default, a deviation): θ' = θ + η ∇J / ‖∇J‖, a step of fixed length η. With the
      paper's raw step, ‖θ' − θ‖ = η‖∇J‖ can be vanishingly small (the meta step then does nothing); the log shows it.
   6. Under FSDP2 (world size > 1) `functional_call` cannot run on the sharded module, so two equivalent routes exist
@@ -84,6 +85,8 @@ class Args:
                          "copy under FSDP2), inplace (sharded: perturb θ in place and restore; order 1 only), "
                          "auto = functional at world size 1 or order 2, else inplace",
                          choices=["auto", "functional", "inplace"])
+    optimizer: str = arg("adamw", "update rule of Alg. 1 l.7: adamw (like reward.py) or sgd (θ − α∇L, the letter "
+                         "of Algorithm 1)", choices=["adamw", "sgd"])
     normalize_ascent: bool = arg(False, "deviation, off by default: ascend by η·∇J/‖∇J‖ instead of η·∇J")
     epochs: float = arg(1.0, "passes over D (paper: 1)")
     batch_size: int = arg(16, "n: preference pairs per step, global (paper: 16)")
@@ -364,7 +367,10 @@ def main(argv: list[str] | None = None) -> None:
         with torch.device("meta"):  # a plain copy of the architecture; its weights come from functional_call
             twin = AutoModelForSequenceClassification.from_config(model.config)
         twin.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    if args.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     log = common.MetricsLog(os.path.join(args.out, "metrics.jsonl"))
 
     steps_per_epoch = len(pairs) // args.batch_size
@@ -436,7 +442,7 @@ def main(argv: list[str] | None = None) -> None:
                 stats = meta_gradient_gathered(model, twin, X_t_batch, X_s_batch, k, args.eta, args.meta_order,
                                                args.normalize_ascent, args.bf16, measure)
 
-        # Alg.1 l.7: θ_{t+1} = θ_t − α ∇θ L_θ'(X_t)   (AdamW with lr α)
+        # Alg.1 l.7: θ_{t+1} = θ_t − α ∇θ L_θ'(X_t)   (AdamW with lr α, or plain SGD)
         grad_norm = common.clip_grad_norm(model, args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

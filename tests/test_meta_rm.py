@@ -1,0 +1,286 @@
+"""Golden-value checks of MetaRM (meta_rm.py): Eq. (2) by hand, the meta gradient of Algorithm 1 against
+independent computations (manual perturb-restore, finite differences, the vanilla gradient), and FSDP2 vs 1 process.
+"""
+import json
+import math
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+import meta_rm
+import reward
+from conftest import run_command
+
+sig = lambda x: 1 / (1 + math.exp(-x))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Eq. (2) by hand
+# ----------------------------------------------------------------------------------------------------------------
+def test_difference_loss_k2_by_hand():
+    # k = 2, rewards (1, 3): one pair, |1 − 3| = 2 -> (2 / 2²) σ(2) = 0.5 σ(2) = 0.44039854
+    assert meta_rm.difference_loss(torch.tensor([[1.0, 3.0]])).item() == pytest.approx(0.5 * sig(2), rel=1e-6)
+
+
+def test_difference_loss_k3_by_hand():
+    # k = 3, rewards (0, 1, 3): pairs (0,1), (0,2), (1,2) have gaps 1, 3, 2 -> (2 / 9)(σ(1) + σ(3) + σ(2))
+    expected = 2 / 9 * (sig(1) + sig(3) + sig(2))  # = 0.56987329
+    assert meta_rm.difference_loss(torch.tensor([[0.0, 1.0, 3.0]])).item() == pytest.approx(expected, rel=1e-6)
+    # the order of the k responses does not matter
+    assert meta_rm.difference_loss(torch.tensor([[3.0, 0.0, 1.0]])).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_difference_loss_is_the_mean_over_prompts():
+    # prompt 1: (1, 3) -> 0.5 σ(2); prompt 2: (2, 2) -> 0.5 σ(0) = 0.25. Mean of the two.
+    value = meta_rm.difference_loss(torch.tensor([[1.0, 3.0], [2.0, 2.0]])).item()
+    assert value == pytest.approx((0.5 * sig(2) + 0.25) / 2, rel=1e-6)
+
+
+def test_difference_loss_gradient_widens_the_gaps():
+    # J = 0.5 σ(|r1 − r2|) with r = (1, 3): dJ/dr2 = 0.5 σ'(2) = 0.5 σ(2)(1 − σ(2)) = +0.0524969, dJ/dr1 = −0.0524969.
+    # Ascent (r + η ∇J) raises the higher reward and lowers the lower one: the gap grows.
+    r = torch.tensor([[1.0, 3.0]], requires_grad=True)
+    meta_rm.difference_loss(r).backward()
+    d = 0.5 * sig(2) * (1 - sig(2))
+    assert r.grad[0].tolist() == pytest.approx([-d, d], rel=1e-6)
+    # at a tie |·| has no derivative; torch's sign(0) = 0 gives the zero subgradient (documented choice)
+    tie = torch.tensor([[2.0, 2.0]], requires_grad=True)
+    meta_rm.difference_loss(tie).backward()
+    assert tie.grad.tolist() == [[0.0, 0.0]]
+
+
+def test_reward_gaps_by_hand():
+    # two prompts, k = 3: gaps of (0, 1, 3) are 1, 3, 2 and of (0, 0, 2) are 0, 2, 2 -> mean 10 / 6
+    # r1 − r2 per prompt: −1 and 0 -> variance (unbiased, n − 1 = 1): ((−1 + 0.5)² + (0 + 0.5)²) / 1 = 0.5
+    stats = meta_rm.reward_gaps(torch.tensor([[0.0, 1.0, 3.0], [0.0, 0.0, 2.0]]))
+    assert stats["gap_mean"] == pytest.approx(10 / 6)
+    assert stats["diff12_var"] == pytest.approx(0.5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The meta gradient vs independent computations (tiny Llama RM from the test world, fp32)
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def rm_and_batches(world):
+    tokenizer = AutoTokenizer.from_pretrained(world.base_model)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(world.base_model, num_labels=1,
+                                                               pad_token_id=tokenizer.pad_token_id,
+                                                               attn_implementation="eager")
+    model.train()
+    pairs = [json.loads(line) for line in open(world.pairs_train)][:4]
+    # a meta batch of m = 3 prompts with k = 3 responses each, made from the pairs' responses
+    items = [{"prompt": p["prompt"], "responses": [p["chosen"], p["rejected"], pairs[(i + 1) % 4]["chosen"]]}
+             for i, p in enumerate(pairs[:3])]
+    X_t = reward.pair_batch(tokenizer, pairs, 128)[:2]
+    X_s = meta_rm.meta_batch(tokenizer, items, 128)
+    return model, X_t, X_s
+
+
+def _functional(model, X_t, X_s, eta, order):
+    params = dict(model.named_parameters())
+    grads, stats = meta_rm.meta_gradient(model, params, dict(model.named_buffers()), X_t, X_s, k=3, eta=eta,
+                                         order=order)
+    return grads, stats
+
+
+def _manual_first_order(model, X_t, X_s, eta):
+    """The authors' recipe written out independently: back up θ, ascend on J in place, backward L at θ', restore."""
+    params = list(model.parameters())
+    backup = [p.detach().clone() for p in params]
+    model.zero_grad(set_to_none=True)
+    r = model(input_ids=X_s[0], attention_mask=X_s[1]).logits[:, 0].view(3, 3)
+    i, j = (0, 0, 1), (1, 2, 2)
+    J = (torch.sigmoid((r[:, i] - r[:, j]).abs()).sum(1) * 2 / 9).mean()  # Eq. (2), written again
+    J.backward()
+    with torch.no_grad():
+        for p in params:
+            p.copy_(p + eta * p.grad)
+    model.zero_grad(set_to_none=True)
+    r = model(input_ids=X_t[0], attention_mask=X_t[1]).logits[:, 0]
+    n = r.shape[0] // 2
+    (-torch.nn.functional.logsigmoid(r[:n] - r[n:]).mean()).backward()
+    grads = [p.grad.clone() for p in params]
+    with torch.no_grad():
+        for p, b in zip(params, backup):
+            p.copy_(b)
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def test_first_order_equals_manual_perturb_restore_exactly(rm_and_batches):
+    model, X_t, X_s = rm_and_batches
+    before = [p.detach().clone() for p in model.parameters()]
+    grads, _ = _functional(model, X_t, X_s, eta=0.05, order=1)
+    manual = _manual_first_order(model, X_t, X_s, eta=0.05)
+    # same dtype, same operations in the same order -> bit-identical
+    for g, h in zip(grads, manual):
+        assert torch.equal(g, h)
+    # the in-place (sharded-path) implementation leaves the same gradient and restores θ bit for bit
+    model.zero_grad(set_to_none=True)
+    meta_rm.meta_gradient_inplace(model, [X_t], [X_s], k=3, eta=0.05, n_pairs=4, n_prompts=3)
+    for p, h, b in zip(model.parameters(), manual, before):
+        assert torch.equal(p.grad, h)
+        assert torch.equal(p.detach(), b)
+    model.zero_grad(set_to_none=True)
+
+
+def test_eta_zero_is_the_vanilla_gradient(rm_and_batches):
+    model, X_t, X_s = rm_and_batches
+    grads, _ = _functional(model, X_t, X_s, eta=0.0, order=1)
+    r = reward.rewards(model, *X_t)
+    vanilla = torch.autograd.grad(reward.bradley_terry_loss(r[:4], r[4:]), list(model.parameters()))
+    for g, h in zip(grads, vanilla):
+        assert torch.equal(g, h)
+
+
+def test_ascent_raises_J(rm_and_batches):
+    # with a small η the look-ahead must increase Eq. (2) on the same X_s (a first-order Taylor argument:
+    # J(θ + η g) ≈ J(θ) + η ‖g‖² > J(θ))
+    model, X_t, X_s = rm_and_batches
+    params = dict(model.named_parameters())
+    _, stats = meta_rm.meta_gradient(model, params, dict(model.named_buffers()), X_t, X_s, k=3, eta=0.05, order=1,
+                                     measure_adapted=True)
+    assert stats["J_adapted"] > stats["J"]
+    assert stats["step_norm"] == pytest.approx(0.05 * stats["grad_J_norm"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Second order vs central finite differences, float64, tiny GPT-2 (stays float64 end to end; DESIGN.md §7)
+# ----------------------------------------------------------------------------------------------------------------
+def test_second_order_matches_finite_differences():
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=2, num_labels=1, pad_token_id=0,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager")
+    model = GPT2ForSequenceClassification(config).double()
+    model.score.weight.data.normal_(0, 1.0)  # a head large enough that J is not flat
+    ids = torch.randint(1, 40, (8 + 6, 7))
+    ids[3, 5:] = 0  # some right padding (pad id 0)
+    ids[9, 4:] = 0
+    mask = (ids != 0).long()
+    X_t, X_s = (ids[:8], mask[:8]), (ids[8:], mask[8:])  # 4 pairs; m = 2 prompts x k = 3
+    eta = 0.5  # large, so that the Hessian term is far above the finite-difference error
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    grads2, _ = meta_rm.meta_gradient(model, params, buffers, X_t, X_s, k=3, eta=eta, order=2)
+    grads1, _ = meta_rm.meta_gradient(model, params, buffers, X_t, X_s, k=3, eta=eta, order=1)
+
+    names = list(params)
+
+    def F(theta: dict) -> float:
+        """F(θ) = L(θ + η ∇J(θ)), computed from scratch with plain autograd (no meta_rm code)."""
+        theta = {n: t.detach().requires_grad_(True) for n, t in theta.items()}
+        r = torch.func.functional_call(model, {**theta, **buffers}, args=(), kwargs=dict(
+            input_ids=X_s[0], attention_mask=X_s[1])).logits[:, 0].view(2, 3)
+        i, j = (0, 0, 1), (1, 2, 2)
+        J = (torch.sigmoid((r[:, i] - r[:, j]).abs()).sum(1) * 2 / 9).mean()
+        g = torch.autograd.grad(J, list(theta.values()))
+        adapted = {n: theta[n].detach() + eta * gi for n, gi in zip(names, g)}
+        r = torch.func.functional_call(model, {**adapted, **buffers}, args=(), kwargs=dict(
+            input_ids=X_t[0], attention_mask=X_t[1])).logits[:, 0]
+        return (-torch.nn.functional.logsigmoid(r[:4] - r[4:]).mean()).item()
+
+    gen = torch.Generator().manual_seed(1)
+    eps = 1e-6  # central differences in float64: truncation O(eps²) ~ 1e-12, round-off ~ 1e-16 / eps ~ 1e-10
+    for _ in range(3):
+        v = {n: torch.randn(p.shape, generator=gen, dtype=torch.float64) for n, p in params.items()}
+        plus = F({n: params[n].detach() + eps * v[n] for n in names})
+        minus = F({n: params[n].detach() - eps * v[n] for n in names})
+        fd = (plus - minus) / (2 * eps)
+        exact = sum((g * v[n]).sum() for g, n in zip(grads2, names)).item()
+        first = sum((g * v[n]).sum() for g, n in zip(grads1, names)).item()
+        assert abs(exact - fd) / abs(fd) < 1e-6, (exact, fd)
+        # teeth: the first-order gradient misses the Hessian term, so it does not match F's derivative
+        assert abs(first - fd) / abs(fd) > 1e-3, (first, fd)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# meta_rm.py end to end: 1 process vs FSDP2 on 2 processes, functional vs in-place
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def meta_inputs(world, tmp_path_factory):
+    """An RM checkpoint (the base model with a fresh head, trained 2 steps by reward.py) and a meta set S."""
+    root = str(tmp_path_factory.mktemp("meta"))
+    rc, out, err = run_command(["reward.py", "--model", world.base_model, "--train", world.pairs_train, "--test", "",
+                                "--out", f"{root}/rm", "--max-steps", "2", "--batch-size", "8", "--lr", "1e-3"])
+    assert rc == 0, err
+    pairs = [json.loads(line) for line in open(world.pairs_train)]
+    # S from fixed texts (not sampled), so both runs read the same file: k = 3 responses per prompt
+    with open(f"{root}/S.jsonl", "w") as f:
+        for i in range(32):
+            f.write(json.dumps({"prompt": pairs[i]["prompt"], "responses": [
+                pairs[i]["chosen"], pairs[i]["rejected"], pairs[i + 1]["chosen"]]}) + "\n")
+    return root
+
+
+def _run_meta(world, root, name, nproc, *extra):
+    flags = ["meta_rm.py", "--model", f"{root}/rm", "--train", world.pairs_train, "--test", "", "--meta",
+             f"{root}/S.jsonl", "--meta-heldout", "", "--out", f"{root}/{name}", "--max-steps", "2", "--batch-size",
+             "4", "--meta-batch-size", "4", "--micro-batch-size", "4", "--eta", "0.05", "--lr", "0.1", "--optimizer", "sgd",
+             "--grad-clip", "0", *extra]
+    rc, out, err = run_command(flags, nproc=nproc)
+    assert rc == 0, out + err
+    return load_file(f"{root}/{name}/model.safetensors"), [json.loads(l) for l in open(f"{root}/{name}/metrics.jsonl")]
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_fsdp2_two_processes_match_one(world, meta_inputs, order):
+    # Plain SGD (Alg. 1 l.7 to the letter) so parameters are θ0 − α(g1 + g2) and any gradient difference shows up
+    # scaled by α, not hidden by Adam's normalisation. Tolerance: fp32 sums of the same terms in another order (two
+    # half-batches averaged across processes vs one batch) differ by a few ulp of the gradient's terms; the
+    # gradients here are O(0.1–1), so α = 0.1 turns that into ≲ 1e-7 on the parameters; 1e-6 leaves room for
+    # the second step's dependence on the first. A wrong meta step (no ascent, wrong ∇J average, missing Hessian
+    # term) changes gradients by O(η‖∇²J‖) ~ 1e-2 relative -> ~1e-3 on the parameters.
+    one, log1 = _run_meta(world, meta_inputs, f"w1_o{order}", 1, "--meta-order", str(order))
+    impls = ["functional"] if order == 2 else ["functional", "inplace"]
+    for impl in impls:
+        two, log2 = _run_meta(world, meta_inputs, f"w2_o{order}_{impl}", 2, "--meta-order", str(order),
+                              "--meta-impl", impl)
+        for key in one:
+            torch.testing.assert_close(two[key], one[key], atol=1e-6, rtol=0)
+        steps1 = [m for m in log1 if "L_adapted" in m]
+        steps2 = [m for m in log2 if "L_adapted" in m]
+        for a, b in zip(steps1, steps2):
+            for key in ("L_adapted", "J", "J_adapted", "step_norm"):
+                assert b[key] == pytest.approx(a[key], rel=1e-5), (impl, key)
+
+
+def test_order_two_differs_from_order_one(world, meta_inputs):
+    # with η = 0.05 the Hessian term changes the update: the two orders must not produce the same model
+    one, _ = _run_meta(world, meta_inputs, "w1_o1_again", 1, "--meta-order", "1")
+    two, _ = _run_meta(world, meta_inputs, "w1_o2_again", 1, "--meta-order", "2")
+    assert max((one[k] - two[k]).abs().max().item() for k in one) > 1e-6
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The meta data set S
+# ----------------------------------------------------------------------------------------------------------------
+def test_meta_data_k_responses_heldout_disjoint_and_deterministic(world, tmp_path):
+    outs = []
+    for name in ("a", "b"):
+        rc, out, err = run_command(["meta_data.py", "--policy", world.base_model, "--prompts", world.rl_prompts,
+                                    "--out", str(tmp_path / name), "--k", "3", "--max-prompts", "12", "--heldout",
+                                    "4", "--max-new-tokens", "6", "--seed", "3"])
+        assert rc == 0, out + err
+        outs.append(tmp_path / name)
+    train = [json.loads(l) for l in open(outs[0] / "meta_train.jsonl")]
+    held = [json.loads(l) for l in open(outs[0] / "meta_heldout.jsonl")]
+    assert len(train) == 8 and len(held) == 4
+    assert all(len(r["responses"]) == 3 for r in train + held)
+    prompts = [json.loads(l)["prompt"] for l in open(world.rl_prompts)][:12]
+    assert sorted(r["prompt"] for r in train + held) == sorted(prompts)
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in held} or len(set(prompts)) < 12
+    for name in ("meta_train.jsonl", "meta_heldout.jsonl"):
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes()
+
+
+def test_meta_set_with_k_below_two_is_refused(world, tmp_path):
+    bad = tmp_path / "S.jsonl"
+    bad.write_text(json.dumps({"prompt": "x", "responses": ["only one"]}) + "\n")
+    rc, out, err = run_command(["meta_rm.py", "--model", world.base_model, "--train", world.pairs_train,
+                                "--test", "", "--meta", str(bad), "--meta-heldout", "", "--out", str(tmp_path / "o")])
+    assert rc == 2 and "k >= 2" in err and "Traceback" not in out + err
+    assert not (tmp_path / "o").exists()
