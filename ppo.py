@@ -1,0 +1,549 @@
+"""PPO with a per-token KL penalty, GAE and a critic initialised from the reward model (the RL stage of every round).
+
+The policy π_θ starts from the SFT checkpoint and is trained to maximise the reward model's score while a per-token
+KL penalty keeps it near the frozen SFT model π_ref (paper §"Experimental settings"; DESIGN.md §3, §4). One PPO
+iteration has six steps; the code repeats these numbers as `# PPO step k:` tags.
+
+  1. rollouts   draw a batch of prompts; sample n responses per prompt from π_θ (nucleus sampling T 0.8,
+                top-p 0.9, repetition penalty 1.1, KV cache, batched); cut each response right after its first EOS
+  2. score      s = r_φ(x, y), the frozen RM's score read at the EOS; clipped to [-0.8, 0.8]; a response without EOS
+                gets the penalty score `--missing-eos-score` instead (the RM's score is defined at the EOS only)
+  3. forward    log π_θ(y_t | x, y_<t) with the logits divided by the sampling temperature, log π_ref(y_t | ...),
+                and the critic's values V(x, y_<t); each computed once per rollout batch, without gradients
+  4. rewards    r_t = −β (log π_θ − log π_ref) on every response token (the k1 estimate of the KL), plus s on the
+                last response token (the EOS): the score belongs to the whole response, the KL to each token
+  5. GAE        δ_t = r_t + γ V_{t+1} − V_t,  A_t = δ_t + γλ A_{t+1},  returns R_t = A_t + V_t, with V = 0 after
+                the last response token; advantages whitened over the valid tokens of the whole batch
+  6. update     PPO epochs over mini-batches: clipped surrogate (ratio clip 0.2) for the policy, clipped value loss
+                (0.2) for the critic, separate AdamW optimisers, gradient-norm clipping
+
+Models: policy (trained) and reference (frozen) are AutoModelForCausalLM loaded from the SFT folder; the reward
+model (frozen) and the critic (trained) are AutoModelForSequenceClassification loaded from the RM folder — the
+critic's value at every position is the RM's linear head applied to that position's final hidden state.
+
+Commands
+    python ppo.py                                                # 1 process, CPU, the built-in testbed (paper values)
+    torchrun --standalone --nproc_per_node=2 ppo.py              # FSDP2 over 2 processes (gloo on CPU)
+    torchrun --nproc_per_node=8 ppo.py --sft runs/llama2-sft --rm runs/llama2-rm --prompts hh_prompts.jsonl --bf16
+
+    # the testbed (tiny model, short answers): larger learning rates, fewer and shorter rollouts, e.g.
+    python ppo.py --sft runs/testbed/sft --rm runs/testbed/rm --out runs/testbed/ppo --policy-lr 1e-4 \\
+        --critic-lr 1e-4 --rollouts-per-prompt 4 --prompts-per-iteration 16 --mini-batch-size 32 \\
+        --max-new-tokens 32 --iterations 60
+
+Paper defaults (Llama-2-7B): policy lr 5e-7, critic lr 1.5e-6, 16 rollouts per query, T 0.8, top-p 0.9,
+repetition penalty 1.1, β = 0.05, score clip 0.8, GAE λ 0.95 γ 1, critic from the RM, 512 new tokens at most.
+The ratio and value clips 0.2 and advantage whitening are the usual PPO details (DESIGN.md §4).
+
+Output layout: `out/` holds the policy (loads with AutoModelForCausalLM, so it is the next stage's --model/--sft),
+`out/critic/` the critic (an AutoModelForSequenceClassification), `out/metrics.jsonl` one line per iteration.
+
+Deliberate choices the paper leaves open
+  1. Prompts per iteration (8), PPO epochs (2) and mini-batch size (64 rollouts) are not stated; with 16 rollouts
+     per prompt an iteration has 128 rollouts = 2 mini-batches x 2 epochs = 4 optimiser steps per model.
+  2. Log-probs are those of the temperature-scaled model distribution softmax(logits / T). Top-p and the
+     repetition penalty also shape what is sampled, but PPO's ratio uses π_θ / T for both old and new log-probs, as
+     common RLHF implementations do; the ratio is exactly 1 at the first mini-batch.
+  3. A response that hits --max-new-tokens without EOS gets score --missing-eos-score (-1.0: below every clipped
+     score, so not stopping never pays); the KL penalty still applies to its tokens.
+  4. Mini-batch membership is strided: local rollout i belongs to mini-batch i mod M. A global mini-batch is then
+     the same set of rollouts for any world size (so 1 process == N processes exactly on the same rollouts), and
+     the n rollouts of one prompt are spread over the M mini-batches. The order of the mini-batches is shuffled
+     every epoch with a generator shared by all ranks.
+  5. Loss normalisation: each loss is the mean over the valid response tokens of the whole global mini-batch
+     (token counts all-reduced), the same for every split into micro-batches and ranks. Advantage whitening and
+     explained variance use statistics over the whole global batch (all-reduced). Variances are population ones.
+  6. The value loss is 0.5 · max((V − R)², (V_clip − R)²) (the OpenAI baselines form); the value clip is absolute
+     (0.2 in score units, scores lie in [-1, 0.8]).
+  7. Dropout is off in all four models (eval mode) also while training, so the log-probs of step 3 and step 6
+     agree when the parameters have not changed.
+  8. AdamW betas (0.9, 0.95), no weight decay, constant learning rates, gradient norms clipped to 1.0.
+  9. KL metrics are per response: the sum over its tokens of the k1 estimate log π/π_ref and of the k3 estimate
+     (π_ref/π − 1 − log π_ref/π), averaged over the rollouts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import common
+import reward
+from common import arg, check
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Args:
+    sft: str = arg("runs/testbed/sft", "SFT checkpoint: the initial policy and the frozen reference policy")
+    rm: str = arg("runs/testbed/rm", "reward-model checkpoint (reward.py or meta_rm.py): the frozen RM and the "
+                                     "critic's initialisation")
+    prompts: str = arg("runs/testbed/data/rl_prompts.jsonl", "PPO prompts, JSONL records {prompt}")
+    out: str = arg("runs/testbed/ppo", "output folder: the policy, critic/ and metrics.jsonl")
+    iterations: int = arg(100, "PPO iterations (rollouts + update); the paper does not state its number")
+    prompts_per_iteration: int = arg(8, "prompts drawn per iteration, over all processes (divisible by world size)")
+    rollouts_per_prompt: int = arg(16, "responses sampled per prompt (paper: 16 per query)")
+    max_new_tokens: int = arg(512, "maximum response tokens (paper: 512)")
+    temperature: float = arg(0.8, "sampling temperature; log-probs use logits / temperature (paper: 0.8)")
+    top_p: float = arg(0.9, "nucleus sampling mass (paper: 0.9)")
+    repetition_penalty: float = arg(1.1, "repetition penalty while sampling (paper: 1.1)")
+    kl_coef: float = arg(0.05, "β of the per-token KL penalty −β (log π − log π_ref) (paper: 0.05)")
+    score_clip: float = arg(0.8, "the RM score is clipped to [-score_clip, score_clip] (paper: 0.8; 0 = off)")
+    missing_eos_score: float = arg(-1.0, "score given instead of the RM's to a response without EOS")
+    gamma: float = arg(1.0, "GAE discount γ (paper: 1)")
+    lam: float = arg(0.95, "GAE λ (paper: 0.95)")
+    policy_lr: float = arg(5e-7, "policy learning rate (paper: 5e-7)")
+    critic_lr: float = arg(1.5e-6, "critic learning rate (paper: 1.5e-6)")
+    ppo_epochs: int = arg(2, "passes over each rollout batch")
+    mini_batch_size: int = arg(64, "rollouts per optimiser step, over all processes")
+    micro_batch_size: int = arg(8, "rollouts per forward/backward on one process (also for step 3's forwards)")
+    generation_batch_size: int = arg(64, "rollouts sampled per generate() call on one process")
+    ratio_clip: float = arg(0.2, "PPO ratio clip ε: ratios outside [1 − ε, 1 + ε] get no gradient")
+    value_clip: float = arg(0.2, "critic values may move at most this far from their rollout-time value")
+    whiten_advantages: bool = arg(True, "normalise advantages to mean 0, std 1 over the valid tokens of the batch")
+    grad_clip: float = arg(1.0, "clip each model's global gradient norm to this value (0 = off)")
+    seed: int = arg(0, "random seed: prompt order (shared by all ranks) and sampling (seed + rank)")
+    bf16: bool = arg(False, "bf16 autocast for generation and forward/backward; fp32 is the reference")
+    sample_every: int = arg(10, "print a few decoded rollouts with score, KL and total every N iterations (0 = never)")
+    samples_to_print: int = arg(3, "how many rollouts to print (each from a different prompt)")
+    save_every: int = arg(50, "save policy and critic every N iterations (and at the end; 0 = only at the end)")
+    overwrite: bool = arg(False, "replace an existing output folder")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rollouts: one layout for every forward pass. Prompts are left-padded and responses right-padded, so every response
+# starts at column P and position t of the response is column P + t:
+#     input_ids (B, P + R) = [pad pad prompt prompt | resp resp EOS pad]
+# ----------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Rollouts:
+    prompts: list[str]            # the prompt text of each row (for printing and the testbed's gold reward)
+    input_ids: torch.Tensor       # (B, P + R)
+    attention_mask: torch.Tensor  # (B, P + R) 1 on prompt and response tokens, 0 on padding
+    response_mask: torch.Tensor   # (B, R) 1 on the response tokens, up to and including the first EOS
+    ended: torch.Tensor           # (B,) bool: the response ends with EOS
+    prompt_len: int               # P
+
+    def rows(self, idx: torch.Tensor | slice) -> Rollouts:
+        """A subset of the rows, keeping the column layout (so per-token tensors stay aligned)."""
+        picked = range(len(self.prompts))[idx] if isinstance(idx, slice) else idx.tolist()
+        return Rollouts([self.prompts[i] for i in picked], self.input_ids[idx], self.attention_mask[idx],
+                        self.response_mask[idx], self.ended[idx], self.prompt_len)
+
+    @property
+    def response(self) -> torch.Tensor:  # (B, R)
+        return self.input_ids[:, self.prompt_len:]
+
+
+def collate(prompts: list[str], queries: list[list[int]], responses: list[list[int]], pad_id: int,
+            eos_id: int) -> Rollouts:
+    """Token lists -> Rollouts. Each response must already be cut right after its first EOS (or have no EOS)."""
+    P, R = max(len(q) for q in queries), max(len(r) for r in responses)
+    ids = torch.full((len(queries), P + R), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(ids)
+    response_mask = torch.zeros((len(queries), R), dtype=torch.long)
+    for i, (q, r) in enumerate(zip(queries, responses)):
+        ids[i, P - len(q): P] = torch.tensor(q)
+        ids[i, P: P + len(r)] = torch.tensor(r)
+        attention_mask[i, P - len(q): P + len(r)] = 1
+        response_mask[i, : len(r)] = 1
+    ended = torch.tensor([len(r) > 0 and r[-1] == eos_id for r in responses])
+    return Rollouts(list(prompts), ids, attention_mask, response_mask, ended, P)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip the left padding, so a prompt's first token is position 0 as in SFT and RM training
+    (without them Hugging Face counts columns, and a left-padded prompt would start at position P − len)."""
+    return (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)  # (B, T)
+
+
+@torch.no_grad()
+def rollout(policy, tokenizer, prompts: list[str], args: Args, world: int, device: torch.device) -> Rollouts:
+    """PPO step 1: sample one response per prompt (prompts already repeated n times), in generate() calls of
+    --generation-batch-size. Every rank has the same number of prompts, so every rank makes the same number of
+    generate calls; common.generate keeps ranks stepping together (synced_gpus) until all are done."""
+    queries, responses = [], []
+    for start in range(0, len(prompts), args.generation_batch_size):
+        with common.autocast(device, args.bf16):
+            q, r = common.generate(policy, tokenizer, prompts[start: start + args.generation_batch_size],
+                                   max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                   top_p=args.top_p, repetition_penalty=args.repetition_penalty, world=world)
+        for q_row, r_row in zip(q.tolist(), r.tolist()):
+            queries.append([t for t in q_row if t != tokenizer.pad_token_id])  # drop the left padding
+            # keep up to and including the first EOS (common.generate has padded everything after it)
+            responses.append(r_row[: r_row.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in r_row
+                             else r_row)
+    return collate(prompts, queries, responses, tokenizer.pad_token_id, tokenizer.eos_token_id)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Forward passes (PPO step 3, and again with gradients in step 6)
+# ----------------------------------------------------------------------------------------------------------------
+def response_logits(policy, batch: Rollouts, bf16: bool = False) -> torch.Tensor:
+    """Logits that predict each response token: (B, R, V) float32.
+
+    The logits at column c predict the token at column c + 1, so the response tokens (columns P .. P+R-1) are
+    predicted by columns P-1 .. P+R-2: one shift to the left."""
+    device = next(policy.parameters()).device
+    mask = batch.attention_mask.to(device)
+    with common.autocast(device, bf16):
+        logits = policy(input_ids=batch.input_ids.to(device), attention_mask=mask, position_ids=position_ids(mask),
+                        use_cache=False).logits  # (B, P + R, V)
+    return logits[:, batch.prompt_len - 1: -1].float()  # (B, R, V)
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log π(y_t) of the sampled tokens under softmax(logits / T): (B, R, V), (B, R) -> (B, R).
+
+    Dividing by the sampling temperature makes this the distribution the tokens were sampled from (before top-p
+    and the repetition penalty, see deliberate choice 2); without it the ratio of step 6 would not start at 1."""
+    logp = torch.log_softmax(logits / temperature, dim=-1)  # (B, R, V)
+    return logp.gather(-1, tokens.to(logp.device).unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Entropy of softmax(logits / T) at every position: (B, R, V) -> (B, R)."""
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def head_on_every_position(model, batch: Rollouts, bf16: bool = False) -> torch.Tensor:
+    """The linear head of an RM-shaped model (AutoModelForSequenceClassification, one output) applied to the final
+    hidden state of every column: (B, P + R) float32.
+
+    The RM itself only returns the head's output at the last non-pad token. Calling the backbone `model.model(...)`
+    directly does not work under FSDP2: the root's parameters (embeddings, final norm, head) are all-gathered by
+    the *root* module's forward hook, and without it the embedding sees a sharded DTensor and raises. So the root
+    forward runs with output_hidden_states=True (its last entry is the final, normed hidden state); after the root
+    forward the root's parameters stay unsharded (FSDP2 does not reshard the root after forward), so `model.score`
+    can be applied to it, and in backward the root's gradients are reduce-scattered as usual. Checked: gradients
+    on 2 processes equal 1 process (tests/test_ppo_distributed.py)."""
+    device = next(model.parameters()).device
+    mask = batch.attention_mask.to(device)
+    with common.autocast(device, bf16):
+        out = model(input_ids=batch.input_ids.to(device), attention_mask=mask, position_ids=position_ids(mask),
+                    use_cache=False, output_hidden_states=True)
+        return model.score(out.hidden_states[-1]).squeeze(-1).float()  # (B, P + R)
+
+
+def critic_values(critic, batch: Rollouts, bf16: bool = False) -> torch.Tensor:
+    """V(x, y_<t) for every response token t: the value of the state *before* token t is emitted, read at the
+    column that predicts it (the same shift as the logits). (B, R)"""
+    return head_on_every_position(critic, batch, bf16)[:, batch.prompt_len - 1: -1]
+
+
+def rm_scores(rm, batch: Rollouts, bf16: bool = False) -> torch.Tensor:
+    """r_φ(x, y) read at the last response token (the EOS), as the RM was trained (reward.rewards). (B,)"""
+    last = batch.prompt_len + batch.response_mask.sum(1) - 1  # (B,) column of the last response token
+    values = head_on_every_position(rm, batch, bf16)          # (B, P + R)
+    return values[torch.arange(len(last)), last.to(values.device)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pieces that are the method (steps 4-6)
+# ----------------------------------------------------------------------------------------------------------------
+def per_token_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor,
+                      kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO step 4: r_t = −β (log π(y_t) − log π_ref(y_t)) on every response token, plus the score on the last one.
+    (B, R), (B, R), (B,), (B, R) -> rewards (B, R), per-token k1 KL (B, R); both zero on padding."""
+    kl = (logprobs - ref_logprobs) * mask                   # (B, R) k1 estimate of KL(π || π_ref) per token
+    rewards = -kl_coef * kl
+    last = mask.sum(1).long() - 1                           # (B,) index of the last response token (the EOS)
+    rewards[torch.arange(len(last)), last] += scores        # the score is for the whole response: on its last token
+    return rewards, kl
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO step 5: generalised advantage estimation. All (B, T); mask is 1 on a prefix of each row (the response).
+
+        δ_t = r_t + γ V_{t+1} − V_t          with V_{t+1} = 0 after the last valid token (the episode has ended)
+        A_t = δ_t + γ λ A_{t+1}              with A = 0 after the last valid token
+        R_t = A_t + V_t                      the critic's regression target (the λ-return)
+
+    Returns (advantages, returns), both zero where mask is 0."""
+    B, T = rewards.shape
+    advantages = torch.zeros_like(rewards)
+    lastgaelam = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
+    for t in reversed(range(T)):
+        next_values = values[:, t + 1] * mask[:, t + 1] if t + 1 < T else torch.zeros_like(lastgaelam)
+        delta = rewards[:, t] + gamma * next_values - values[:, t]
+        lastgaelam = (delta + gamma * lam * lastgaelam) * mask[:, t]  # reset to 0 on padding
+        advantages[:, t] = lastgaelam
+    returns = (advantages + values) * mask
+    return advantages, returns
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, world: int = 1) -> torch.Tensor:
+    """Mean of x over the positions where mask is 1, over all ranks (one all-reduce of [sum, count])."""
+    stats = torch.stack([(x * mask).sum(), mask.sum()]).double()
+    if world > 1:
+        torch.distributed.all_reduce(stats)
+    return (stats[0] / stats[1]).to(x.dtype)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, world: int = 1, eps: float = 1e-8) -> torch.Tensor:
+    """(x − mean) / std over the valid positions of the whole (global) batch; zero on padding. (B, T) -> (B, T)"""
+    mean = masked_mean(x, mask, world)
+    var = masked_mean((x - mean) ** 2, mask, world)  # population variance
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                clip: float) -> torch.Tensor:
+    """PPO's clipped surrogate per token, as a loss to minimise: max(−A ρ, −A clip(ρ, 1−ε, 1+ε)), ρ = π/π_old.
+    All (B, T) -> (B, T), zero on padding. The max picks the pessimistic term: once ρ has moved past 1 ± ε in the
+    direction the advantage favours, the clipped (constant) term wins and the token gives no gradient."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * torch.clamp(ratio, 1 - clip, 1 + clip)
+    return torch.max(pg_loss1, pg_loss2) * mask
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip: float) -> torch.Tensor:
+    """Clipped value loss per token: 0.5 max((V − R)², (V_old + clip(V − V_old, −c, c) − R)²). (B, T) -> (B, T),
+    zero on padding. Like the ratio clip, it removes the incentive to move V more than c from its rollout value."""
+    values_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    vf_loss1 = (values - returns) ** 2
+    vf_loss2 = (values_clipped - returns) ** 2
+    return 0.5 * torch.max(vf_loss1, vf_loss2) * mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One iteration after sampling: steps 2-5 (make_experience) and step 6 (ppo_update)
+# ----------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def make_experience(policy, ref, rm, critic, batch: Rollouts, args: Args, world: int) -> dict[str, torch.Tensor]:
+    """Steps 2-5 on this rank's rollouts, in micro-batches; every forward pass runs once. Returns (B,) and (B, R)
+    tensors on CPU: scores, logprobs, ref_logprobs, values, rewards, kl, entropy, advantages, returns."""
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("raw_scores", "logprobs", "ref_logprobs", "entropy",
+                                                            "values")}
+    for start in range(0, len(batch.prompts), args.micro_batch_size):
+        part = batch.rows(slice(start, start + args.micro_batch_size))
+        # PPO step 2: the RM's score at the EOS
+        parts["raw_scores"].append(rm_scores(rm, part, args.bf16).cpu())
+        # PPO step 3: log π_θ (with its entropy), log π_ref and V, all at temperature T / on the same tokens
+        logits = response_logits(policy, part, args.bf16)  # (b, R, V)
+        parts["logprobs"].append(logprobs_from_logits(logits, part.response, args.temperature).cpu())
+        parts["entropy"].append(entropy_from_logits(logits, args.temperature).cpu())
+        ref_logits = response_logits(ref, part, args.bf16)
+        parts["ref_logprobs"].append(logprobs_from_logits(ref_logits, part.response, args.temperature).cpu())
+        parts["values"].append(critic_values(critic, part, args.bf16).cpu())
+    if world > 1:
+        for model in (policy, ref, rm, critic):
+            model.reshard()  # a no-grad forward leaves the FSDP2 root unsharded (DESIGN.md §7)
+    exp = {k: torch.cat(v) for k, v in parts.items()}
+    mask = batch.response_mask.float()  # (B, R)
+
+    # PPO step 2: clip the score; a response without EOS gets the penalty score instead
+    scores = exp["raw_scores"].clamp(-args.score_clip, args.score_clip) if args.score_clip > 0 else exp["raw_scores"]
+    exp["scores"] = torch.where(batch.ended, scores, torch.full_like(scores, args.missing_eos_score))  # (B,)
+
+    # PPO step 4: per-token rewards
+    exp["rewards"], exp["kl"] = per_token_rewards(exp["logprobs"], exp["ref_logprobs"], exp["scores"], mask,
+                                                  args.kl_coef)
+    # PPO step 5: advantages and returns; whitening over the valid tokens of the global batch
+    exp["values"] = exp["values"] * mask
+    advantages, exp["returns"] = gae(exp["rewards"], exp["values"], mask, args.gamma, args.lam)
+    exp["advantages"] = whiten(advantages, mask, world) if args.whiten_advantages else advantages
+    return exp
+
+
+def ppo_update(policy, critic, policy_opt, critic_opt, batch: Rollouts, exp: dict[str, torch.Tensor], args: Args,
+               world: int, generator: torch.Generator) -> dict[str, float]:
+    """PPO step 6: --ppo-epochs passes over this rank's rollouts in mini-batches; one AdamW step per model per
+    mini-batch. Returns metrics averaged over all mini-batches and ranks."""
+    B = len(batch.prompts)                                   # rollouts on this rank
+    device = next(policy.parameters()).device
+    n_minibatches = B * world // args.mini_batch_size        # M
+    mask = batch.response_mask.float()
+    sums = dict(policy_loss=0.0, value_loss=0.0, clipfrac=0.0, approx_kl=0.0, tokens=0.0)
+    grad_norms = dict(policy_grad_norm=0.0, critic_grad_norm=0.0)
+    for epoch in range(args.ppo_epochs):
+        for j in torch.randperm(n_minibatches, generator=generator).tolist():
+            rows = torch.arange(j, B, n_minibatches)         # strided membership (deliberate choice 4)
+            # Loss normalisation: each loss is the mean over the valid response tokens of the *global* mini-batch,
+            # so a micro-batch contributes (its summed loss) / (tokens in the global mini-batch). FSDP2 averages
+            # gradients over ranks, so x world turns that average back into the sum over ranks.
+            n_tokens = common.all_reduce_sum(mask[rows].sum().item(), world)
+            for start in range(0, len(rows), args.micro_batch_size):
+                idx = rows[start: start + args.micro_batch_size]
+                part = batch.rows(idx)
+                old = {k: exp[k][idx].to(device) for k in ("logprobs", "advantages", "values", "returns")}
+                m = mask[idx].to(device)
+                logits = response_logits(policy, part, args.bf16)                  # (b, R, V)
+                logprobs = logprobs_from_logits(logits, part.response, args.temperature)
+                pg = policy_loss(logprobs, old["logprobs"], old["advantages"], m, args.ratio_clip)
+                (pg.sum() * world / n_tokens).backward()
+                values = critic_values(critic, part, args.bf16)                     # (b, R)
+                vf = value_loss(values, old["values"], old["returns"], m, args.value_clip)
+                (vf.sum() * world / n_tokens).backward()
+                with torch.no_grad():
+                    log_ratio = logprobs - old["logprobs"]
+                    sums["policy_loss"] += pg.sum().item()
+                    sums["value_loss"] += vf.sum().item()
+                    sums["clipfrac"] += (((log_ratio.exp() - 1).abs() > args.ratio_clip).float() * m).sum().item()
+                    sums["approx_kl"] += (((log_ratio.exp() - 1) - log_ratio) * m).sum().item()  # k3 of π_old‖π
+                    sums["tokens"] += m.sum().item()
+            grad_norms["policy_grad_norm"] += common.clip_grad_norm(policy, args.grad_clip)
+            grad_norms["critic_grad_norm"] += common.clip_grad_norm(critic, args.grad_clip)
+            policy_opt.step()
+            critic_opt.step()
+            policy_opt.zero_grad(set_to_none=True)
+            critic_opt.zero_grad(set_to_none=True)
+    totals = {k: common.all_reduce_sum(v, world) for k, v in sums.items()}
+    out = {k: totals[k] / totals["tokens"] for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl")}
+    out.update({k: v / (args.ppo_epochs * n_minibatches) for k, v in grad_norms.items()})  # norms are global
+    common.check_finite(out["policy_loss"] + out["value_loss"], "ppo loss")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reporting
+# ----------------------------------------------------------------------------------------------------------------
+def response_texts(batch: Rollouts, tokenizer) -> list[str]:
+    """Decoded responses without the EOS (the testbed's gold reward and the printed samples read plain text)."""
+    texts = []
+    for row, n in zip(batch.response.tolist(), batch.response_mask.sum(1).tolist()):
+        ids = row[:n]
+        texts.append(tokenizer.decode(ids[:-1] if ids and ids[-1] == tokenizer.eos_token_id else ids))
+    return texts
+
+
+def rollout_metrics(batch: Rollouts, exp: dict[str, torch.Tensor], texts: list[str], world: int) -> dict[str, float]:
+    """Means over the rollouts of all ranks (every rank has the same number of rollouts)."""
+    mask = batch.response_mask.float()
+    log_ratio = exp["ref_logprobs"] - exp["logprobs"]
+    k3 = (log_ratio.exp() - 1 - log_ratio) * mask          # (B, R) k3 estimate of KL(π || π_ref) per token
+    m = {"score": exp["raw_scores"].mean().item(),         # the RM's score before clipping
+         "score_clipped": exp["scores"].mean().item(),     # after clipping and the missing-EOS penalty
+         "kl_k1": exp["kl"].sum(1).mean().item(),          # per response (deliberate choice 9)
+         "kl_k3": k3.sum(1).mean().item(),
+         "total_reward": exp["rewards"].sum(1).mean().item(),
+         "response_len": mask.sum(1).mean().item(),
+         "eos_rate": batch.ended.float().mean().item()}
+    gold = common.gold_scores(batch.prompts, texts)        # None when the prompts are not the testbed's
+    if gold is not None:
+        m["gold"] = sum(gold) / len(gold)
+    m = common.all_reduce_mean(m, world)
+    # token-level statistics over the whole global batch
+    m["entropy"] = masked_mean(exp["entropy"], mask, world).item()
+    var_returns = masked_mean((exp["returns"] - masked_mean(exp["returns"], mask, world)) ** 2, mask, world)
+    residual = exp["returns"] - exp["values"]
+    var_residual = masked_mean((residual - masked_mean(residual, mask, world)) ** 2, mask, world)
+    m["explained_var"] = (1 - var_residual / var_returns).item()  # 1: the critic predicts the returns exactly
+    return m
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage
+# ----------------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    args = common.parse_args(Args, argv)
+    rank, world, device = common.init_distributed()
+    check(args.prompts_per_iteration % world == 0,
+          f"--prompts-per-iteration {args.prompts_per_iteration} is not divisible by world size {world}")
+    rollouts_per_iteration = args.prompts_per_iteration * args.rollouts_per_prompt
+    check(rollouts_per_iteration % args.mini_batch_size == 0,
+          f"rollouts per iteration {rollouts_per_iteration} (= prompts x rollouts per prompt) is not divisible by "
+          f"--mini-batch-size {args.mini_batch_size}")
+    common.split_batch(args.mini_batch_size, args.micro_batch_size, world, "--mini-batch-size")
+    check(args.max_new_tokens > 0 and args.temperature > 0, "--max-new-tokens and --temperature must be positive")
+    common.seed_everything(args.seed, rank)  # seed + rank: every rank samples different responses
+
+    # ---- tokenizers: the RM reads the policy's token ids, so both must be the same tokenizer ----
+    common.check_checkpoint(args.sft, "--sft")
+    common.check_checkpoint(args.rm, "--rm")
+    tokenizer = AutoTokenizer.from_pretrained(args.sft)
+    rm_tokenizer = AutoTokenizer.from_pretrained(args.rm)
+    check(tokenizer.get_vocab() == rm_tokenizer.get_vocab()
+          and (tokenizer.eos_token_id, tokenizer.pad_token_id) == (rm_tokenizer.eos_token_id, rm_tokenizer.pad_token_id),
+          f"{args.rm}: the reward model's tokenizer differs from the policy's ({args.sft}); PPO scores the policy's "
+          f"token ids with the RM, so both must come from the same tokenizer (train the RM from this SFT model)")
+    check(tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id,
+          f"{args.sft}: the tokenizer needs a PAD token distinct from EOS (responses are cut at the first EOS)")
+    prompts = [r["prompt"] for r in common.read_jsonl(args.prompts, ["prompt"])]
+    common.prepare_output(args.out, args.overwrite)
+
+    # ---- models: policy and critic are trained; reference and RM are frozen. Dropout off everywhere (choice 7) ----
+    policy = common.load_model(AutoModelForCausalLM, args.sft, world, device)
+    ref = common.load_model(AutoModelForCausalLM, args.sft, world, device)
+    rm, _ = reward.load_reward_model(args.rm, world, device)
+    critic, _ = reward.load_reward_model(args.rm, world, device)
+    for model in (policy, ref, rm, critic):
+        model.eval()
+    ref.requires_grad_(False)
+    rm.requires_grad_(False)
+    policy_opt = torch.optim.AdamW(policy.parameters(), lr=args.policy_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    log = common.MetricsLog(os.path.join(args.out, "metrics.jsonl"))
+    common.print0(f"ppo: {len(prompts)} prompts; per iteration {args.prompts_per_iteration} prompts x "
+                  f"{args.rollouts_per_prompt} rollouts = {rollouts_per_iteration}, {args.ppo_epochs} epochs x "
+                  f"{rollouts_per_iteration // args.mini_batch_size} mini-batches of {args.mini_batch_size}, "
+                  f"{world} processes")
+
+    def save() -> None:
+        # common.save_model replaces the whole folder (keeping only plain files such as metrics.jsonl), which would
+        # drop out/critic: so the policy is saved first and the critic into it afterwards.
+        common.save_model(policy, tokenizer, args.out, world, args)
+        common.save_model(critic, tokenizer, os.path.join(args.out, "critic"), world, args)
+
+    # ---- loop ----
+    data_gen = torch.Generator().manual_seed(args.seed)  # same on every rank: prompts and mini-batch order agree
+    order: list[int] = []
+    per_rank = args.prompts_per_iteration // world
+    bar = tqdm(range(args.iterations), desc="ppo", disable=not common.is_main())
+    for it in bar:
+        # PPO step 1: this rank's share of the prompt batch, each repeated n times; sample the rollouts
+        while len(order) < args.prompts_per_iteration:
+            order += torch.randperm(len(prompts), generator=data_gen).tolist()
+        batch_prompts = [prompts[i] for i in order[: args.prompts_per_iteration]]
+        del order[: args.prompts_per_iteration]
+        mine = [p for p in batch_prompts[rank * per_rank: (rank + 1) * per_rank] for _ in range(args.rollouts_per_prompt)]
+        t0 = time.time()
+        batch = rollout(policy, tokenizer, mine, args, world, device)
+        t1 = time.time()
+        # PPO steps 2-5
+        exp = make_experience(policy, ref, rm, critic, batch, args, world)
+        t2 = time.time()
+        # PPO step 6
+        train = ppo_update(policy, critic, policy_opt, critic_opt, batch, exp, args, world, data_gen)
+        t3 = time.time()
+
+        texts = response_texts(batch, tokenizer)
+        metrics = rollout_metrics(batch, exp, texts, world)
+        generated = common.all_reduce_sum(batch.response_mask.sum().item(), world)
+        trained = common.all_reduce_sum(batch.attention_mask.sum().item(), world) * args.ppo_epochs
+        metrics.update(train)
+        metrics.update(gen_s=t1 - t0, forward_s=t2 - t1, train_s=t3 - t2, gen_tokens_per_s=generated / (t1 - t0),
+                       train_tokens_per_s=trained / (t3 - t2))
+        log.log(iteration=it + 1, **metrics)
+        bar.set_postfix(score=f"{metrics['score']:.3f}", kl=f"{metrics['kl_k1']:.3f}")
+        gold = f" gold {metrics['gold']:.3f}" if "gold" in metrics else ""
+        common.print0(f"it {it + 1}/{args.iterations} score {metrics['score']:.3f}{gold} kl {metrics['kl_k1']:.4f} "
+                      f"(k3 {metrics['kl_k3']:.4f}) ent {metrics['entropy']:.3f} len {metrics['response_len']:.1f} "
+                      f"eos {metrics['eos_rate']:.2f} clipfrac {metrics['clipfrac']:.3f} "
+                      f"approx_kl {metrics['approx_kl']:.4f} vloss {metrics['value_loss']:.4f} "
+                      f"ev {metrics['explained_var']:.2f} | gen {t1 - t0:.1f}s fwd {t2 - t1:.1f}s train {t3 - t2:.1f}s")
+        if args.sample_every > 0 and (it + 1) % args.sample_every == 0:
+            for i in range(0, len(mine), args.rollouts_per_prompt)[: args.samples_to_print]:
+                kl = exp["kl"][i].sum().item()
+                common.print0(f"  [{exp['scores'][i]:+.3f} score, {kl:.3f} kl, {exp['scores'][i] - args.kl_coef * kl:+.3f} "
+                              f"total] {batch.prompts[i]!r} -> {texts[i]!r}")
+        if args.save_every > 0 and (it + 1) % args.save_every == 0 and it + 1 < args.iterations:
+            save()
+
+    # ---- save ----
+    save()
+    common.print0(f"saved {args.out} (policy) and {os.path.join(args.out, 'critic')} (critic)")
+
+
+if __name__ == "__main__":
+    common.run_main(main)
