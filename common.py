@@ -71,15 +71,26 @@ def arg(default: Any, help: str, choices: Iterable[Any] | None = None) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line on stderr (rank 0 only under torchrun) and exit status 2, like a
+    `UserError`; the default prints the whole usage block first, from every rank."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {message} (see --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def parse_args(cls: type, argv: list[str] | None = None) -> Any:
     """Build an argparse parser from the dataclass `cls` and return an instance filled from `argv`.
 
-    Field `meta_order` becomes flag `--meta-order`; a bool field becomes `--flag / --no-flag`. Unknown flags and
-    values of the wrong type are refused by argparse with one line and exit status 2.
+    Field `meta_order` becomes flag `--meta-order`; a bool field becomes `--flag / --no-flag`. Unknown flags,
+    abbreviations and values of the wrong type are refused with one line naming the flag and exit status 2.
     """
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrorParser(
         description=(sys.modules[cls.__module__].__doc__ or "").strip().split("\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # a flag is exactly its field's name; `--meta` must not silently mean `--meta-order`
     )
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -462,7 +473,7 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: list[str], *, max_
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    if world > 1:
+    if hasattr(model, "reshard"):
         model.reshard()  # after a no-grad forward the FSDP2 root stays unsharded (DESIGN.md §7)
     response = out[:, input_ids.shape[1]:]
     return input_ids, truncate_at_eos(response, tokenizer.eos_token_id, tokenizer.pad_token_id)
@@ -505,7 +516,10 @@ def sample_texts(model: torch.nn.Module, tokenizer: Any, prompts: list[str], *, 
 def gold_scores(prompts: list[str], responses: list[str]) -> list[float] | None:
     """The testbed's hidden gold reward of each (prompt, response), or None when the data is not the testbed's.
     Used only for reporting; it never enters training."""
-    import testbed
+    try:
+        import testbed
+    except ImportError:  # a checkout or install without the testbed: nothing to report
+        return None
 
     scores = [testbed.gold_reward(p, r) for p, r in zip(prompts, responses)]
     return None if any(s is None for s in scores) else scores

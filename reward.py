@@ -89,15 +89,20 @@ def pair_batch(tokenizer, pairs: list[dict], max_len: int) -> tuple[torch.Tensor
     return ids, mask, n_truncated
 
 
-def load_reward_model(path: str, world: int, device: torch.device, **overrides):
-    """An RM (or an SFT checkpoint to start one from) as AutoModelForSequenceClassification with one output.
-
-    The pad token must differ from EOS: transformers reads the score at the last token that is not pad, and the
-    score belongs on the EOS."""
-    common.check_checkpoint(path, "model")
+def check_reward_tokenizer(path: str, what: str = "--model"):
+    """The checkpoint folder exists with weights, and its tokenizer has a PAD token distinct from EOS:
+    transformers reads the score at the last token that is not pad, and the score belongs on the EOS."""
+    common.check_checkpoint(path, what)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    check(tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id,
+    check(tokenizer.eos_token_id is not None and tokenizer.pad_token_id is not None
+          and tokenizer.pad_token_id != tokenizer.eos_token_id,
           f"{path}: the tokenizer needs a PAD token distinct from EOS (the reward is read at the EOS token)")
+    return tokenizer
+
+
+def load_reward_model(path: str, world: int, device: torch.device, **overrides):
+    """An RM (or an SFT checkpoint to start one from) as AutoModelForSequenceClassification with one output."""
+    tokenizer = check_reward_tokenizer(path, "model")
     model = common.load_model(AutoModelForSequenceClassification, path, world, device, num_labels=1,
                               pad_token_id=tokenizer.pad_token_id, **overrides)
     return model, tokenizer
@@ -163,9 +168,15 @@ def main(argv: list[str] | None = None) -> None:
     args = common.parse_args(Args, argv)
     rank, world, device = common.init_distributed()
     accum = common.split_batch(args.batch_size, args.micro_batch_size, world)
-    common.check_checkpoint(args.model, "--model")
+    # ---- inputs: every one is checked before the output folder is created, so a mistake leaves nothing behind ----
+    check_reward_tokenizer(args.model)
     pairs = common.read_jsonl(args.train, ["prompt", "chosen", "rejected"])
     test_pairs = common.read_jsonl(args.test, ["prompt", "chosen", "rejected"]) if args.test else []
+    steps_per_epoch = len(pairs) // args.batch_size
+    check(steps_per_epoch > 0, f"{args.train}: {len(pairs)} pairs, fewer than one batch of {args.batch_size}")
+    total_steps = math.floor(steps_per_epoch * args.epochs)
+    if args.max_steps > 0:
+        total_steps = min(total_steps, args.max_steps)
     common.prepare_output(args.out, args.overwrite)
     common.seed_everything(args.seed, 0)  # same head initialisation on every rank (rank 0's is broadcast anyway)
 
@@ -174,12 +185,6 @@ def main(argv: list[str] | None = None) -> None:
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     log = common.MetricsLog(os.path.join(args.out, "metrics.jsonl"))
-
-    steps_per_epoch = len(pairs) // args.batch_size
-    check(steps_per_epoch > 0, f"{args.train}: {len(pairs)} pairs, fewer than one batch of {args.batch_size}")
-    total_steps = math.floor(steps_per_epoch * args.epochs)
-    if args.max_steps > 0:
-        total_steps = min(total_steps, args.max_steps)
     common.print0(f"reward: {len(pairs)} pairs, {total_steps} steps of {args.batch_size} = {args.micro_batch_size} "
                   f"x {accum} accumulation x {world} processes")
 

@@ -100,9 +100,14 @@ def main(argv: list[str] | None = None) -> None:
     common.seed_everything(args.seed, rank)
 
     # ---- data: every rank reads the whole file and draws the same order; each takes its slice of a batch ----
+    # Every input is checked before the output folder is created: a mistake leaves nothing behind.
     common.check_checkpoint(args.model, "--model")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
+    check(tokenizer.eos_token_id is not None and tokenizer.pad_token_id is not None,
+          f"{args.model}: the tokenizer needs an EOS and a PAD token")
     records = common.read_jsonl(args.data, ["prompt", "response"])
+    eval_prompts = ([r["prompt"] for r in common.read_jsonl(args.eval_prompts, ["prompt"])][: args.eval_samples]
+                    if args.eval_prompts else [])
     examples, n_truncated = [], 0
     for r in records:
         ids, n_prompt, truncated = common.encode(tokenizer, r["prompt"], r["response"], args.max_len)
@@ -175,16 +180,18 @@ def main(argv: list[str] | None = None) -> None:
     common.print0(f"saved {args.out}")
 
     # ---- what the SFT model does: EOS rate, and gold reward on the testbed ----
-    if args.eval_prompts:
-        report = sample_report(model, tokenizer, args, world, rank)
+    if eval_prompts:
+        report = sample_report(model, tokenizer, args, world, rank, eval_prompts)
         log.log(**{"final_" + k: v for k, v in report.items()})
         common.print0("sft samples: " + ", ".join(f"{k} {v:.3f}" for k, v in report.items()))
 
 
-def sample_report(model, tokenizer, args: Args, world: int, rank: int) -> dict[str, float]:
+def sample_report(model, tokenizer, args: Args, world: int, rank: int,
+                  prompts: list[str] | None = None) -> dict[str, float]:
     """Sample responses to held-out prompts (paper's PPO sampling settings) and report the share that end with
-    EOS, their mean length and, on the testbed, their mean gold reward."""
-    prompts = [r["prompt"] for r in common.read_jsonl(args.eval_prompts, ["prompt"])][: args.eval_samples]
+    EOS, their mean length and, on the testbed, their mean gold reward. `prompts` default: read --eval-prompts."""
+    if prompts is None:
+        prompts = [r["prompt"] for r in common.read_jsonl(args.eval_prompts, ["prompt"])][: args.eval_samples]
     model.eval()
     texts, ended = common.sample_texts(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, world=world,
                                        rank=rank)
