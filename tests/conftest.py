@@ -5,6 +5,8 @@ folder by `python testbed.py --out DIR` with small sizes (a few hundred records,
 about 5 s). When testbed.py is not in the checkout, a throwaway world with the same file names is built instead
 (random words, a byte-level BPE tokenizer, a 2-layer Llama), so the plumbing tests never depend on it.
 
+This process and every subprocess use one thread (OMP_NUM_THREADS=1).
+
 `run_command(args, nproc=1)` runs `python SCRIPT ...` (nproc 1) or `torchrun --standalone --nproc_per_node=N
 SCRIPT ...` with OMP_NUM_THREADS=1 (two processes share two cores) and PYTHONPATH = the repository root, and
 returns (returncode, stdout, stderr). Import it (`from conftest import run_command`) or take the `run` fixture.
@@ -19,6 +21,13 @@ import subprocess
 import sys
 
 import pytest
+
+# One thread per process, in this process too: the tiny models gain nothing from a second thread, and when two
+# processes (or another job) share the two cores, OpenMP's spinning threads make a forward pass ~50x slower.
+os.environ["OMP_NUM_THREADS"] = "1"
+import torch  # noqa: E402  (after OMP_NUM_THREADS)
+
+torch.set_num_threads(1)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,7 +103,6 @@ def world(tmp_path_factory) -> World:
 
 def _build_throwaway_world(root: str) -> None:
     """Random-word data in the testbed's file layout + a byte-level BPE tokenizer + a tiny Llama (2 layers, 64 wide)."""
-    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 

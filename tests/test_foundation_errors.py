@@ -27,7 +27,6 @@ CASES = {
     "out_not_empty": ("sft.py", ["--out", "{tmp}/existing"], "existing: output folder already holds files"),
     "unknown_flag": ("reward.py", ["--metaorder", "2"], "unrecognized arguments: --metaorder"),
     "bad_flag_value": ("sft.py", ["--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
-    "bad_bool_value": ("reward.py", ["--bf16=yes"], "argument --bf16"),
 }
 
 
