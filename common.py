@@ -122,20 +122,22 @@ def check(condition: bool, message: str) -> None:
 # Data files
 # ---------------------------------------------------------------------------------------------------------------
 def read_jsonl(path: str, fields: Iterable[str] = ()) -> list[dict]:
-    """Read a .jsonl, .jsonl.gz or .json (array of objects) file; every record must hold `fields` as strings/lists.
+    """Read a .jsonl or .json (array of objects) file, either one optionally gzipped (.gz); every record must hold
+    `fields` as strings/lists.
 
     Errors name the file and line: `data.jsonl:17: missing field 'chosen'`. An empty file is an error too.
     """
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
     opener = gzip.open if path.endswith(".gz") else open
+    is_array = path.removesuffix(".gz").endswith(".json")
     try:
         with opener(path, "rt", encoding="utf-8") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: cannot read ({e})") from None
     records: list[tuple[int, Any]] = []
-    if path.endswith(".json"):
+    if is_array:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
@@ -385,9 +387,11 @@ def save_model(model: torch.nn.Module, tokenizer: Any, folder: str, world: int, 
         plain_cls = _unwrapped_class(model)
         with torch.device("meta"):
             plain = plain_cls(config)
-        plain.load_state_dict(state, assign=True, strict=False)
+        plain.load_state_dict(state, assign=True, strict=False)  # strict=False: a tied lm_head may be absent
         if getattr(config, "tie_word_embeddings", False):
             plain.tie_weights()
+        missing = [n for n, p in plain.named_parameters() if p.is_meta]
+        assert not missing, f"save_model: no weights gathered for {missing}"  # would be saved as garbage
         tmp = folder.rstrip("/") + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)

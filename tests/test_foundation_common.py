@@ -30,7 +30,7 @@ def test_truncate_at_eos_by_hand():
 RECORDS = [{"prompt": "p1", "response": "r1"}, {"prompt": "p2", "response": "r2", "extra": 3}]
 
 
-def test_read_jsonl_plain_gzip_and_json_array(tmp_path):
+def test_read_jsonl_plain_gzip_and_json_arrays(tmp_path):
     plain = tmp_path / "d.jsonl"
     plain.write_text(json.dumps(RECORDS[0]) + "\n\n" + json.dumps(RECORDS[1]) + "\n")  # a blank line is skipped
     gz = tmp_path / "d.jsonl.gz"
@@ -38,7 +38,10 @@ def test_read_jsonl_plain_gzip_and_json_array(tmp_path):
         f.write("".join(json.dumps(r) + "\n" for r in RECORDS))
     array = tmp_path / "d.json"
     array.write_text(json.dumps(RECORDS, indent=1))
-    for path in (plain, gz, array):
+    array_gz = tmp_path / "d.json.gz"
+    with gzip.open(array_gz, "wt") as f:
+        f.write(json.dumps(RECORDS))
+    for path in (plain, gz, array, array_gz):
         assert common.read_jsonl(str(path), ["prompt", "response"]) == RECORDS
 
 
