@@ -6,8 +6,9 @@ iteration has six steps; the code repeats these numbers as `# PPO step k:` tags.
 
   1. rollouts   draw a batch of prompts; sample n responses per prompt from π_θ (nucleus sampling T 0.8,
                 top-p 0.9, repetition penalty 1.1, KV cache, batched); cut each response right after its first EOS
-  2. score      s = r_φ(x, y), the frozen RM's score read at the EOS; clipped to [-0.8, 0.8]; a response without EOS
-                gets the penalty score `--missing-eos-score` instead (the RM's score is defined at the EOS only)
+  2. score      s = r_φ(x, y), the frozen RM's score read at the EOS; normalised (choice 10) and clipped to
+                [-0.8, 0.8]; a response without EOS gets the penalty score `--missing-eos-score` instead (the RM's
+                score is defined at the EOS only)
   3. forward    log π_θ(y_t | x, y_<t) with the logits divided by the sampling temperature, log π_ref(y_t | ...),
                 and the critic's values V(x, y_<t); each computed once per rollout batch, without gradients
   4. rewards    r_t = −β (log π_θ − log π_ref) on every response token (the k1 estimate of the KL), plus s on the
@@ -60,6 +61,11 @@ Deliberate choices the paper leaves open
   8. AdamW betas (0.9, 0.95), no weight decay, constant learning rates, gradient norms clipped to 1.0.
   9. KL metrics are per response: the sum over its tokens of the k1 estimate log π/π_ref and of the k3 estimate
      (π_ref/π − 1 − log π_ref/π), averaged over the rollouts.
+ 10. Score normalisation before the clip (--score-norm init): a Bradley-Terry RM is defined only up to an added
+     constant, so "clip at 0.8" means nothing for raw scores (the testbed RM scores SFT samples around +1.6, all
+     clipped to 0.8: no signal left). Like Ziegler et al. (2019), the scores are normalised with the mean and std
+     of the RM's scores on the first iteration's rollouts (the SFT policy's), fixed for the rest of the run, so
+     the clip acts at 0.8 standard deviations of the initial policy's scores. --score-norm none clips raw scores.
 """
 from __future__ import annotations
 
@@ -95,6 +101,9 @@ class Args:
     repetition_penalty: float = arg(1.1, "repetition penalty while sampling (paper: 1.1)")
     kl_coef: float = arg(0.05, "β of the per-token KL penalty −β (log π − log π_ref) (paper: 0.05)")
     score_clip: float = arg(0.8, "the RM score is clipped to [-score_clip, score_clip] (paper: 0.8; 0 = off)")
+    score_norm: str = arg("init", "init: normalise RM scores with the mean and std of the first iteration's "
+                                  "rollouts, fixed for the run (then clip); none: clip the raw scores",
+                          choices=("init", "none"))
     missing_eos_score: float = arg(-1.0, "score given instead of the RM's to a response without EOS")
     gamma: float = arg(1.0, "GAE discount γ (paper: 1)")
     lam: float = arg(0.95, "GAE λ (paper: 0.95)")
@@ -317,12 +326,12 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# One iteration after sampling: steps 2-5 (make_experience) and step 6 (ppo_update)
+# One iteration after sampling: steps 2-3 (make_experience), steps 2, 4, 5 (compute_advantages), step 6 (ppo_update)
 # ----------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def make_experience(policy, ref, rm, critic, batch: Rollouts, args: Args, world: int) -> dict[str, torch.Tensor]:
-    """Steps 2-5 on this rank's rollouts, in micro-batches; every forward pass runs once. Returns (B,) and (B, R)
-    tensors on CPU: scores, logprobs, ref_logprobs, values, rewards, kl, entropy, advantages, returns."""
+    """Steps 2-3 on this rank's rollouts: every forward pass runs once, in micro-batches, without gradients.
+    Returns tensors on CPU: raw_scores (B,), logprobs, ref_logprobs, entropy, values (B, R)."""
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("raw_scores", "logprobs", "ref_logprobs", "entropy",
                                                             "values")}
     for start in range(0, len(batch.prompts), args.micro_batch_size):
@@ -340,20 +349,33 @@ def make_experience(policy, ref, rm, critic, batch: Rollouts, args: Args, world:
         for model in (policy, ref, rm, critic):
             model.reshard()  # a no-grad forward leaves the FSDP2 root unsharded (DESIGN.md §7)
     exp = {k: torch.cat(v) for k, v in parts.items()}
+    exp["values"] = exp["values"] * batch.response_mask  # (B, R), zero on padding
+    return exp
+
+
+def score_stats(raw_scores: torch.Tensor, world: int) -> tuple[float, float]:
+    """Mean and (population) standard deviation of the RM's scores over the rollouts of all ranks."""
+    ones = torch.ones_like(raw_scores)
+    mean = masked_mean(raw_scores, ones, world)
+    std = masked_mean((raw_scores - mean) ** 2, ones, world).sqrt().item()
+    return mean.item(), max(std, 1e-6)  # a constant RM (std 0) keeps its scores at 0 instead of dividing by 0
+
+
+def compute_advantages(exp: dict[str, torch.Tensor], batch: Rollouts, args: Args, world: int,
+                       score_mean: float = 0.0, score_std: float = 1.0) -> None:
+    """Steps 2 (normalise and clip the score), 4 (per-token rewards) and 5 (GAE, whitening); adds scores (B,),
+    rewards, kl, advantages, returns (B, R) to `exp`."""
     mask = batch.response_mask.float()  # (B, R)
-
-    # PPO step 2: clip the score; a response without EOS gets the penalty score instead
-    scores = exp["raw_scores"].clamp(-args.score_clip, args.score_clip) if args.score_clip > 0 else exp["raw_scores"]
+    # PPO step 2: normalise (choice 10) and clip the score; a response without EOS gets the penalty score instead
+    scores = (exp["raw_scores"] - score_mean) / score_std
+    scores = scores.clamp(-args.score_clip, args.score_clip) if args.score_clip > 0 else scores
     exp["scores"] = torch.where(batch.ended, scores, torch.full_like(scores, args.missing_eos_score))  # (B,)
-
     # PPO step 4: per-token rewards
     exp["rewards"], exp["kl"] = per_token_rewards(exp["logprobs"], exp["ref_logprobs"], exp["scores"], mask,
                                                   args.kl_coef)
     # PPO step 5: advantages and returns; whitening over the valid tokens of the global batch
-    exp["values"] = exp["values"] * mask
     advantages, exp["returns"] = gae(exp["rewards"], exp["values"], mask, args.gamma, args.lam)
     exp["advantages"] = whiten(advantages, mask, world) if args.whiten_advantages else advantages
-    return exp
 
 
 def ppo_update(policy, critic, policy_opt, critic_opt, batch: Rollouts, exp: dict[str, torch.Tensor], args: Args,
@@ -423,7 +445,7 @@ def rollout_metrics(batch: Rollouts, exp: dict[str, torch.Tensor], texts: list[s
     log_ratio = exp["ref_logprobs"] - exp["logprobs"]
     k3 = (log_ratio.exp() - 1 - log_ratio) * mask          # (B, R) k3 estimate of KL(π || π_ref) per token
     m = {"score": exp["raw_scores"].mean().item(),         # the RM's score before clipping
-         "score_clipped": exp["scores"].mean().item(),     # after clipping and the missing-EOS penalty
+         "score_clipped": exp["scores"].mean().item(),     # normalised, clipped, missing-EOS penalty applied
          "kl_k1": exp["kl"].sum(1).mean().item(),          # per response (deliberate choice 9)
          "kl_k3": k3.sum(1).mean().item(),
          "total_reward": exp["rewards"].sum(1).mean().item(),
@@ -499,6 +521,7 @@ def main(argv: list[str] | None = None) -> None:
     data_gen = torch.Generator().manual_seed(args.seed)  # same on every rank: prompts and mini-batch order agree
     order: list[int] = []
     per_rank = args.prompts_per_iteration // world
+    score_mean, score_std = 0.0, 1.0  # --score-norm none; set from the first batch with --score-norm init
     bar = tqdm(range(args.iterations), desc="ppo", disable=not common.is_main())
     for it in bar:
         # PPO step 1: this rank's share of the prompt batch, each repeated n times; sample the rollouts
@@ -512,6 +535,10 @@ def main(argv: list[str] | None = None) -> None:
         t1 = time.time()
         # PPO steps 2-5
         exp = make_experience(policy, ref, rm, critic, batch, args, world)
+        if it == 0 and args.score_norm == "init":
+            score_mean, score_std = score_stats(exp["raw_scores"], world)
+            common.print0(f"score normalisation: the SFT policy's rollouts score {score_mean:.4f} +- {score_std:.4f}")
+        compute_advantages(exp, batch, args, world, score_mean, score_std)
         t2 = time.time()
         # PPO step 6
         train = ppo_update(policy, critic, policy_opt, critic_opt, batch, exp, args, world, data_gen)
@@ -521,7 +548,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics = rollout_metrics(batch, exp, texts, world)
         generated = common.all_reduce_sum(batch.response_mask.sum().item(), world)
         trained = common.all_reduce_sum(batch.attention_mask.sum().item(), world) * args.ppo_epochs
-        metrics.update(train)
+        metrics.update(train, score_norm_mean=score_mean, score_norm_std=score_std)
         metrics.update(gen_s=t1 - t0, forward_s=t2 - t1, train_s=t3 - t2, gen_tokens_per_s=generated / (t1 - t0),
                        train_tokens_per_s=trained / (t3 - t2))
         log.log(iteration=it + 1, **metrics)

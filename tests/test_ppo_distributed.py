@@ -2,10 +2,11 @@
 
 The test writes a tiny SFT model and a tiny RM, then runs this file as a worker once with `python` and once with
 `torchrun --nproc_per_node=2`. Each worker builds the same 16 fixed rollouts (rank r takes rows 8r..8r+7), runs
-ppo.make_experience and ppo.ppo_update (2 epochs x 2 mini-batches, micro-batches of 2) and saves the updated policy
-and critic, the whitened advantages and the metrics. This covers the pieces that only matter with several ranks:
-whitening and token counts all-reduced, gradients averaged by FSDP2 (x world in the loss), the strided mini-batch
-membership, the critic's head applied outside the FSDP2 root forward, and the global gradient-norm clipping.
+ppo.make_experience, ppo.compute_advantages and ppo.ppo_update (2 epochs x 2 mini-batches, micro-batches of 2)
+and saves the updated policy and critic, the whitened advantages and the metrics. This covers the pieces that only
+matter with several ranks: score normalisation, whitening and token counts all-reduced, gradients averaged by FSDP2
+(x world in the loss), the strided mini-batch membership, the critic's head applied outside the FSDP2 root forward,
+and the global gradient-norm clipping.
 """
 from __future__ import annotations
 
@@ -66,6 +67,8 @@ def worker(folder: str, out_file: str) -> None:
     share = N_ROLLOUTS // world
     batch = fixed_rollouts(tok).rows(slice(rank * share, (rank + 1) * share))
     exp = ppo.make_experience(policy, ref, rm, critic, batch, args, world)
+    score_mean, score_std = ppo.score_stats(exp["raw_scores"], world)  # --score-norm init: global statistics
+    ppo.compute_advantages(exp, batch, args, world, score_mean, score_std)
     metrics = ppo.ppo_update(policy, critic, policy_opt, critic_opt, batch, exp, args, world,
                              torch.Generator().manual_seed(0))
     advantages = exp["advantages"]

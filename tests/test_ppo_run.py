@@ -1,0 +1,116 @@
+"""ppo.py end to end on the small test world: a short run raises the RM score (1 process), and the same stage runs
+under torchrun with 2 processes (FSDP2 generation with ranks stopping at different lengths, checkpoints).
+
+The models come from the real stages: sft.py on the world's demonstrations, then reward.py on pairs built from them
+so that the RM has one clear preference a short PPO run can follow: for every demonstration, chosen = " Sure! " +
+response, rejected = the response alone (a leading "Sure!" removed from both). On the world's own 128 noisy pairs a
+tiny RM stays near chance (held-out accuracy ~0.5), and its scores are a jumble that 20 iterations of 32 rollouts
+cannot be seen to climb through the sampling noise; the "Sure!" RM separates its pairs perfectly (margin ~6) and
+the SFT policy already says "Sure!" now and then, so PPO has something to reinforce.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import ppo
+import reward
+import sft
+
+
+def read_metrics(folder: str) -> list[dict]:
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def models(world, tmp_path_factory) -> tuple[str, str]:
+    """(SFT checkpoint, RM checkpoint) trained on the world; about 20 s on 2 cores."""
+    root = tmp_path_factory.mktemp("ppo_models")
+    sft_dir, rm_dir, pairs_file = str(root / "sft"), str(root / "rm"), str(root / "sure_pairs.jsonl")
+    sft.main(["--model", world.base_model, "--data", world.sft_train, "--out", sft_dir, "--lr", "3e-3",
+              "--epochs", "6", "--batch-size", "32", "--micro-batch-size", "32", "--max-len", "96",
+              "--eval-prompts", "", "--log-every", "100"])
+    with open(world.sft_train) as f:
+        demos = [json.loads(line) for line in f]
+    with open(pairs_file, "w") as f:
+        for d in demos:
+            base = d["response"].strip()
+            base = base[len("Sure!"):].strip() if base.startswith("Sure!") else base
+            f.write(json.dumps({"prompt": d["prompt"], "chosen": " Sure! " + base, "rejected": " " + base}) + "\n")
+    reward.main(["--model", sft_dir, "--train", pairs_file, "--test", "", "--out", rm_dir, "--lr", "1e-3",
+                 "--batch-size", "16", "--micro-batch-size", "16", "--max-len", "96", "--eval-every", "0",
+                 "--log-every", "100"])
+    return sft_dir, rm_dir
+
+
+PPO_FLAGS = ["--policy-lr", "3e-4", "--critic-lr", "3e-4", "--rollouts-per-prompt", "4", "--prompts-per-iteration",
+             "8", "--mini-batch-size", "16", "--max-new-tokens", "16"]
+
+
+def test_short_run_raises_rm_score(world, models, tmp_path, capsys):
+    sft_dir, rm_dir = models
+    out = str(tmp_path / "ppo")
+    ppo.main(["--sft", sft_dir, "--rm", rm_dir, "--prompts", world.rl_prompts, "--out", out, "--iterations", "20",
+              "--sample-every", "10", "--seed", "0", *PPO_FLAGS])
+    printed = capsys.readouterr().out
+    metrics = read_metrics(out)
+    assert [m["iteration"] for m in metrics] == list(range(1, 21))
+
+    # The mean raw RM score of the rollouts, first 3 iterations vs last 3. Measured with this recipe on seeds
+    # 0-3: the first three lie at -3.2 .. -1.6 (iteration-to-iteration noise ~0.6: 32 rollouts whose scores are
+    # about +3 with "Sure!" and -3 without), the rise (last 3 minus first 3) was 5.5, 4.0, 4.9, 5.3. A margin of
+    # 2.0 is half the smallest rise seen and over three times the noise of one iteration.
+    first = sum(m["score"] for m in metrics[:3]) / 3
+    last = sum(m["score"] for m in metrics[-3:]) / 3
+    assert last - first > 2.0, [round(m["score"], 2) for m in metrics]
+    # the policy moved away from the reference: KL estimates are positive by the end (k3 >= 0 token by token)
+    assert metrics[-1]["kl_k1"] > 0 and metrics[-1]["kl_k3"] > 0
+    assert all(0.0 <= m["eos_rate"] <= 1.0 and 0.0 <= m["clipfrac"] <= 1.0 for m in metrics)
+    assert all(m["gen_s"] > 0 and m["train_s"] > 0 for m in metrics)
+    # the gold reward is reported alongside on the testbed, and only there (it never enters training)
+    assert all(("gold" in m) == world.testbed for m in metrics)
+    assert ("gold" in printed) == world.testbed
+
+    # decoded samples with score, KL and total were printed at iteration 10 and 20 (3 each)
+    assert sum(" score, " in line and " kl, " in line and " total] " in line for line in printed.splitlines()) == 6
+    # the checkpoints load with transformers alone
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    policy = AutoModelForCausalLM.from_pretrained(out)
+    critic = AutoModelForSequenceClassification.from_pretrained(os.path.join(out, "critic"))
+    assert isinstance(policy, torch.nn.Module) and critic.config.num_labels == 1
+
+
+def test_two_process_run(world, models, tmp_path, run):
+    sft_dir, rm_dir = models
+    out = str(tmp_path / "ppo2")
+    rc, stdout, stderr = run(["ppo.py", "--sft", sft_dir, "--rm", rm_dir, "--prompts", world.rl_prompts, "--out", out,
+                              "--iterations", "2", "--save-every", "1", "--sample-every", "0", *PPO_FLAGS], nproc=2)
+    assert rc == 0, stdout[-2000:] + stderr[-3000:]
+    metrics = read_metrics(out)
+    assert [m["iteration"] for m in metrics] == [1, 2]
+    assert all(("gold" in m) == world.testbed for m in metrics)
+    assert os.path.isfile(os.path.join(out, "model.safetensors"))
+    assert os.path.isfile(os.path.join(out, "critic", "model.safetensors"))
+    assert sum(line.startswith("it ") for line in stdout.splitlines()) == 2  # rank 0 prints, rank 1 does not
+
+
+def test_rm_with_another_tokenizer_is_refused(world, models, tmp_path, run):
+    sft_dir, _ = models
+    # the world's base model has the same tokenizer; a tokenizer with a different vocabulary must be refused
+    other = tmp_path / "other_rm"
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(sft_dir)
+    tok.add_tokens(["<extra_token>"])
+    rm = reward.load_reward_model(sft_dir, 1, torch.device("cpu"))[0]
+    rm.save_pretrained(str(other))
+    tok.save_pretrained(str(other))
+    rc, stdout, stderr = run(["ppo.py", "--sft", sft_dir, "--rm", str(other), "--prompts", world.rl_prompts,
+                              "--out", str(tmp_path / "never")])
+    assert rc == 2 and "tokenizer differs" in stderr and "Traceback" not in stderr
+    assert not os.path.exists(tmp_path / "never")
