@@ -11,8 +11,8 @@ iteration has six steps; the code repeats these numbers as `# PPO step k:` tags.
                 score is defined at the EOS only)
   3. forward    log π_θ(y_t | x, y_<t) with the logits divided by the sampling temperature, log π_ref(y_t | ...),
                 and the critic's values V(x, y_<t); each computed once per rollout batch, without gradients
-  4. rewards    r_t = −β (log π_θ − log π_ref) on every response token (the k1 estimate of the KL), plus s on the
-                last response token (the EOS): the score belongs to the whole response, the KL to each token
+  4. rewards    r_t = −β (log π_θ − log π_ref) on every response token (the k1 estimate of the KL), plus s on
+                the last response token (the EOS): the score belongs to the whole response, the KL to each token
   5. GAE        δ_t = r_t + γ V_{t+1} − V_t,  A_t = δ_t + γλ A_{t+1},  returns R_t = A_t + V_t, with V = 0 after
                 the last response token; advantages whitened over the valid tokens of the whole batch
   6. update     PPO epochs over mini-batches: clipped surrogate (ratio clip 0.2) for the policy, clipped value loss
@@ -44,7 +44,7 @@ Deliberate choices the paper leaves open
      per prompt an iteration has 128 rollouts = 2 mini-batches x 2 epochs = 4 optimiser steps per model.
   2. Log-probs are those of the temperature-scaled model distribution softmax(logits / T). Top-p and the
      repetition penalty also shape what is sampled, but PPO's ratio uses π_θ / T for both old and new log-probs, as
-     common RLHF implementations do; the ratio is exactly 1 at the first mini-batch.
+     common RLHF implementations do; the ratio is 1 (up to float rounding) at the first mini-batch.
   3. A response that hits --max-new-tokens without EOS gets score --missing-eos-score (-1.0: below every clipped
      score, so not stopping never pays); the KL penalty still applies to its tokens.
   4. Mini-batch membership is strided: local rollout i belongs to mini-batch i mod M. A global mini-batch is then
@@ -62,10 +62,11 @@ Deliberate choices the paper leaves open
   9. KL metrics are per response: the sum over its tokens of the k1 estimate log π/π_ref and of the k3 estimate
      (π_ref/π − 1 − log π_ref/π), averaged over the rollouts.
  10. Score normalisation before the clip (--score-norm init): a Bradley-Terry RM is defined only up to an added
-     constant, so "clip at 0.8" means nothing for raw scores (the testbed RM scores SFT samples around +1.6, all
-     clipped to 0.8: no signal left). Like Ziegler et al. (2019), the scores are normalised with the mean and std
-     of the RM's scores on the first iteration's rollouts (the SFT policy's), fixed for the rest of the run, so
-     the clip acts at 0.8 standard deviations of the initial policy's scores. --score-norm none clips raw scores.
+     constant, so a clip at ±0.8 means nothing for raw scores (measured: an RM of reward.py on a small testbed
+     world scored the SFT policy's samples at +1.6 on average, so nearly all of them clipped to 0.8 and the score
+     carried no signal). Like Ziegler et al. (2019), scores are normalised with the mean and std of the RM's
+     scores on the first iteration's rollouts (the SFT policy's), fixed for the rest of the run: the clip then
+     acts at 0.8 standard deviations of the initial policy's scores. --score-norm none clips the raw scores.
 """
 from __future__ import annotations
 
@@ -259,8 +260,8 @@ def rm_scores(rm, batch: Rollouts, bf16: bool = False) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 def per_token_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor,
                       kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO step 4: r_t = −β (log π(y_t) − log π_ref(y_t)) on every response token, plus the score on the last one.
-    (B, R), (B, R), (B,), (B, R) -> rewards (B, R), per-token k1 KL (B, R); both zero on padding."""
+    """PPO step 4: r_t = −β (log π(y_t) − log π_ref(y_t)) on every response token, plus the score on the last
+    one. (B, R), (B, R), (B,), (B, R) -> rewards (B, R), per-token k1 KL (B, R); both zero on padding."""
     kl = (logprobs - ref_logprobs) * mask                   # (B, R) k1 estimate of KL(π || π_ref) per token
     rewards = -kl_coef * kl
     last = mask.sum(1).long() - 1                           # (B,) index of the last response token (the EOS)
@@ -306,9 +307,9 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, world: int = 1, eps: float = 1e-
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 clip: float) -> torch.Tensor:
-    """PPO's clipped surrogate per token, as a loss to minimise: max(−A ρ, −A clip(ρ, 1−ε, 1+ε)), ρ = π/π_old.
-    All (B, T) -> (B, T), zero on padding. The max picks the pessimistic term: once ρ has moved past 1 ± ε in the
-    direction the advantage favours, the clipped (constant) term wins and the token gives no gradient."""
+    """PPO's clipped surrogate per token, as a loss to minimise: max(−A ρ, −A clip(ρ, 1−ε, 1+ε)), with
+    ρ = π/π_old. All (B, T) -> (B, T), zero on padding. The max picks the pessimistic term: once ρ has moved past
+    1 ± ε in the direction the advantage favours, the clipped (constant) term wins and the token gives no gradient."""
     ratio = torch.exp(logprobs - old_logprobs)
     pg_loss1 = -advantages * ratio
     pg_loss2 = -advantages * torch.clamp(ratio, 1 - clip, 1 + clip)
@@ -317,8 +318,9 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
                clip: float) -> torch.Tensor:
-    """Clipped value loss per token: 0.5 max((V − R)², (V_old + clip(V − V_old, −c, c) − R)²). (B, T) -> (B, T),
-    zero on padding. Like the ratio clip, it removes the incentive to move V more than c from its rollout value."""
+    """Clipped value loss per token: 0.5 max((V − R)², (V_old + clip(V − V_old, −c, c) − R)²).
+    (B, T) -> (B, T), zero on padding. Like the ratio clip, it removes the incentive to move V more than c from
+    its rollout-time value."""
     values_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
     vf_loss1 = (values - returns) ** 2
     vf_loss2 = (values_clipped - returns) ** 2
@@ -485,8 +487,9 @@ def main(argv: list[str] | None = None) -> None:
     common.check_checkpoint(args.rm, "--rm")
     tokenizer = AutoTokenizer.from_pretrained(args.sft)
     rm_tokenizer = AutoTokenizer.from_pretrained(args.rm)
-    check(tokenizer.get_vocab() == rm_tokenizer.get_vocab()
-          and (tokenizer.eos_token_id, tokenizer.pad_token_id) == (rm_tokenizer.eos_token_id, rm_tokenizer.pad_token_id),
+    same_specials = (tokenizer.eos_token_id, tokenizer.pad_token_id) == (rm_tokenizer.eos_token_id,
+                                                                           rm_tokenizer.pad_token_id)
+    check(tokenizer.get_vocab() == rm_tokenizer.get_vocab() and same_specials,
           f"{args.rm}: the reward model's tokenizer differs from the policy's ({args.sft}); PPO scores the policy's "
           f"token ids with the RM, so both must come from the same tokenizer (train the RM from this SFT model)")
     check(tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id,
@@ -529,15 +532,17 @@ def main(argv: list[str] | None = None) -> None:
             order += torch.randperm(len(prompts), generator=data_gen).tolist()
         batch_prompts = [prompts[i] for i in order[: args.prompts_per_iteration]]
         del order[: args.prompts_per_iteration]
-        mine = [p for p in batch_prompts[rank * per_rank: (rank + 1) * per_rank] for _ in range(args.rollouts_per_prompt)]
+        mine = [p for p in batch_prompts[rank * per_rank: (rank + 1) * per_rank]
+                for _ in range(args.rollouts_per_prompt)]  # the n rollouts of a prompt are consecutive rows
         t0 = time.time()
         batch = rollout(policy, tokenizer, mine, args, world, device)
         t1 = time.time()
-        # PPO steps 2-5
+        # PPO steps 2-5 (the first iteration also fixes the score normalisation, choice 10)
         exp = make_experience(policy, ref, rm, critic, batch, args, world)
         if it == 0 and args.score_norm == "init":
             score_mean, score_std = score_stats(exp["raw_scores"], world)
-            common.print0(f"score normalisation: the SFT policy's rollouts score {score_mean:.4f} +- {score_std:.4f}")
+            common.print0(f"score normalisation: the SFT policy's rollouts score {score_mean:.4f} "
+                          f"+- {score_std:.4f}")
         compute_advantages(exp, batch, args, world, score_mean, score_std)
         t2 = time.time()
         # PPO step 6
@@ -561,9 +566,9 @@ def main(argv: list[str] | None = None) -> None:
                       f"ev {metrics['explained_var']:.2f} | gen {t1 - t0:.1f}s fwd {t2 - t1:.1f}s train {t3 - t2:.1f}s")
         if args.sample_every > 0 and (it + 1) % args.sample_every == 0:
             for i in range(0, len(mine), args.rollouts_per_prompt)[: args.samples_to_print]:
-                kl = exp["kl"][i].sum().item()
-                common.print0(f"  [{exp['scores'][i]:+.3f} score, {kl:.3f} kl, {exp['scores'][i] - args.kl_coef * kl:+.3f} "
-                              f"total] {batch.prompts[i]!r} -> {texts[i]!r}")
+                score, kl = exp["scores"][i].item(), exp["kl"][i].sum().item()
+                common.print0(f"  [{score:+.3f} score, {kl:.3f} kl, {score - args.kl_coef * kl:+.3f} total] "
+                              f"{batch.prompts[i]!r} -> {texts[i]!r}")
         if args.save_every > 0 and (it + 1) % args.save_every == 0 and it + 1 < args.iterations:
             save()
 

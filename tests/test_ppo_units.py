@@ -80,9 +80,9 @@ def test_whiten_over_valid_tokens():
 # Reward shaping (step 4)
 # ---------------------------------------------------------------------------------------------------------------
 def test_per_token_rewards_hand_example():
-    # β = 0.1. Row 0 (3 tokens): KL = log π − log π_ref = [0.5, −1, 0]  -> −β·KL = [−0.05, 0.1, 0], score 0.8 on the
-    # last token -> [−0.05, 0.1, 0.8]. Row 1 (2 tokens; the third is padding with a large fake KL that must vanish):
-    # KL = [1, 0, (pad)] -> [−0.1, 0, 0], score −0.3 on token 1 -> [−0.1, −0.3, 0].
+    # β = 0.1. Row 0 (3 tokens): KL = log π − log π_ref = [0.5, −1, 0] -> −β·KL = [−0.05, 0.1, 0], score 0.8 on
+    # the last token -> [−0.05, 0.1, 0.8]. Row 1 (2 tokens; the third is padding with a large fake KL that must
+    # vanish): KL = [1, 0, (pad)] -> [−0.1, 0, 0], score −0.3 on token 1 -> [−0.1, −0.3, 0].
     logprobs = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, -3.0]], dtype=torch.float64)
     ref_logprobs = torch.tensor([[-1.5, -1.0, -0.5], [-2.0, -1.0, -1.0]], dtype=torch.float64)
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]], dtype=torch.float64)
