@@ -31,6 +31,10 @@ Commands
     python ppo.py --sft runs/testbed/sft --rm runs/testbed/rm --out runs/testbed/ppo --policy-lr 1e-4 \\
         --critic-lr 1e-4 --rollouts-per-prompt 4 --prompts-per-iteration 16 --mini-batch-size 32 \\
         --max-new-tokens 32 --iterations 60
+    measured (the default pipeline's runs/testbed/sft and runs/testbed/rm, 1 process, 2 cores): mean RM score
+    0.38 -> 0.70 and gold reward 1.34 -> 1.53 (first vs last 5 iterations), KL 2.6 nats per response at the end,
+    EOS rate 1.0; 0.7 s per iteration on an idle machine = generation 0.08 s + step 3's forwards 0.14 s + update
+    0.46 s (about 7,000 tokens/s through policy and critic, ~35% of the 2-core fp32 matmul peak)
 
 Paper defaults (Llama-2-7B): policy lr 5e-7, critic lr 1.5e-6, 16 rollouts per query, T 0.8, top-p 0.9,
 repetition penalty 1.1, β = 0.05, score clip 0.8, GAE λ 0.95 γ 1, critic from the RM, 512 new tokens at most.
@@ -119,7 +123,8 @@ class Args:
     whiten_advantages: bool = arg(True, "normalise advantages to mean 0, std 1 over the valid tokens of the batch")
     grad_clip: float = arg(1.0, "clip each model's global gradient norm to this value (0 = off)")
     seed: int = arg(0, "random seed: prompt order (shared by all ranks) and sampling (seed + rank)")
-    bf16: bool = arg(False, "bf16 autocast for generation and forward/backward; fp32 is the reference")
+    bf16: bool = arg(False, "bf16 autocast for generation and forward/backward; fp32 is the reference (in bf16 the "
+                            "log-probs of steps 3 and 6 differ by rounding, so the ratio is not 1 at the start)")
     sample_every: int = arg(10, "print a few decoded rollouts with score, KL and total every N iterations (0 = never)")
     samples_to_print: int = arg(3, "how many rollouts to print (each from a different prompt)")
     save_every: int = arg(50, "save policy and critic every N iterations (and at the end; 0 = only at the end)")
