@@ -18,9 +18,10 @@ iteration has six steps; the code repeats these numbers as `# PPO step k:` tags.
   6. update     PPO epochs over mini-batches: clipped surrogate (ratio clip 0.2) for the policy, clipped value loss
                 (0.2) for the critic, separate AdamW optimisers, gradient-norm clipping
 
-Models: policy (trained) and reference (frozen) are AutoModelForCausalLM loaded from the SFT folder; the reward
-model (frozen) and the critic (trained) are AutoModelForSequenceClassification loaded from the RM folder — the
-critic's value at every position is the RM's linear head applied to that position's final hidden state.
+Models: the policy (trained; from --policy, default the SFT folder) and the reference (frozen; the SFT folder)
+are AutoModelForCausalLM; the reward model (frozen) and the critic (trained) are AutoModelForSequenceClassification
+loaded from the RM folder — the critic's value at every position is the RM's linear head applied to that
+position's final hidden state.
 
 Commands
     python ppo.py                                                # 1 process, CPU, the built-in testbed (paper values)
@@ -92,7 +93,9 @@ from common import arg, check
 # ----------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Args:
-    sft: str = arg("runs/testbed/sft", "SFT checkpoint: the initial policy and the frozen reference policy")
+    sft: str = arg("runs/testbed/sft", "SFT checkpoint: the frozen reference policy (and the initial policy)")
+    policy: str = arg("", "initial policy, a save_pretrained folder such as the previous round's PPO output "
+                          "(empty = --sft); the KL reference stays --sft")
     rm: str = arg("runs/testbed/rm", "reward-model checkpoint (reward.py or meta_rm.py): the frozen RM and the "
                                      "critic's initialisation")
     prompts: str = arg("runs/testbed/data/rl_prompts.jsonl", "PPO prompts, JSONL records {prompt}")
@@ -488,22 +491,23 @@ def main(argv: list[str] | None = None) -> None:
     common.seed_everything(args.seed, rank)  # seed + rank: every rank samples different responses
 
     # ---- tokenizers: the RM reads the policy's token ids, so both must be the same tokenizer ----
-    common.check_checkpoint(args.sft, "--sft")
-    common.check_checkpoint(args.rm, "--rm")
+    args.policy = args.policy or args.sft
+    for flag, path in (("--sft", args.sft), ("--policy", args.policy), ("--rm", args.rm)):
+        common.check_checkpoint(path, flag)
     tokenizer = AutoTokenizer.from_pretrained(args.sft)
-    rm_tokenizer = AutoTokenizer.from_pretrained(args.rm)
-    same_specials = (tokenizer.eos_token_id, tokenizer.pad_token_id) == (rm_tokenizer.eos_token_id,
-                                                                           rm_tokenizer.pad_token_id)
-    check(tokenizer.get_vocab() == rm_tokenizer.get_vocab() and same_specials,
-          f"{args.rm}: the reward model's tokenizer differs from the policy's ({args.sft}); PPO scores the policy's "
-          f"token ids with the RM, so both must come from the same tokenizer (train the RM from this SFT model)")
+    for path in (args.policy, args.rm):
+        other = AutoTokenizer.from_pretrained(path)
+        same_specials = (tokenizer.eos_token_id, tokenizer.pad_token_id) == (other.eos_token_id, other.pad_token_id)
+        check(tokenizer.get_vocab() == other.get_vocab() and same_specials,
+              f"{path}: its tokenizer differs from the SFT model's ({args.sft}); PPO feeds the policy's token ids "
+              f"to the reference, the RM and the critic, so all must share one tokenizer (train them from this SFT)")
     check(tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id,
           f"{args.sft}: the tokenizer needs a PAD token distinct from EOS (responses are cut at the first EOS)")
     prompts = [r["prompt"] for r in common.read_jsonl(args.prompts, ["prompt"])]
     common.prepare_output(args.out, args.overwrite)
 
     # ---- models: policy and critic are trained; reference and RM are frozen. Dropout off everywhere (choice 7) ----
-    policy = common.load_model(AutoModelForCausalLM, args.sft, world, device)
+    policy = common.load_model(AutoModelForCausalLM, args.policy, world, device)
     ref = common.load_model(AutoModelForCausalLM, args.sft, world, device)
     rm, _ = reward.load_reward_model(args.rm, world, device)
     critic, _ = reward.load_reward_model(args.rm, world, device)

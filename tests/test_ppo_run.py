@@ -54,7 +54,8 @@ PPO_FLAGS = ["--policy-lr", "3e-4", "--critic-lr", "3e-4", "--rollouts-per-promp
 def test_short_run_raises_rm_score(world, models, tmp_path, capsys):
     sft_dir, rm_dir = models
     out = str(tmp_path / "ppo")
-    ppo.main(["--sft", sft_dir, "--rm", rm_dir, "--prompts", world.rl_prompts, "--out", out, "--iterations", "20",
+    ppo.main(["--sft", sft_dir, "--policy", sft_dir, "--rm", rm_dir, "--prompts", world.rl_prompts, "--out", out,
+              "--iterations", "20",
               "--sample-every", "10", "--seed", "0", *PPO_FLAGS])
     printed = capsys.readouterr().out
     metrics = read_metrics(out)
@@ -67,7 +68,9 @@ def test_short_run_raises_rm_score(world, models, tmp_path, capsys):
     first = sum(m["score"] for m in metrics[:3]) / 3
     last = sum(m["score"] for m in metrics[-3:]) / 3
     assert last - first > 2.0, [round(m["score"], 2) for m in metrics]
-    # the policy moved away from the reference: KL estimates are positive by the end (k3 >= 0 token by token)
+    # iteration 1 samples from π = π_ref (same weights, same computation): the KL estimate is exactly 0;
+    # the policy then moves away from the reference: KL estimates are positive by the end (k3 >= 0 per token)
+    assert metrics[0]["kl_k1"] == 0.0 and metrics[0]["kl_k3"] == 0.0
     assert metrics[-1]["kl_k1"] > 0 and metrics[-1]["kl_k3"] > 0
     assert all(0.0 <= m["eos_rate"] <= 1.0 and 0.0 <= m["clipfrac"] <= 1.0 for m in metrics)
     assert all(m["gen_s"] > 0 and m["train_s"] > 0 for m in metrics)
@@ -112,5 +115,15 @@ def test_rm_with_another_tokenizer_is_refused(world, models, tmp_path, run):
     tok.save_pretrained(str(other))
     rc, stdout, stderr = run(["ppo.py", "--sft", sft_dir, "--rm", str(other), "--prompts", world.rl_prompts,
                               "--out", str(tmp_path / "never")])
-    assert rc == 2 and "tokenizer differs" in stderr and "Traceback" not in stderr
+    assert rc == 2 and "its tokenizer differs" in stderr and "Traceback" not in stderr
     assert not os.path.exists(tmp_path / "never")
+
+
+def test_policy_flag_starts_from_another_checkpoint(world, models, tmp_path):
+    # --policy = the untrained base model (same tokenizer), --sft stays the reference: the very first rollouts
+    # already differ from the reference (KL > 0), whereas with the default (--policy = --sft) it is exactly 0.
+    sft_dir, rm_dir = models
+    out = str(tmp_path / "ppo_from_base")
+    ppo.main(["--sft", sft_dir, "--policy", world.base_model, "--rm", rm_dir, "--prompts", world.rl_prompts,
+              "--out", out, "--iterations", "1", "--sample-every", "0", *PPO_FLAGS])
+    assert read_metrics(out)[0]["kl_k1"] > 1.0
