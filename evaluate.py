@@ -142,6 +142,11 @@ class Args:
     batch_size: int = arg(64, "sequences per generate call / RM forward on one process")
     seed: int = arg(0, "random seed: sampling (seed + rank), LLM-judge order, fresh RM heads")
     bf16: bool = arg(False, "bf16 autocast when an RM scores responses; fp32 is the reference")
+    data_format: str = arg("auto", common.DATA_FORMAT_HELP + " (for every prompt and pair file; auto detects each "
+                           "file separately)", choices=common.DATA_FORMATS)
+    preference: str = arg("safer", "PKU-SafeRLHF pairs: chosen by safer_response_id or better_response_id",
+                          choices=["safer", "better"])
+    chat_template: str = arg("auto", common.CHAT_TEMPLATE_HELP, choices=common.CHAT_TEMPLATE_MODES)
     overwrite: bool = arg(False, "write into an output folder that already holds files")
 
 
@@ -500,7 +505,8 @@ def policy_responses(path: str, prompts: list[str], args: Args, world: int, rank
     texts, _ = common.sample_texts(model, tokenizer, [p for p in prompts for _ in range(k)],
                                    max_new_tokens=args.max_new_tokens, world=world, rank=rank,
                                    batch_size=args.batch_size, do_sample=sample, temperature=args.temperature,
-                                   top_p=args.top_p, repetition_penalty=args.repetition_penalty)
+                                   top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                                   chat_template=args.chat_template)
     del model
     return texts
 
@@ -517,7 +523,7 @@ def rm_scores(model, tokenizer, prompts: list[str], responses: list[str], args: 
               rank: int) -> torch.Tensor:
     """r(x, y) of every (prompt, response) -> (N,), spread over the ranks."""
     return reward.score_texts(model, tokenizer, prompts, responses, max_len=args.max_len, world=world, rank=rank,
-                              batch_size=args.batch_size, bf16=args.bf16)
+                              batch_size=args.batch_size, bf16=args.bf16, chat_template=args.chat_template)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -565,7 +571,7 @@ def validate(args: Args) -> dict[str, Any]:
     for path in [*named["rm_metrics"].values(), *named["ppo_metrics"].values()]:
         check(os.path.isfile(path), f"{path}: no such metrics file")
     if compare:
-        common.read_jsonl(args.prompts, ["prompt"])
+        common.read_prompts(args.prompts, args.data_format)
         if args.judge == "rm":
             check(bool(args.judge_rm), "--judge rm needs --judge-rm PATH")
             common.check_checkpoint(args.judge_rm, "--judge-rm")
@@ -576,11 +582,11 @@ def validate(args: Args) -> dict[str, Any]:
     if named["rms"]:
         for path in (args.pairs_test, args.ood_pairs_test):
             if path:
-                common.read_jsonl(path, ["prompt", "chosen", "rejected"])
+                common.read_pairs(path, args.data_format, args.preference)
     if args.gap_set:
         meta_rm.read_meta_set(args.gap_set)
     if args.gap_policy or named["diff_checkpoints"]:
-        common.read_jsonl(args.gap_prompts or args.prompts, ["prompt"])
+        common.read_prompts(args.gap_prompts or args.prompts, args.data_format)
     return named
 
 
@@ -594,7 +600,7 @@ def run(args: Args) -> dict[str, Any]:
     figures: dict[str, str] = {}
     samples: dict[str, list[str]] = {}  # policy name -> its responses, for diversity
 
-    def first(records: list[dict], n: int) -> list[dict]:
+    def first(records: list, n: int) -> list:
         return records if n < 0 else records[:n]
 
     # ---- 1. win / tie / lose of policy A against policy B (Tables 1-2) ----
@@ -603,7 +609,7 @@ def run(args: Args) -> dict[str, Any]:
         name_b = args.name_b or _default_name(args.policy_b)
         if name_a == name_b:
             name_a, name_b = f"{name_a} (A)", f"{name_b} (B)"
-        prompts = [r["prompt"] for r in first(common.read_jsonl(args.prompts, ["prompt"]), args.max_prompts)]
+        prompts = first(common.read_prompts(args.prompts, args.data_format), args.max_prompts)
         common.print0(f"evaluate: {name_a} vs {name_b} on {len(prompts)} prompts "
                       f"({'sampled' if args.sample else 'greedy'}), judge {args.judge}")
         common.seed_everything(args.seed, rank)
@@ -658,8 +664,7 @@ def run(args: Args) -> dict[str, Any]:
     # ---- 2. the samples the RMs are asked to tell apart (Fig. 5: gap set; Fig. 1: checkpoints) ----
     gap_prompts: list[str] = []
     if args.gap_policy or named["diff_checkpoints"]:
-        gap_prompts = [r["prompt"] for r in first(common.read_jsonl(args.gap_prompts or args.prompts, ["prompt"]),
-                                                  args.max_prompts)]
+        gap_prompts = first(common.read_prompts(args.gap_prompts or args.prompts, args.data_format), args.max_prompts)
     gap_items: list[dict] = []
     if args.gap_set:
         gap_items, _ = meta_rm.read_meta_set(args.gap_set)
@@ -679,7 +684,7 @@ def run(args: Args) -> dict[str, Any]:
 
     # ---- 3. every RM: accuracy (Fig. 4), normalised reward gaps (Fig. 5), variance of r(s_1) − r(s_2) (Fig. 1) ----
     test_sets = {"test": args.pairs_test, "ood_test": args.ood_pairs_test}
-    test_pairs = {k: common.read_jsonl(p, ["prompt", "chosen", "rejected"]) for k, p in test_sets.items()
+    test_pairs = {k: common.read_pairs(p, args.data_format, args.preference) for k, p in test_sets.items()
                   if p and named["rms"]}
     gaps_by_rm: dict[str, torch.Tensor] = {}
     gap_scores: dict[str, list[list[float]]] = {}
@@ -689,7 +694,8 @@ def run(args: Args) -> dict[str, Any]:
         entry: dict[str, Any] = {"path": path}
         for split, pairs in test_pairs.items():
             entry[split] = reward.evaluate(model, tokenizer, pairs, max_len=args.max_len, world=world, rank=rank,
-                                           batch_size=args.batch_size, bf16=args.bf16)
+                                           batch_size=args.batch_size, bf16=args.bf16,
+                                           chat_template=args.chat_template)
         if gap_items:
             k = len(gap_items[0]["responses"])
             prompts_k = [it["prompt"] for it in gap_items for _ in range(k)]

@@ -35,7 +35,10 @@ from common import arg, check
 @dataclasses.dataclass
 class Args:
     policy: str = arg("runs/testbed/sft", "policy checkpoint to sample from (SFT or a PPO policy)")
-    prompts: str = arg("runs/testbed/data/rl_prompts.jsonl", "prompts, JSONL {prompt}")
+    prompts: str = arg("runs/testbed/data/rl_prompts.jsonl", "prompts, JSONL {prompt}, or any public format "
+                                                             "(--data-format; OOD variant: OASST1 / PKU prompts)")
+    data_format: str = arg("auto", common.DATA_FORMAT_HELP + " (for --prompts)", choices=common.DATA_FORMATS)
+    chat_template: str = arg("auto", common.CHAT_TEMPLATE_HELP, choices=common.CHAT_TEMPLATE_MODES)
     out: str = arg("runs/testbed/meta_set", "output folder for meta_train.jsonl and meta_heldout.jsonl")
     k: int = arg(5, "responses sampled per prompt (paper: 5); at least 2")
     max_prompts: int = arg(-1, "use only the first N prompts (-1 = all)")
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     check(args.batch_size >= args.k, f"--batch-size {args.batch_size} must hold at least the k = {args.k} samples "
                                      "of one prompt")
     common.check_checkpoint(args.policy, "--policy")
-    prompts = [r["prompt"] for r in common.read_jsonl(args.prompts, ["prompt"])]
+    prompts = common.read_prompts(args.prompts, args.data_format)
     if args.max_prompts > 0:
         prompts = prompts[: args.max_prompts]
     check(0 <= args.heldout < len(prompts), f"--heldout {args.heldout} must be below the {len(prompts)} prompts")
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         texts, _ = common.sample_texts(model, tokenizer, [p for p in chunk for _ in range(args.k)],
                                        max_new_tokens=args.max_new_tokens, world=world, rank=rank,
                                        batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p,
-                                       repetition_penalty=args.repetition_penalty)
+                                       repetition_penalty=args.repetition_penalty, chat_template=args.chat_template)
         responses += texts
         bar.update(len(chunk))
     bar.close()

@@ -94,6 +94,10 @@ class Args:
     micro_batch_size: int = arg(16, "pairs (and meta prompts) per forward on one process; inplace impl only "
                                 "splits a step into several forwards")
     max_len: int = arg(512, "maximum tokens of prompt + response; longer ones are truncated (see common.encode)")
+    data_format: str = arg("auto", common.DATA_FORMAT_HELP + " (for --train and --test)", choices=common.DATA_FORMATS)
+    preference: str = arg("safer", "PKU-SafeRLHF: chosen by safer_response_id or better_response_id",
+                          choices=["safer", "better"])
+    chat_template: str = arg("auto", common.CHAT_TEMPLATE_HELP, choices=common.CHAT_TEMPLATE_MODES)
     grad_clip: float = arg(1.0, "clip the global gradient norm to this value (0 = off)")
     seed: int = arg(0, "random seed (data order, head initialisation when starting from SFT)")
     bf16: bool = arg(False, "bf16 autocast for forward/backward (fp32 master weights); fp32 is the reference")
@@ -301,9 +305,10 @@ def meta_gradient_gathered(model: torch.nn.Module, twin: torch.nn.Module, pairs:
 # ----------------------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------------------
-def meta_batch(tokenizer, items: list[dict], max_len: int) -> Batch:
+def meta_batch(tokenizer, items: list[dict], max_len: int, chat_template: str = "auto") -> Batch:
     """X_s: m items {prompt, responses[k]} -> one (m·k, T) batch, row i·k + j = response j of prompt i."""
-    seqs = [common.encode(tokenizer, it["prompt"], resp, max_len)[0] for it in items for resp in it["responses"]]
+    seqs = [common.encode(tokenizer, it["prompt"], resp, max_len, chat_template)[0]
+            for it in items for resp in it["responses"]]
     return common.pad_right(seqs, tokenizer.pad_token_id)
 
 
@@ -326,7 +331,8 @@ def heldout_gaps(model, tokenizer, items: list[dict], k: int, args: Args, world:
     was_training = model.training
     model.eval()
     scores = reward.score_texts(model, tokenizer, prompts, responses, max_len=args.max_len, world=world, rank=rank,
-                                batch_size=args.eval_batch_size, bf16=args.bf16).view(-1, k)
+                                batch_size=args.eval_batch_size, bf16=args.bf16,
+                                chat_template=args.chat_template).view(-1, k)
     model.train(was_training)
     return reward_gaps(scores)
 
@@ -350,8 +356,8 @@ def main(argv: list[str] | None = None) -> None:
               f"per process); raise --micro-batch-size to {max(n_local, m_local)} or use --meta-impl inplace")
     check(args.eta >= 0, "--eta must be >= 0 (it is the size of an ascent step)")
     common.check_checkpoint(args.model, "--model")
-    pairs = common.read_jsonl(args.train, ["prompt", "chosen", "rejected"])
-    test_pairs = common.read_jsonl(args.test, ["prompt", "chosen", "rejected"]) if args.test else []
+    pairs = common.read_pairs(args.train, args.data_format, args.preference)
+    test_pairs = common.read_pairs(args.test, args.data_format, args.preference) if args.test else []
     meta_items, k = read_meta_set(args.meta)
     heldout = read_meta_set(args.meta_heldout)[0] if args.meta_heldout else []
     common.prepare_output(args.out, args.overwrite)
@@ -388,7 +394,8 @@ def main(argv: list[str] | None = None) -> None:
         metrics = {}
         if test_pairs:
             metrics.update(reward.evaluate(model, tokenizer, test_pairs, max_len=args.max_len, world=world,
-                                           rank=rank, batch_size=args.eval_batch_size, bf16=args.bf16))
+                                           rank=rank, batch_size=args.eval_batch_size, bf16=args.bf16,
+                                           chat_template=args.chat_template))
         if heldout:
             metrics.update({"heldout_" + key: v for key, v in
                             heldout_gaps(model, tokenizer, heldout, k, args, world, rank).items()})
@@ -422,15 +429,18 @@ def main(argv: list[str] | None = None) -> None:
         measure = args.log_adapted_every > 0 and step % args.log_adapted_every == 0
         if impl == "inplace":
             mb = args.micro_batch_size
-            pair_micro = [reward.pair_batch(tokenizer, X_t[i: i + mb], args.max_len)[:2] for i in range(0, n_local, mb)]
-            meta_micro = [meta_batch(tokenizer, X_s[i: i + mb], args.max_len) for i in range(0, m_local, mb)]
+            pair_micro = [reward.pair_batch(tokenizer, X_t[i: i + mb], args.max_len, args.chat_template)[:2]
+                          for i in range(0, n_local, mb)]
+            meta_micro = [meta_batch(tokenizer, X_s[i: i + mb], args.max_len, args.chat_template)
+                          for i in range(0, m_local, mb)]
             pair_micro = [(a.to(device), b.to(device)) for a, b in pair_micro]
             meta_micro = [(a.to(device), b.to(device)) for a, b in meta_micro]
             stats = meta_gradient_inplace(model, pair_micro, meta_micro, k, args.eta, n_local, m_local,
                                           args.normalize_ascent, args.bf16, measure)
         else:
-            X_t_batch = tuple(t.to(device) for t in reward.pair_batch(tokenizer, X_t, args.max_len)[:2])
-            X_s_batch = tuple(t.to(device) for t in meta_batch(tokenizer, X_s, args.max_len))
+            X_t_batch = tuple(t.to(device) for t in reward.pair_batch(tokenizer, X_t, args.max_len,
+                                                                      args.chat_template)[:2])
+            X_s_batch = tuple(t.to(device) for t in meta_batch(tokenizer, X_s, args.max_len, args.chat_template))
             if world == 1:
                 params = dict(model.named_parameters())
                 grads, stats = meta_gradient(model, params, dict(model.named_buffers()), X_t_batch, X_s_batch, k,

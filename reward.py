@@ -42,8 +42,13 @@ from common import arg, check
 @dataclasses.dataclass
 class Args:
     model: str = arg("runs/testbed/sft", "initial model: the SFT checkpoint (a save_pretrained folder)")
-    train: str = arg("runs/testbed/data/pairs_train.jsonl", "preference pairs D, JSONL {prompt, chosen, rejected}")
+    train: str = arg("runs/testbed/data/pairs_train.jsonl", "preference pairs D, JSONL {prompt, chosen, rejected} "
+                                                            "or a public format (--data-format)")
     test: str = arg("runs/testbed/data/pairs_test.jsonl", "held-out pairs for evaluation (empty string = none)")
+    data_format: str = arg("auto", common.DATA_FORMAT_HELP + " (for --train and --test)", choices=common.DATA_FORMATS)
+    preference: str = arg("safer", "PKU-SafeRLHF: chosen by safer_response_id or better_response_id",
+                          choices=["safer", "better"])
+    chat_template: str = arg("auto", common.CHAT_TEMPLATE_HELP, choices=common.CHAT_TEMPLATE_MODES)
     out: str = arg("runs/testbed/rm", "output folder: the RM checkpoint, metrics.jsonl, args.json")
     lr: float = arg(5e-6, "learning rate (paper: 5e-6), constant")
     epochs: float = arg(1.0, "passes over D (paper: 1)")
@@ -76,13 +81,14 @@ def rewards(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: tor
     return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
 
 
-def pair_batch(tokenizer, pairs: list[dict], max_len: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def pair_batch(tokenizer, pairs: list[dict], max_len: int,
+               chat_template: str = "auto") -> tuple[torch.Tensor, torch.Tensor, int]:
     """Tokenise n pairs into one (2n, T) batch: rows 0..n-1 chosen, rows n..2n-1 rejected. Returns (ids, mask, n
     truncated sequences)."""
     seqs, n_truncated = [], 0
     for key in ("chosen", "rejected"):
         for p in pairs:
-            ids, _, truncated = common.encode(tokenizer, p["prompt"], p[key], max_len)
+            ids, _, truncated = common.encode(tokenizer, p["prompt"], p[key], max_len, chat_template)
             seqs.append(ids)
             n_truncated += truncated
     ids, mask = common.pad_right(seqs, tokenizer.pad_token_id)
@@ -110,7 +116,7 @@ def load_reward_model(path: str, world: int, device: torch.device, **overrides):
 
 @torch.no_grad()
 def score_texts(model, tokenizer, prompts: list[str], responses: list[str], *, max_len: int, world: int, rank: int,
-                batch_size: int = 64, bf16: bool = False) -> torch.Tensor:
+                batch_size: int = 64, bf16: bool = False, chat_template: str = "auto") -> torch.Tensor:
     """r(x, y) for every (prompt, response), spread over ranks; every rank gets all N scores (N,) on CPU.
 
     Every rank runs the same number of forward passes (FSDP2 forwards are collective): the list is padded with
@@ -122,7 +128,7 @@ def score_texts(model, tokenizer, prompts: list[str], responses: list[str], *, m
     scores = []
     for start in range(0, len(idx), chunk):
         mine = idx[start + rank * batch_size: start + (rank + 1) * batch_size]
-        seqs = [common.encode(tokenizer, prompts[i], responses[i], max_len)[0] for i in mine]
+        seqs = [common.encode(tokenizer, prompts[i], responses[i], max_len, chat_template)[0] for i in mine]
         ids, mask = common.pad_right(seqs, tokenizer.pad_token_id)
         with common.autocast(device, bf16):
             r = rewards(model, ids.to(device), mask.to(device)).float()
@@ -137,15 +143,15 @@ def score_texts(model, tokenizer, prompts: list[str], responses: list[str], *, m
 
 
 def evaluate(model, tokenizer, pairs: list[dict], *, max_len: int, world: int, rank: int, batch_size: int,
-             bf16: bool = False) -> dict[str, float]:
+             bf16: bool = False, chat_template: str = "auto") -> dict[str, float]:
     """Accuracy on held-out pairs vs their (noisy) labels and, on the testbed, vs the hidden gold ordering."""
     was_training = model.training
     model.eval()
     prompts = [p["prompt"] for p in pairs]
     r_w = score_texts(model, tokenizer, prompts, [p["chosen"] for p in pairs], max_len=max_len, world=world,
-                      rank=rank, batch_size=batch_size, bf16=bf16)
+                      rank=rank, batch_size=batch_size, bf16=bf16, chat_template=chat_template)
     r_l = score_texts(model, tokenizer, prompts, [p["rejected"] for p in pairs], max_len=max_len, world=world,
-                      rank=rank, batch_size=batch_size, bf16=bf16)
+                      rank=rank, batch_size=batch_size, bf16=bf16, chat_template=chat_template)
     model.train(was_training)
     out = {"acc": (r_w > r_l).float().mean().item(), "reward_chosen": r_w.mean().item(),
            "reward_rejected": r_l.mean().item(), "margin": (r_w - r_l).mean().item(),
@@ -170,8 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     accum = common.split_batch(args.batch_size, args.micro_batch_size, world)
     # ---- inputs: every one is checked before the output folder is created, so a mistake leaves nothing behind ----
     check_reward_tokenizer(args.model)
-    pairs = common.read_jsonl(args.train, ["prompt", "chosen", "rejected"])
-    test_pairs = common.read_jsonl(args.test, ["prompt", "chosen", "rejected"]) if args.test else []
+    pairs = common.read_pairs(args.train, args.data_format, args.preference)
+    test_pairs = common.read_pairs(args.test, args.data_format, args.preference) if args.test else []
     steps_per_epoch = len(pairs) // args.batch_size
     check(steps_per_epoch > 0, f"{args.train}: {len(pairs)} pairs, fewer than one batch of {args.batch_size}")
     total_steps = math.floor(steps_per_epoch * args.epochs)
@@ -192,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
         if not test_pairs:
             return
         m = evaluate(model, tokenizer, test_pairs, max_len=args.max_len, world=world, rank=rank,
-                     batch_size=args.eval_batch_size, bf16=args.bf16)
+                     batch_size=args.eval_batch_size, bf16=args.bf16, chat_template=args.chat_template)
         log.log(step=step, **{"eval_" + k: v for k, v in m.items()})
         common.print0(f"eval @ {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
 
@@ -212,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
         loss_sum, correct = 0.0, 0.0
         for micro in range(accum):
             part = mine[micro * args.micro_batch_size: (micro + 1) * args.micro_batch_size]
-            ids, mask, truncated = pair_batch(tokenizer, part, args.max_len)
+            ids, mask, truncated = pair_batch(tokenizer, part, args.max_len, args.chat_template)
             n_truncated += truncated
             with common.autocast(device, args.bf16):
                 r = rewards(model, ids.to(device), mask.to(device)).float()  # (2n,)

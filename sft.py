@@ -40,7 +40,12 @@ from common import arg, check
 @dataclasses.dataclass
 class Args:
     model: str = arg("runs/testbed/base_model", "base model: a save_pretrained folder (config, safetensors, tokenizer)")
-    data: str = arg("runs/testbed/data/sft_train.jsonl", "demonstrations, JSONL records {prompt, response}")
+    data: str = arg("runs/testbed/data/sft_train.jsonl", "demonstrations, JSONL records {prompt, response}, or a "
+                                                         "public format (--data-format): its preferred responses")
+    data_format: str = arg("auto", common.DATA_FORMAT_HELP + " (for --data)", choices=common.DATA_FORMATS)
+    preference: str = arg("safer", "PKU-SafeRLHF: the demonstration is the safer or the better response",
+                          choices=["safer", "better"])
+    chat_template: str = arg("auto", common.CHAT_TEMPLATE_HELP, choices=common.CHAT_TEMPLATE_MODES)
     out: str = arg("runs/testbed/sft", "output folder: the SFT checkpoint, metrics.jsonl, args.json")
     lr: float = arg(2e-5, "peak learning rate (paper: 2e-5)")
     epochs: float = arg(2.0, "passes over the data (paper: 2)")
@@ -105,12 +110,12 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     check(tokenizer.eos_token_id is not None and tokenizer.pad_token_id is not None,
           f"{args.model}: the tokenizer needs an EOS and a PAD token")
-    records = common.read_jsonl(args.data, ["prompt", "response"])
-    eval_prompts = ([r["prompt"] for r in common.read_jsonl(args.eval_prompts, ["prompt"])][: args.eval_samples]
-                    if args.eval_prompts else [])
+    records = common.read_demonstrations(args.data, args.data_format, args.preference)
+    eval_prompts = common.read_prompts(args.eval_prompts)[: args.eval_samples] if args.eval_prompts else []
     examples, n_truncated = [], 0
     for r in records:
-        ids, n_prompt, truncated = common.encode(tokenizer, r["prompt"], r["response"], args.max_len)
+        ids, n_prompt, truncated = common.encode(tokenizer, r["prompt"], r["response"], args.max_len,
+                                                 args.chat_template)
         examples.append((ids, sft_labels(ids, n_prompt)))
         n_truncated += truncated
     steps_per_epoch = len(examples) // args.batch_size
@@ -191,10 +196,10 @@ def sample_report(model, tokenizer, args: Args, world: int, rank: int,
     """Sample responses to held-out prompts (paper's PPO sampling settings) and report the share that end with
     EOS, their mean length and, on the testbed, their mean gold reward. `prompts` default: read --eval-prompts."""
     if prompts is None:
-        prompts = [r["prompt"] for r in common.read_jsonl(args.eval_prompts, ["prompt"])][: args.eval_samples]
+        prompts = common.read_prompts(args.eval_prompts)[: args.eval_samples]
     model.eval()
     texts, ended = common.sample_texts(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, world=world,
-                                       rank=rank)
+                                       rank=rank, chat_template=args.chat_template)
     report = {"eos_rate": sum(ended) / len(ended),
               "mean_response_words": sum(len(t.split()) for t in texts) / len(texts)}
     gold = common.gold_scores(prompts, texts)
