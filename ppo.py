@@ -225,10 +225,13 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature
     return logp.gather(-1, tokens.to(logp.device).unsqueeze(-1)).squeeze(-1)
 
 
-def entropy_from_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Entropy of softmax(logits / T) at every position: (B, R, V) -> (B, R)."""
-    logp = torch.log_softmax(logits / temperature, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor,
+                         temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`logprobs_from_logits` and the entropy of softmax(logits / T) at every position, from one log_softmax:
+    (B, R, V), (B, R) -> (B, R), (B, R)."""
+    logp = torch.log_softmax(logits / temperature, dim=-1)  # (B, R, V)
+    logprobs = logp.gather(-1, tokens.to(logp.device).unsqueeze(-1)).squeeze(-1)
+    return logprobs, -(logp.exp() * logp).sum(-1)
 
 
 def head_on_every_position(model, batch: Rollouts, bf16: bool = False) -> torch.Tensor:
@@ -350,8 +353,9 @@ def make_experience(policy, ref, rm, critic, batch: Rollouts, args: Args, world:
         parts["raw_scores"].append(rm_scores(rm, part, args.bf16).cpu())
         # PPO step 3: log π_θ (with its entropy), log π_ref and V, all at temperature T / on the same tokens
         logits = response_logits(policy, part, args.bf16)  # (b, R, V)
-        parts["logprobs"].append(logprobs_from_logits(logits, part.response, args.temperature).cpu())
-        parts["entropy"].append(entropy_from_logits(logits, args.temperature).cpu())
+        logprobs, entropy = logprobs_and_entropy(logits, part.response, args.temperature)
+        parts["logprobs"].append(logprobs.cpu())
+        parts["entropy"].append(entropy.cpu())
         ref_logits = response_logits(ref, part, args.bf16)
         parts["ref_logprobs"].append(logprobs_from_logits(ref_logits, part.response, args.temperature).cpu())
         parts["values"].append(critic_values(critic, part, args.bf16).cpu())
