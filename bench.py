@@ -1,0 +1,725 @@
+"""Benchmark of every stage against this machine's matmul peak (issue 7): a script, not a test.
+
+It calls the stages' own functions on models built from testbed configs, so it measures the real code:
+    SFT      sft.sft_loss_sum on AutoModelForCausalLM, + clip + AdamW                  (sft.py's inner loop)
+    RM       reward.rewards + reward.bradley_terry_loss, + clip + AdamW               (reward.py's inner loop)
+    MetaRM   meta_rm.meta_gradient (order 1, order 2) and meta_gradient_inplace, + clip + AdamW
+    PPO      ppo.rollout (generation, common.generate), ppo.make_experience (steps 2-3), ppo.ppo_update (step 6)
+Batches are the default pipeline's (pipeline.py TESTBED): SFT 32 examples, RM n = 16 pairs, MetaRM n = m = 16,
+k = 5, max length 64; PPO 16 prompts x 4 rollouts, 32 new tokens, 2 epochs of mini-batches of 32.
+
+Commands
+    python bench.py                                  # everything, tiny and medium, ~8 min on 2 cores
+    python bench.py --parts peak,rm,meta --sizes tiny --repeats 3        # a part of it
+    python bench.py --no-world2                      # without the torchrun (2-process) sub-run
+The tables go to BENCHMARKS.md (--out-md) and the numbers to benchmarks.json (--out-json).
+
+What is measured, and how
+  time       median over --repeats timed calls after --warmup untimed ones (time.perf_counter). The meta steps
+             and their vanilla RM step are timed interleaved (vanilla, meta1, meta2, vanilla, ...) so that their
+             ratio is taken within one repeat, under the same machine load; the reported ratio is the median of
+             the per-repeat ratios.
+  FLOPs      (analytic, Kaplan / PaLM style) per token, with N = parameters that sit in matmuls (every nn.Linear:
+             attention, MLP, lm_head or score head; not the input embedding, not the norms), L layers, d hidden
+             size, T the padded sequence length:
+                 forward  2·N + 4·L·T·d       (QKᵀ and AV: 2·T·d each per token and layer; causal mask not discounted)
+                 training 6·N + 12·L·T·d      (backward = 2 x forward)
+             counted on the padded tokens (what the hardware computes); tokens/s counts real (non-pad) tokens.
+             MetaRM: order 1 = 3·F(X_s) + 3·F(X_t); order 2 = 9·F(X_s) + 3·F(X_t) (derivation in BENCHMARKS.md).
+             Generation with the KV cache: prefill 2·N·P + 4·L·P²·d per row, then per new token 2·N + 4·L·t·d.
+  MFU        achieved FLOP/s / the measured matmul peak of the same dtype (bf16 steps against the bf16 peak).
+  memory     peak resident set size of the process (VmHWM from /proc/self/status), reset at the start of each
+             measurement by writing 5 to /proc/self/clear_refs; it includes the models, optimiser states and the
+             Python interpreter (~300 MB of torch + transformers).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import common
+import meta_rm
+import ppo
+import reward
+import sft
+import testbed
+from common import arg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Args:
+    parts: str = arg("peak,sft,rm,meta,ppo,gen,profile,world2",
+                     "comma-separated parts: peak, sft, rm, meta, ppo, gen (KV cache on/off), profile (where a "
+                     "medium bf16 step spends its time), world2 (torchrun, 2 processes vs 1)")
+    sizes: str = arg("tiny,medium", "testbed model sizes (testbed.MODEL_SIZES)")
+    dtypes: str = arg("fp32,bf16", "fp32 and/or bf16 (autocast) for every training step")
+    repeats: int = arg(5, "timed repeats per measurement (median); medium uses max(2, repeats // 2)")
+    warmup: int = arg(2, "untimed calls before timing")
+    workdir: str = arg("runs/bench", "where the testbeds (data, tokenizer, random base model) are written")
+    out_md: str = arg("BENCHMARKS.md", "markdown table")
+    out_json: str = arg("benchmarks.json", "all numbers")
+    threads: int = arg(2, "torch threads of the single process (the 2-process run uses 1 per process); on a machine "
+                       "shared with other jobs use 1: two threads that wait on each other are far slower there")
+    worker: bool = arg(False, "internal: the torchrun worker of the world2 part")
+    seed: int = arg(0, "seed of the testbeds, the batches and the models")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measuring
+# ----------------------------------------------------------------------------------------------------------------
+def reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS counter of this process (Linux: `5` into /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size since the last reset (VmHWM), in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def timed(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Call every function `warmup` times, then `repeats` rounds of each in turn (interleaved); seconds per call."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def matmul_peak(dtype: torch.dtype, repeats: int) -> dict[str, float]:
+    """Best median FLOP/s of square matmuls (n = 1024, 1536, 2048) in `dtype`: the physical reference."""
+    best = {"flops": 0.0}
+    for n in (1024, 1536, 2048):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        t = timed({"mm": lambda: torch.mm(a, b)}, 2, repeats)["mm"]
+        flops = 2 * n**3 / statistics.median(t)
+        if flops > best["flops"]:
+            best = {"flops": flops, "n": n, "median_s": statistics.median(t)}
+    return best
+
+
+def machine() -> dict[str, Any]:
+    model = platform.processor()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        model = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__,
+            "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "load_before": os.getloadavg()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FLOPs (formulas in the module docstring)
+# ----------------------------------------------------------------------------------------------------------------
+def shape(model: torch.nn.Module) -> dict[str, int]:
+    """N (parameters in nn.Linear layers), L, d of a Hugging Face decoder."""
+    n_linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return {"N": n_linear, "L": model.config.num_hidden_layers, "d": model.config.hidden_size}
+
+
+def forward_flops(s: dict[str, int], batch: int, T: int) -> float:
+    """Forward FLOPs of `batch` sequences padded to T tokens."""
+    return batch * T * (2 * s["N"] + 4 * s["L"] * T * s["d"])
+
+
+def generation_flops(s: dict[str, int], batch: int, P: int, R: int) -> float:
+    """Prefill of P prompt columns, then R new tokens each attending to the cache."""
+    prefill = forward_flops(s, batch, P)
+    decode = sum(batch * (2 * s["N"] + 4 * s["L"] * (P + t) * s["d"]) for t in range(R))
+    return prefill + decode
+
+
+def generation_flops_no_cache(s: dict[str, int], batch: int, P: int, R: int) -> float:
+    """Without a cache every new token re-runs the whole prefix."""
+    return sum(forward_flops(s, batch, P + t) for t in range(R))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data and models (from a testbed written by testbed.py)
+# ----------------------------------------------------------------------------------------------------------------
+MAX_LEN = 64  # pipeline.py TESTBED: --max-len 64
+
+
+def make_testbed(workdir: str, size: str, seed: int) -> str:
+    folder = os.path.join(workdir, f"testbed_{size}")
+    if not os.path.isfile(os.path.join(folder, "testbed.json")):
+        testbed.main(["--out", folder, "--model-size", size, "--seed", str(seed), "--overwrite"])
+    return folder
+
+
+class Workload:
+    """The batches of one testbed: SFT examples, preference pairs X_t, meta items X_s (k = 5 responses sampled
+    by testbed.sample_response, the lengths a policy's samples have), PPO prompts."""
+
+    def __init__(self, folder: str, seed: int):
+        self.folder, self.base = folder, os.path.join(folder, "base_model")
+        self.tokenizer = AutoTokenizer.from_pretrained(self.base)
+        rng = random.Random(seed)
+        data = os.path.join(folder, "data")
+        demos = rng.sample(common.read_jsonl(os.path.join(data, "sft_train.jsonl")), 32)
+        self.sft = [common.encode(self.tokenizer, r["prompt"], r["response"], MAX_LEN) for r in demos]
+        self.pairs = rng.sample(common.read_jsonl(os.path.join(data, "pairs_train.jsonl")), 16)
+        prompts = [r["prompt"] for r in common.read_jsonl(os.path.join(data, "rl_prompts.jsonl"))]
+        self.meta_items = [{"prompt": p, "responses": [testbed.sample_response(p, rng, testbed.SFT_STYLE)
+                                                       for _ in range(5)]} for p in rng.sample(prompts, 16)]
+        self.ppo_prompts = rng.sample(prompts, 16)
+
+    def sft_batch(self, part: slice = slice(None)):
+        examples = self.sft[part]
+        ids, mask = common.pad_right([x for x, _, _ in examples], self.tokenizer.pad_token_id)
+        labels, _ = common.pad_right([sft.sft_labels(x, n) for x, n, _ in examples], self.tokenizer.pad_token_id,
+                                     fill=-100)
+        return ids, mask, labels
+
+    def pair_batch(self, part: slice = slice(None)):
+        return reward.pair_batch(self.tokenizer, self.pairs[part], MAX_LEN)[:2]
+
+    def meta_batch(self, part: slice = slice(None)):
+        return meta_rm.meta_batch(self.tokenizer, self.meta_items[part], MAX_LEN)
+
+
+def adamw(model):
+    return torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One training step of each stage, exactly as the stage's loop does it
+# ----------------------------------------------------------------------------------------------------------------
+def sft_step(model, opt, batch, bf16: bool, world: int = 1) -> None:
+    ids, mask, labels = batch
+    n_tokens = (labels[:, 1:] != -100).sum().item() * world  # the global batch's response tokens
+    with common.autocast(ids.device, bf16):
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T, V)
+    loss_sum = sft.sft_loss_sum(logits, labels)
+    (loss_sum * world / n_tokens).backward()
+    common.clip_grad_norm(model, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def rm_step(model, opt, batch, bf16: bool) -> None:
+    ids, mask = batch
+    with common.autocast(ids.device, bf16):
+        r = reward.rewards(model, ids, mask).float()  # (2n,)
+    n = r.shape[0] // 2
+    reward.bradley_terry_loss(r[:n], r[n:]).backward()
+    common.clip_grad_norm(model, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def meta_step(model, opt, pairs, meta, order: int, bf16: bool, measure_adapted: bool = False) -> None:
+    """meta_rm.py's world-size-1 loop body: meta_gradient (functional_call), then clip + AdamW."""
+    params = dict(model.named_parameters())
+    grads, _ = meta_rm.meta_gradient(model, params, dict(model.named_buffers()), pairs, meta, 5, 0.3, order,
+                                     bf16=bf16, measure_adapted=measure_adapted)
+    for p, g in zip(params.values(), grads):
+        p.grad = g
+    common.clip_grad_norm(model, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def meta_step_inplace(model, opt, pairs, meta, bf16: bool, n_pairs: int = 16, n_prompts: int = 16) -> None:
+    """meta_rm.py's --meta-impl inplace (the sharded recipe), one micro-batch each."""
+    meta_rm.meta_gradient_inplace(model, [pairs], [meta], 5, 0.3, n_pairs, n_prompts, bf16=bf16)
+    common.clip_grad_norm(model, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def row(name: str, size: str, dtype: str, times: list[float], flops: float, tokens: int, peak: float,
+        rss: float, **extra: Any) -> dict[str, Any]:
+    t = statistics.median(times)
+    return {"stage": name, "size": size, "dtype": dtype, "step_s": t, "step_s_all": times, "tokens": tokens,
+            "tokens_per_s": tokens / t, "flops": flops, "flops_per_s": flops / t, "mfu": flops / t / peak,
+            "peak_rss_mb": rss, **extra}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parts
+# ----------------------------------------------------------------------------------------------------------------
+def bench_training(w: Workload, size: str, args: Args, peaks: dict[str, float], parts: set[str]) -> list[dict]:
+    """SFT, RM, MetaRM (both orders, both implementations) steps; fp32 and bf16."""
+    out = []
+    reps = args.repeats if size == "tiny" else max(2, args.repeats // 2)
+    warm = args.warmup if size == "tiny" else 1
+    sft_ids = w.sft_batch()
+    pair_ids, meta_ids = w.pair_batch(), w.meta_batch()
+    Tp, Tm = pair_ids[0].shape[1], meta_ids[0].shape[1]
+    for dtype in args.dtypes.split(","):
+        bf16 = dtype == "bf16"
+        peak = peaks[dtype]
+        if "sft" in parts:
+            torch.manual_seed(args.seed)
+            model = AutoModelForCausalLM.from_pretrained(w.base, dtype=torch.float32)
+            model.train()
+            opt = adamw(model)
+            reset_peak_rss()
+            t = timed({"sft": lambda: sft_step(model, opt, sft_ids, bf16)}, warm, reps)["sft"]
+            B, T = sft_ids[0].shape
+            out.append(row("SFT", size, dtype, t, 3 * forward_flops(shape(model), B, T),
+                           int(sft_ids[1].sum()), peak, peak_rss_mb(), batch=f"{B} x {T}"))
+            del model, opt
+        if "rm" in parts or "meta" in parts:
+            torch.manual_seed(args.seed)
+            model, _ = reward.load_reward_model(w.base, 1, torch.device("cpu"))
+            model.train()
+            opt = adamw(model)
+            s = shape(model)
+            F_t, F_s = forward_flops(s, pair_ids[0].shape[0], Tp), forward_flops(s, meta_ids[0].shape[0], Tm)
+            tok_t, tok_s = int(pair_ids[1].sum()), int(meta_ids[1].sum())
+            fns = {"rm": lambda: rm_step(model, opt, pair_ids, bf16)}
+            if "meta" in parts:
+                fns["meta1"] = lambda: meta_step(model, opt, pair_ids, meta_ids, 1, bf16)
+                fns["meta1_inplace"] = lambda: meta_step_inplace(model, opt, pair_ids, meta_ids, bf16)
+                if size == "tiny":  # its cost is one forward of X_s; measured on tiny only to keep the run short
+                    fns["meta1_log_adapted"] = lambda: meta_step(model, opt, pair_ids, meta_ids, 1, bf16, True)
+            reset_peak_rss()
+            t = timed(fns, warm, reps)
+            rss = peak_rss_mb()
+            out.append(row("RM", size, dtype, t["rm"], 3 * F_t, tok_t, peak, rss, batch=f"{2 * 16} x {Tp}"))
+            if "meta" in parts:
+                ideal1 = (3 * F_s + 3 * F_t) / (3 * F_t)
+                for name, label in (("meta1", "MetaRM order 1 (functional)"),
+                                    ("meta1_inplace", "MetaRM order 1 (inplace)"),
+                                    ("meta1_log_adapted", "MetaRM order 1 + J(θ') log")):
+                    if name not in t:
+                        continue
+                    ratios = [a / b for a, b in zip(t[name], t["rm"])]
+                    out.append(row(label, size, dtype, t[name], 3 * F_s + 3 * F_t, tok_t + tok_s, peak, rss,
+                                   batch=f"{2 * 16} x {Tp} + {16 * 5} x {Tm}", ratio=statistics.median(ratios),
+                                   ideal=ideal1))
+                # Order 2 needs eager attention (no double backward through the fused SDPA kernels); its vanilla
+                # reference is timed on the same eager model, interleaved.
+                torch.manual_seed(args.seed)
+                eager, _ = reward.load_reward_model(w.base, 1, torch.device("cpu"), attn_implementation="eager")
+                eager.train()
+                opt2 = adamw(eager)
+                reset_peak_rss()
+                t2 = timed({"rm": lambda: rm_step(eager, opt2, pair_ids, bf16),
+                            "meta2": lambda: meta_step(eager, opt2, pair_ids, meta_ids, 2, bf16)},
+                           1, max(2, reps - 1) if size == "tiny" else 1)
+                rss2 = peak_rss_mb()
+                out.append(row("RM (eager attention)", size, dtype, t2["rm"], 3 * F_t, tok_t, peak, rss2,
+                               batch=f"{2 * 16} x {Tp}"))
+                ratios = [a / b for a, b in zip(t2["meta2"], t2["rm"])]
+                out.append(row("MetaRM order 2 (eager)", size, dtype, t2["meta2"], 9 * F_s + 3 * F_t, tok_t + tok_s,
+                               peak, rss2, batch=f"{2 * 16} x {Tp} + {16 * 5} x {Tm}",
+                               ratio=statistics.median(ratios), ideal=(9 * F_s + 3 * F_t) / (3 * F_t)))
+                del eager, opt2
+            del model, opt
+    return out
+
+
+class ForwardCounter:
+    """Forward hooks on the root modules: calls and rows per model (a check that no pass runs twice)."""
+
+    def __init__(self, models: dict[str, torch.nn.Module]):
+        self.counts = {name: {"calls": 0, "rows": 0} for name in models}
+        self.handles = [m.register_forward_hook(self._hook(name), with_kwargs=True) for name, m in models.items()]
+
+    def _hook(self, name):
+        def hook(module, a, kw, output):
+            self.counts[name]["calls"] += 1
+            self.counts[name]["rows"] += kw["input_ids"].shape[0] if "input_ids" in kw else a[0].shape[0]
+        return hook
+
+    def take(self) -> dict[str, dict[str, int]]:
+        out = {k: dict(v) for k, v in self.counts.items()}
+        for v in self.counts.values():
+            v.update(calls=0, rows=0)
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def bench_ppo(w: Workload, size: str, args: Args, peaks: dict[str, float]) -> tuple[list[dict], dict]:
+    """PPO: rollout (generation), make_experience (steps 2-3), ppo_update (step 6) with the pipeline's sizes.
+    Medium: 4 prompts x 4 rollouts, mini-batch 16 (a full iteration of the default size costs ~20 s per repeat)."""
+    out, checks = [], {}
+    n_prompts = 16 if size == "tiny" else 4
+    mini = 32 if size == "tiny" else 16
+    pa = ppo.Args(rollouts_per_prompt=4, prompts_per_iteration=n_prompts, mini_batch_size=mini, micro_batch_size=mini,
+                  max_new_tokens=32, ppo_epochs=2, generation_batch_size=64)
+    reps = 3 if size == "tiny" else 2
+    device = torch.device("cpu")
+    for dtype in args.dtypes.split(","):
+        pa.bf16 = dtype == "bf16"
+        peak = peaks[dtype]
+        torch.manual_seed(args.seed)
+        policy = AutoModelForCausalLM.from_pretrained(w.base, dtype=torch.float32)
+        ref = AutoModelForCausalLM.from_pretrained(w.base, dtype=torch.float32)
+        rm, _ = reward.load_reward_model(w.base, 1, device)
+        critic, _ = reward.load_reward_model(w.base, 1, device)
+        for m in (policy, ref, rm, critic):
+            m.eval()
+        ref.requires_grad_(False)
+        rm.requires_grad_(False)
+        popt, copt = adamw(policy), adamw(critic)
+        prompts = [p for p in w.ppo_prompts[:n_prompts] for _ in range(pa.rollouts_per_prompt)]
+        gen = torch.Generator().manual_seed(0)
+        counter = ForwardCounter({"policy": policy, "ref": ref, "rm": rm, "critic": critic})
+        times: dict[str, list[float]] = {"gen": [], "exp": [], "update": []}
+        reset_peak_rss()
+        for r in range(1 + reps):  # the first iteration is the warm-up
+            counter.take()
+            t0 = time.perf_counter()
+            batch = ppo.rollout(policy, w.tokenizer, prompts, pa, 1, device)
+            t1 = time.perf_counter()
+            gen_counts = counter.take()
+            exp = ppo.make_experience(policy, ref, rm, critic, batch, pa, 1)
+            ppo.compute_advantages(exp, batch, pa, 1, 0.0, 1.0)
+            t2 = time.perf_counter()
+            exp_counts = counter.take()
+            ppo.ppo_update(policy, critic, popt, copt, batch, exp, pa, 1, gen)
+            t3 = time.perf_counter()
+            upd_counts = counter.take()
+            if r > 0:
+                times["gen"].append(t1 - t0)
+                times["exp"].append(t2 - t1)
+                times["update"].append(t3 - t2)
+        rss = peak_rss_mb()
+        counter.remove()
+        B, P, R = batch.input_ids.shape[0], batch.prompt_len, batch.response.shape[1]
+        T = P + R
+        sp, sc = shape(policy), shape(critic)
+        new_tokens = int(batch.response_mask.sum())
+        real = int(batch.attention_mask.sum())
+        out.append(row("PPO generation (rollout)", size, dtype, times["gen"], generation_flops(sp, B, P, R),
+                       new_tokens, peak, rss, batch=f"{B} x ({P} + {R})"))
+        fwd = 2 * forward_flops(sp, B, T) + 2 * forward_flops(sc, B, T)
+        out.append(row("PPO make_experience (4 fwd)", size, dtype, times["exp"], fwd, 4 * real, peak, rss,
+                       batch=f"4 models x {B} x {T}"))
+        upd = pa.ppo_epochs * 3 * (forward_flops(sp, B, T) + forward_flops(sc, B, T))
+        out.append(row("PPO ppo_update (2 epochs)", size, dtype, times["update"], upd, 2 * pa.ppo_epochs * real,
+                       peak, rss, batch=f"{pa.ppo_epochs} x (policy + critic) x {B} x {T}"))
+        checks[f"{size}/{dtype}"] = {"rollouts": B, "generation": gen_counts, "make_experience": exp_counts,
+                                     "ppo_update": upd_counts, "response_len": R}
+        del policy, ref, rm, critic, popt, copt
+    return out, checks
+
+
+def bench_generation(w: Workload, size: str, args: Args, peaks: dict[str, float]) -> list[dict]:
+    """Tokens/s of batched sampling with and without the KV cache (same kwargs as common.generate, a fixed
+    number of new tokens so both runs do the same work)."""
+    out = []
+    policy = AutoModelForCausalLM.from_pretrained(w.base, dtype=torch.float32)
+    policy.eval()
+    prompts = [p for p in w.ppo_prompts for _ in range(4)][:64 if size == "tiny" else 16]
+    ids, mask = common.pad_left([common.prompt_ids(w.tokenizer, p) for p in prompts], w.tokenizer.pad_token_id)
+    R = 32
+    s = shape(policy)
+    for dtype in args.dtypes.split(","):
+        bf16 = dtype == "bf16"
+
+        def sample(cache: bool):
+            with torch.no_grad(), common.autocast(ids.device, bf16):
+                return policy.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=R,
+                                       min_new_tokens=R, use_cache=cache, temperature=0.8, top_p=0.9, top_k=0,
+                                       repetition_penalty=1.1, pad_token_id=w.tokenizer.pad_token_id,
+                                       eos_token_id=w.tokenizer.eos_token_id)
+        reset_peak_rss()
+        sample(True)  # warm-up
+        sample(False)
+        t = timed({"cache": lambda: sample(True), "no_cache": lambda: sample(False)}, 0, 3 if size == "tiny" else 1)
+        rss = peak_rss_mb()
+        B, P = ids.shape
+        for name, key, flops in (("generation, KV cache", "cache", generation_flops(s, B, P, R)),
+                                 ("generation, no cache", "no_cache", generation_flops_no_cache(s, B, P, R))):
+            out.append(row(name, size, dtype, t[key], flops, B * R, peaks[dtype], rss, batch=f"{B} x ({P} + {R})",
+                           speedup=statistics.median(t["no_cache"]) / statistics.median(t["cache"])))
+    return out
+
+
+def bench_profile(w: Workload, args: Args) -> dict[str, Any]:
+    """Where one medium bf16 RM step and one SFT step spend their time (torch.profiler, self CPU time by op)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    categories = [("matmul", ("mm", "addmm", "bmm", "linear", "matmul", "_mkldnn", "mkldnn")),
+                  ("attention (SDPA)", ("scaled_dot_product", "flash_attention")),
+                  ("softmax / log_softmax / cross-entropy", ("softmax", "nll_loss", "cross_entropy")),
+                  ("optimizer (AdamW foreach) and grad clip", ("_foreach", "adam", "norm")),
+                  ("dtype casts (autocast copies)", ("to_copy", "copy_", "_to_copy")),
+                  ("elementwise (RMSNorm, SiLU, rotary, residual)", ("mul", "add", "pow", "mean", "rsqrt", "silu",
+                                                                     "neg", "cat", "sigmoid", "div", "sub",
+                                                                     "where", "sum", "exp"))]
+    result = {}
+    size_w = w
+    for stage in ("RM", "SFT"):
+        torch.manual_seed(args.seed)
+        if stage == "RM":
+            model, _ = reward.load_reward_model(size_w.base, 1, torch.device("cpu"))
+            batch = size_w.pair_batch()
+            step = lambda: rm_step(model, opt, batch, True)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(size_w.base, dtype=torch.float32)
+            batch = size_w.sft_batch()
+            step = lambda: sft_step(model, opt, batch, True)
+        model.train()
+        opt = adamw(model)
+        step()
+        step()
+        t0 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        wall = time.perf_counter() - t0
+        shares: dict[str, float] = {}
+        total = 0.0
+        top = []
+        for e in prof.key_averages():
+            us = e.self_cpu_time_total
+            total += us
+            name = e.key.lower()
+            cat = next((c for c, keys in categories if any(k in name for k in keys)), "other (python, views, ...)")
+            shares[cat] = shares.get(cat, 0.0) + us
+            top.append((us, e.key))
+        top.sort(reverse=True)
+        result[stage] = {"wall_s_profiled": wall, "self_cpu_s": total / 1e6,
+                         "shares": {k: v / total for k, v in sorted(shares.items(), key=lambda kv: -kv[1])},
+                         "top_ops": [(k, us / total) for us, k in top[:8]]}
+        del model, opt
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# World size 2 (torchrun, gloo, FSDP2) vs 1: SFT, RM and the inplace meta step on the same global batch
+# ----------------------------------------------------------------------------------------------------------------
+def world_steps(w: Workload, world: int, rank: int, args: Args, size: str) -> dict[str, list[float]]:
+    device = torch.device("cpu")
+    half = lambda n: slice(rank * n // world, (rank + 1) * n // world)
+    sft_ids = w.sft_batch(half(32))
+    pair_ids, meta_ids = w.pair_batch(half(16)), w.meta_batch(half(16))
+    torch.manual_seed(args.seed)
+    lm = common.load_model(AutoModelForCausalLM, w.base, world, device)
+    rm, _ = reward.load_reward_model(w.base, world, device)
+    lm.train()
+    rm.train()
+    o1, o2 = adamw(lm), adamw(rm)
+    n_local = 16 // world
+    reps = args.repeats if size == "tiny" else max(2, args.repeats // 2)
+    return timed({"sft": lambda: sft_step(lm, o1, sft_ids, False, world),
+                  "rm": lambda: rm_step(rm, o2, pair_ids, False),
+                  "meta1_inplace": lambda: meta_step_inplace(rm, o2, pair_ids, meta_ids, False, n_local, n_local)},
+                 1, reps)
+
+
+def worker(args: Args) -> None:
+    rank, world, _ = common.init_distributed()
+    torch.set_num_threads(1)
+    results = {}
+    for size in args.sizes.split(","):
+        w = Workload(make_testbed(args.workdir, size, args.seed), args.seed)
+        results[size] = world_steps(w, world, rank, args, size)
+    if rank == 0:
+        with open(os.path.join(args.workdir, "world2.json"), "w") as f:
+            json.dump(results, f)
+
+
+def bench_world2(args: Args) -> dict[str, Any]:
+    """The same steps on 1 process (args.threads threads) and on 2 processes (1 thread each)."""
+    out: dict[str, Any] = {}
+    for size in args.sizes.split(","):
+        w = Workload(make_testbed(args.workdir, size, args.seed), args.seed)
+        out[size] = {"world1": world_steps(w, 1, 0, args, size)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc_per_node=2",
+           __file__, "--worker", "--sizes", args.sizes, "--workdir", args.workdir, "--repeats", str(args.repeats),
+           "--seed", str(args.seed)]
+    t0 = time.time()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    path = os.path.join(args.workdir, "world2.json")
+    if proc.returncode != 0 or not os.path.isfile(path):
+        print(proc.stdout[-2000:], proc.stderr[-3000:])
+        return {"error": f"torchrun exited {proc.returncode}"}
+    with open(path) as f:
+        two = json.load(f)
+    os.remove(path)
+    for size in out:
+        out[size]["world2"] = two[size]
+    out["torchrun_wall_s"] = time.time() - t0
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------------
+def fmt_si(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g} {unit}"
+    return f"{x:.3g}"
+
+
+def write_markdown(res: dict[str, Any], path: str) -> None:
+    m = res["machine"]
+    lines = [f"# Benchmarks (bench.py, {m['date']})", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} (CPU), {res['threads']} threads. "
+             f"Load average before / after the run: {', '.join(f'{x:.2f}' for x in m['load_before'])} / "
+             f"{', '.join(f'{x:.2f}' for x in m['load_after'])} (other jobs share the 2 cores: absolute times are "
+             f"noisy, ratios measured within one run less so). Whole run: {res['wall_s']:.0f} s. "
+             "No GPU numbers: this task had no GPU machine.", ""]
+    if "peak" in res:
+        lines += ["## Matmul peak (the physical reference)", "", "| dtype | GFLOP/s | best n (n x n @ n x n) |",
+                  "|---|---|---|"]
+        for k, v in res["peak"].items():
+            lines.append(f"| {k} | {v['flops'] / 1e9:.0f} | {v['n']} |")
+        if "peak_other_threads" in res:
+            o = res["peak_other_threads"]
+            lines += ["", f"At {o['threads']} thread(s) in the same run: fp32 {o['fp32'] / 1e9:.0f}, bf16 "
+                          f"{o['bf16'] / 1e9:.0f} GFLOP/s. MFU below is against the peak at {res['threads']} "
+                          "thread(s), the count every step ran with."]
+        lines.append("")
+    if res.get("rows"):
+        lines += ["## Steps", "",
+                  "| stage | size | dtype | batch (rows x padded T) | step s (median) | real tok/s | GFLOP/step | "
+                  "GFLOP/s | MFU | peak RSS MB | time / vanilla RM | FLOP-ideal |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in res["rows"]:
+            ratio = f"{r['ratio']:.2f}" if "ratio" in r else ""
+            ideal = f"{r['ideal']:.2f}" if "ideal" in r else ""
+            if "speedup" in r and r["stage"].endswith("KV cache"):
+                ratio = f"cache speed-up {r['speedup']:.1f}x"
+            lines.append(f"| {r['stage']} | {r['size']} | {r['dtype']} | {r['batch']} | {r['step_s']:.4f} | "
+                         f"{r['tokens_per_s']:.0f} | {r['flops'] / 1e9:.2f} | {r['flops_per_s'] / 1e9:.1f} | "
+                         f"{100 * r['mfu']:.1f}% | {r['peak_rss_mb']:.0f} | {ratio} | {ideal} |")
+        lines.append("")
+        bf = {}
+        for r in res["rows"]:
+            bf.setdefault((r["stage"], r["size"]), {})[r["dtype"]] = r["step_s"]
+        pairs = [(k, v) for k, v in bf.items() if "fp32" in v and "bf16" in v]
+        if pairs:
+            lines += ["bf16 autocast speed-up (fp32 step time / bf16 step time): " + "; ".join(
+                f"{s} {z} {v['fp32'] / v['bf16']:.2f}x" for (s, z), v in pairs), ""]
+    if res.get("ppo_forward_counts"):
+        lines += ["## PPO forward passes per iteration (forward hooks on the four root modules)", "",
+                  "| run | rollouts | generation (policy calls) | make_experience: calls / rows per model | "
+                  "ppo_update: calls / rows |", "|---|---|---|---|---|"]
+        for k, c in res["ppo_forward_counts"].items():
+            me = ", ".join(f"{n} {v['calls']}/{v['rows']}" for n, v in c["make_experience"].items())
+            up = ", ".join(f"{n} {v['calls']}/{v['rows']}" for n, v in c["ppo_update"].items() if v["calls"])
+            lines.append(f"| {k} | {c['rollouts']} | {c['generation']['policy']['calls']} (R = {c['response_len']})"
+                         f" | {me} | {up} |")
+        lines.append("")
+    if res.get("profile"):
+        lines += ["## Where a medium bf16 step spends its time (torch.profiler, self CPU time)", ""]
+        for stage, p in res["profile"].items():
+            lines.append(f"- {stage} step ({p['wall_s_profiled']:.2f} s under the profiler): " + ", ".join(
+                f"{k} {100 * v:.0f}%" for k, v in p["shares"].items()))
+            lines.append("  top ops: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in p["top_ops"]))
+        lines.append("")
+    if res.get("world2") and "error" not in res["world2"]:
+        lines += [f"## 1 process ({res['threads']} thread(s)) vs 2 processes (torchrun, gloo, FSDP2, 1 thread each), "
+                  "same global batch",
+                  "", "| size | step | world 1 s | world 2 s | world 1 / world 2 |", "|---|---|---|---|---|"]
+        for size, v in res["world2"].items():
+            if size == "torchrun_wall_s":
+                continue
+            for step in v["world1"]:
+                a, b = statistics.median(v["world1"][step]), statistics.median(v["world2"][step])
+                lines.append(f"| {size} | {step} (fp32) | {a:.4f} | {b:.4f} | {a / b:.2f} |")
+        lines.append("")
+    # The hand-written reading of the numbers (from "## Reading" on) is kept when the tables are regenerated.
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = f.read()
+        if "\n## Reading" in old:
+            lines.append(old[old.index("\n## Reading") + 1:].rstrip("\n"))
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    args = common.parse_args(Args, argv)
+    os.makedirs(args.workdir, exist_ok=True)
+    if args.worker:
+        worker(args)
+        return
+    torch.set_num_threads(args.threads)
+    parts = set(args.parts.split(","))
+    t_start = time.time()
+    res: dict[str, Any] = {"machine": machine(), "threads": args.threads, "args": dataclasses.asdict(args),
+                           "rows": []}
+    peaks = {"fp32": 1.0, "bf16": 1.0}
+    if "peak" in parts:
+        res["peak"] = {"fp32": matmul_peak(torch.float32, 10), "bf16": matmul_peak(torch.bfloat16, 10)}
+        peaks = {k: v["flops"] for k, v in res["peak"].items()}
+        other = 2 if args.threads == 1 else 1  # the peak at the other thread count, for reference
+        torch.set_num_threads(other)
+        res["peak_other_threads"] = {"threads": other, "fp32": matmul_peak(torch.float32, 5)["flops"],
+                                     "bf16": matmul_peak(torch.bfloat16, 5)["flops"]}
+        torch.set_num_threads(args.threads)
+        print("peak GFLOP/s: " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in peaks.items()), flush=True)
+    res["ppo_forward_counts"] = {}
+    for size in args.sizes.split(","):
+        w = Workload(make_testbed(args.workdir, size, args.seed), args.seed)
+        stages: list[tuple[str, Callable[[], Any]]] = []
+        if parts & {"sft", "rm", "meta"}:
+            stages.append(("training", lambda: res["rows"].extend(bench_training(w, size, args, peaks, parts))))
+        if "ppo" in parts:
+            def run_ppo():
+                rows, checks = bench_ppo(w, size, args, peaks)
+                res["rows"].extend(rows)
+                res["ppo_forward_counts"].update(checks)
+            stages.append(("ppo", run_ppo))
+        if "gen" in parts:
+            stages.append(("gen", lambda: res["rows"].extend(bench_generation(w, size, args, peaks))))
+        if "profile" in parts and size == "medium":
+            stages.append(("profile", lambda: res.__setitem__("profile", bench_profile(w, args))))
+        for name, fn in stages:
+            t0 = time.time()
+            n = len(res["rows"])
+            fn()
+            for r in res["rows"][n:]:
+                print(f"{r['stage']:32s} {r['size']:6s} {r['dtype']} {r['step_s']:.4f} s  MFU {100 * r['mfu']:.1f}%"
+                      + (f"  ratio {r['ratio']:.2f} (ideal {r['ideal']:.2f})" if "ratio" in r else ""), flush=True)
+            print(f"[{size} {name}: {time.time() - t0:.0f} s, load {os.getloadavg()[0]:.2f}]", flush=True)
+    if "world2" in parts:
+        t0 = time.time()
+        res["world2"] = bench_world2(args)
+        print(f"[world2: {time.time() - t0:.0f} s] {json.dumps(res['world2'])[:400]}", flush=True)
+    res["machine"]["load_after"] = os.getloadavg()
+    res["wall_s"] = time.time() - t_start
+    with open(args.out_json, "w") as f:
+        json.dump(res, f, indent=1)
+    write_markdown(res, args.out_md)
+    print(f"wrote {args.out_md} and {args.out_json} ({res['wall_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    common.run_main(main)
