@@ -9,7 +9,8 @@ Batches are the default pipeline's (pipeline.py TESTBED): SFT 32 examples, RM n 
 k = 5, max length 64; PPO 16 prompts x 4 rollouts, 32 new tokens, 2 epochs of mini-batches of 32.
 
 Commands
-    python bench.py                                  # everything, tiny and medium, ~8 min on 2 cores
+    python bench.py                                  # everything, tiny and medium, ~9 min on 2 cores
+    python bench.py --threads 1 --repeats 4          # what BENCHMARKS.md holds (a machine shared with other jobs)
     python bench.py --parts peak,rm,meta --sizes tiny --repeats 3        # a part of it
     python bench.py --no-world2                      # without the torchrun (2-process) sub-run
 The tables go to BENCHMARKS.md (--out-md) and the numbers to benchmarks.json (--out-json).
