@@ -10,6 +10,7 @@ Commands
     python reward.py                                             # 1 process, CPU, the built-in testbed
     torchrun --standalone --nproc_per_node=2 reward.py           # FSDP2 over 2 processes (gloo on CPU)
     torchrun --nproc_per_node=8 reward.py --model runs/llama2-sft --train hh_train.jsonl --test hh_test.jsonl --bf16
+    python reward.py --model runs/smollm2-sft --train helpful-base/train.jsonl.gz --test helpful-base/test.jsonl.gz
 
 Paper defaults (Llama-2-7B): lr 5e-6, global batch 16 pairs, 1 epoch.
 

@@ -7,6 +7,7 @@ Commands
     python sft.py                                               # 1 process, CPU, the built-in testbed
     torchrun --standalone --nproc_per_node=2 sft.py             # FSDP2 over 2 processes (gloo on CPU)
     torchrun --nproc_per_node=8 sft.py --model meta-llama/Llama-2-7b-hf --data hh_sft.jsonl --bf16   # GPUs
+    python sft.py --model runs/smollm2 --data helpful-base/train.jsonl.gz --out runs/smollm2-sft  # SmolLM2, HH-RLHF
 
 Paper defaults (Llama-2-7B): lr 2e-5, 2 epochs, warm-up 0.3 epoch then linear decay to 0, global batch 32.
 
