@@ -28,7 +28,9 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
+import time
 import typing
 from typing import Any, Callable, Iterable
 
@@ -44,6 +46,10 @@ class UserError(Exception):
     """A problem with the user's input (a file, a flag, a checkpoint): reported as one line, exit status 2."""
 
 
+class NothingToDo(Exception):
+    """`--resume` found a finished run: reported as one line, exit status 0."""
+
+
 def run_main(main: Callable[[], Any]) -> None:
     """Call `main()`; turn a `UserError` into one line on stderr (rank 0 only) and exit status 2.
 
@@ -52,6 +58,8 @@ def run_main(main: Callable[[], Any]) -> None:
     """
     try:
         main()
+    except NothingToDo as e:
+        print0(str(e))
     except UserError as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
@@ -482,18 +490,34 @@ class MetricsLog:
                 f.write(json.dumps(metrics) + "\n")
 
 
-def prepare_output(folder: str, overwrite: bool) -> None:
+def prepare_output(folder: str, overwrite: bool, resume: bool = False, state: dict | None = None) -> None:
     """Refuse to write into a folder that already holds files, unless --overwrite (then its old metrics.jsonl is
-    removed; its checkpoint files are replaced only when the new checkpoint is complete, see `save_model`)."""
+    removed; its checkpoint files are replaced only when the new checkpoint is complete, see `save_model`) or
+    --resume (`state` from `resume_state`: metrics.jsonl is cut back to the lines written before that checkpoint,
+    so the resumed run appends exactly what the interrupted one would have; no state: a fresh start)."""
     exists = os.path.isdir(folder) and len(os.listdir(folder)) > 0
-    check(not exists or overwrite, f"{folder}: output folder already holds files (pass --overwrite to replace them)")
+    check(not exists or overwrite or resume,
+          f"{folder}: output folder already holds files (pass --resume to continue that run, --overwrite to replace it)")
     check(not os.path.exists(folder) or os.path.isdir(folder), f"{folder}: exists and is not a folder")
     if dist.is_initialized():
         dist.barrier()  # every rank has checked before rank 0 creates the folder
     if is_main():
         os.makedirs(folder, exist_ok=True)
-        if overwrite and os.path.exists(os.path.join(folder, "metrics.jsonl")):
-            os.remove(os.path.join(folder, "metrics.jsonl"))
+        metrics = os.path.join(folder, "metrics.jsonl")
+        if state is not None and os.path.exists(metrics):
+            with open(metrics) as f:
+                lines = f.readlines()[: state["metrics_lines"]]
+            write_lines(metrics, lines)
+        elif (overwrite or resume) and os.path.exists(metrics):
+            os.remove(metrics)
+
+
+def write_lines(path: str, lines: list[str]) -> None:
+    """Replace a text file atomically (temporary file, then rename)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -557,7 +581,8 @@ def all_reduce_sum(x: float, world: int) -> float:
 
 
 class NonFiniteError(UserError):
-    """A loss or gradient became NaN/inf: the stage stops, naming the step and quantity; no checkpoint is written."""
+    """A loss or gradient became NaN/inf: the stage stops, naming the step and quantity; no checkpoint is written.
+    The check comes before anything is saved in that step, so the last checkpoint holds finite weights."""
 
 
 def check_finite(value: float, what: str) -> None:
@@ -565,13 +590,14 @@ def check_finite(value: float, what: str) -> None:
         raise NonFiniteError(f"{what} is {value}; stopping (the last saved checkpoint is untouched)")
 
 
-def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
-    """Clip the global gradient norm (over all ranks under FSDP2) and return the norm before clipping."""
+def clip_grad_norm(model: torch.nn.Module, max_norm: float, what: str = "gradient norm") -> float:
+    """Clip the global gradient norm (over all ranks under FSDP2) and return the norm before clipping; a non-finite
+    norm stops the stage (`what` names it in the message, e.g. "sft step 12: gradient norm")."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
         norm = norm.full_tensor()
     norm = norm.item()
-    check_finite(norm, "gradient norm")
+    check_finite(norm, what)
     return norm
 
 
@@ -665,12 +691,14 @@ def full_state_dict(model: torch.nn.Module, world: int) -> dict[str, torch.Tenso
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save_model(model: torch.nn.Module, tokenizer: Any, folder: str, world: int, args: Any = None) -> None:
+def save_model(model: torch.nn.Module, tokenizer: Any, folder: str, world: int, args: Any = None,
+               trainer_state: dict | None = None) -> None:
     """Save a checkpoint that `from_pretrained` loads with transformers alone: config, safetensors, tokenizer,
-    and the run's args.json. All ranks must call it (gathering the shards is collective); rank 0 writes.
+    the run's args.json and, for `--resume`, `trainer_state` (from `training_state`) as trainer_state.pt. All ranks
+    must call it (gathering the shards is collective); rank 0 writes.
 
     The folder is written under a temporary name and renamed into place, so a crash in the middle of a save leaves
-    the previous checkpoint untouched. A plain copy of the model class is built on the meta device and given the
+    the previous checkpoint untouched (and the trainer state always belongs to the weights beside it). A plain copy of the model class is built on the meta device and given the
     gathered tensors, so the saved config names the plain architecture (not the FSDP wrapper).
     """
     state = full_state_dict(model, world)
@@ -691,18 +719,45 @@ def save_model(model: torch.nn.Module, tokenizer: Any, folder: str, world: int, 
         tokenizer.save_pretrained(tmp)
         if args is not None:
             save_args(args, tmp)
+        if trainer_state is not None:
+            torch.save(trainer_state, os.path.join(tmp, TRAINER_STATE))
         old = folder.rstrip("/") + ".old"
         if os.path.isdir(folder):  # keep the files that are not part of the checkpoint (metrics.jsonl, ...)
             for name in os.listdir(folder):
-                if not os.path.exists(os.path.join(tmp, name)) and os.path.isfile(os.path.join(folder, name)):
+                if (not os.path.exists(os.path.join(tmp, name)) and os.path.isfile(os.path.join(folder, name))
+                        and name != TRAINER_STATE):  # an old trainer state would not match the new weights
                     shutil.copy2(os.path.join(folder, name), os.path.join(tmp, name))
+        _fsync_folder(tmp)
+        # Test-only hook (tests/test_reliability.py), never set in normal runs: pause between the complete temporary
+        # folder and the rename, after printing a marker, so that a test can SIGKILL the process in mid-save.
+        if os.environ.get("METARM_TEST_SLOW_SAVE"):
+            print(f"test hook: {tmp} written, renaming in {os.environ['METARM_TEST_SLOW_SAVE']} s", flush=True)
+            time.sleep(float(os.environ["METARM_TEST_SLOW_SAVE"]))
         if os.path.exists(folder):
             shutil.rmtree(old, ignore_errors=True)
             os.replace(folder, old)
-        os.replace(tmp, folder)
+        os.replace(tmp, folder)  # between these two renames the previous checkpoint is FOLDER.old (see recover_save)
         shutil.rmtree(old, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
+    # Test-only hook, never set in normal runs: die like a preempted job (SIGKILL) right after the n-th save.
+    global _saves_done
+    _saves_done += 1
+    if os.environ.get("METARM_TEST_DIE_AFTER_SAVES") == str(_saves_done):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_saves_done = 0  # completed saves of this process (for the test-only hook above)
+
+
+def _fsync_folder(folder: str) -> None:
+    """Flush every file of `folder` to disk before it is renamed into place (a rename can reach the disk before the
+    data it names; after a power loss the checkpoint would then be there but empty)."""
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
 
 
 def _unwrapped_class(model: torch.nn.Module) -> type:
@@ -710,6 +765,114 @@ def _unwrapped_class(model: torch.nn.Module) -> type:
     from torch.distributed.fsdp import FSDPModule
 
     return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resuming (--save-every N, --resume): everything a run needs to continue bit for bit from a checkpoint. The trainer
+# state is one file inside the checkpoint folder, so the atomic rename of `save_model` covers it with the weights.
+# ---------------------------------------------------------------------------------------------------------------
+TRAINER_STATE = "trainer_state.pt"
+SAVE_EVERY_HELP = ("every N optimiser steps, save a resumable checkpoint into --out (weights, optimiser, data order, "
+                   "RNG states; continue with --resume); 0 = only the final model, which is then not resumable")
+RESUME_HELP = ("continue the run in --out from its latest --save-every checkpoint (the same essential flags are "
+               "required); a folder without one starts from scratch")
+
+
+def training_state(step: int, optimizers: list[tuple[torch.nn.Module, torch.optim.Optimizer]], world: int,
+                   metrics: "MetricsLog", finished: bool = False, **extra: Any) -> dict | None:
+    """The trainer state after `step` optimiser steps: each optimiser's full state (gathered from the FSDP2 shards),
+    the RNG states of every rank (python, numpy, torch, CUDA), how many metrics lines were written, and the stage's
+    `extra` (its data order and generator states). Collective (every rank calls it); rank 0 gets it, others None."""
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    rngs = [rng]
+    if world > 1:
+        rngs = [None] * world if is_main() else None
+        dist.gather_object(rng, rngs, dst=0)
+    # a finished run is never continued, so its final save skips the optimiser state (as large as 2 models for Adam)
+    optimizer_states = [] if finished else [_optimizer_state(model, opt, world) for model, opt in optimizers]
+    if not is_main():
+        return None
+    lines = 0
+    if os.path.exists(metrics.path):
+        with open(metrics.path) as f:
+            lines = sum(1 for _ in f)
+    return dict(step=step, finished=finished, optimizers=optimizer_states, rng=rngs, metrics_lines=lines,
+                extra=extra)
+
+
+def _optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, world: int) -> dict:
+    if world == 1:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def resume_state(args: Any, essential: Iterable[str]) -> dict | None:
+    """For --resume: the trainer state of the checkpoint in args.out, or None when it holds no checkpoint yet (the
+    run then starts from scratch). Refuses a checkpoint written with different `essential` flags (data, model, batch,
+    learning rate, seed: anything that changes the result) and one saved without --save-every (no trainer state).
+    A finished run (its final save) raises `NothingToDo`. Call before `prepare_output`."""
+    folder = args.out
+    recover_save(folder)
+    path = os.path.join(folder, TRAINER_STATE)
+    if not os.path.exists(path):
+        check(not os.path.exists(os.path.join(folder, "config.json")),
+              f"{folder}: --resume: this checkpoint has no {TRAINER_STATE} (it was saved without --save-every); "
+              "pass --overwrite to start again")
+        print0(f"--resume: no checkpoint in {folder} yet, starting from scratch")
+        return None
+    with open(os.path.join(folder, "args.json")) as f:
+        saved = json.load(f)
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(args, k)!r}" for k in essential
+               if saved.get(k) != getattr(args, k)]
+    check(not changed, f"{folder}: --resume with different settings than the checkpoint ({'; '.join(changed)}); "
+                       "use the same flags, or --overwrite / another --out for a new run")
+    state = torch.load(path, weights_only=False, mmap=True)  # our own file (it holds numpy/python RNG states)
+    if state["finished"]:
+        raise NothingToDo(f"--resume: {folder} is a finished run ({state['step']} steps); nothing to do")
+    print0(f"--resume: continuing {folder} after step {state['step']}")
+    return state
+
+
+def restore_training_state(state: dict, optimizers: list[tuple[torch.nn.Module, torch.optim.Optimizer]],
+                           world: int, rank: int) -> dict:
+    """Put the optimisers and this rank's RNG states back as `training_state` saved them; return the stage's
+    `extra`. Call after every model is built (building a model draws random numbers). At another world size the
+    data order still resumes exactly, but the per-rank RNG streams cannot, so they are left as seeded (a note)."""
+    for (model, opt), saved in zip(optimizers, state["optimizers"]):
+        if world == 1:
+            opt.load_state_dict(saved)
+        else:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(model, opt, saved, options=StateDictOptions(full_state_dict=True))
+    if len(state["rng"]) == world:
+        rng = state["rng"][rank]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    else:
+        print0(f"note: the checkpoint was written by {len(state['rng'])} processes, this run has {world}: random "
+               "streams (sampling) are not those of the interrupted run; data order and optimiser are")
+    return state["extra"]
+
+
+def recover_save(folder: str) -> None:
+    """A save killed between its two renames (see `save_model`) leaves the previous checkpoint as FOLDER.old and no
+    FOLDER: move it back. A leftover FOLDER.tmp is an incomplete save and is removed."""
+    if is_main():
+        old, tmp = folder.rstrip("/") + ".old", folder.rstrip("/") + ".tmp"
+        if not os.path.exists(folder) and os.path.isdir(old):
+            os.replace(old, folder)
+            print0(f"note: an interrupted save left the previous checkpoint in {old}; moved it back to {folder}")
+        shutil.rmtree(tmp, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
 
 
 # ---------------------------------------------------------------------------------------------------------------

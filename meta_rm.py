@@ -107,6 +107,13 @@ class Args:
     log_every: int = arg(10, "print a metrics line every N steps")
     log_adapted_every: int = arg(1, "measure J(θ') (one extra forward of X_s) every N steps; 0 = never")
     overwrite: bool = arg(False, "replace an existing output folder")
+    save_every: int = arg(0, common.SAVE_EVERY_HELP)
+    resume: bool = arg(False, common.RESUME_HELP)
+
+
+# --resume refuses a checkpoint written with other values of these (they change what the run computes)
+ESSENTIAL = ("model", "train", "meta", "data_format", "preference", "chat_template", "lr", "eta", "meta_order",
+             "optimizer", "normalize_ascent", "batch_size", "meta_batch_size", "max_len", "grad_clip", "seed", "bf16")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -360,13 +367,14 @@ def main(argv: list[str] | None = None) -> None:
     test_pairs = common.read_pairs(args.test, args.data_format, args.preference) if args.test else []
     meta_items, k = read_meta_set(args.meta)
     heldout = read_meta_set(args.meta_heldout)[0] if args.meta_heldout else []
-    common.prepare_output(args.out, args.overwrite)
+    state = common.resume_state(args, ESSENTIAL) if args.resume else None  # None: start from scratch
+    common.prepare_output(args.out, args.overwrite, args.resume, state)
     common.seed_everything(args.seed, 0)
 
     # ---- models and optimiser ----
     # Order 2 differentiates twice through attention; the fused SDPA kernels have no double backward.
     attn = {"attn_implementation": "eager"} if args.meta_order == 2 else {}
-    model, tokenizer = reward.load_reward_model(args.model, world, device, **attn)
+    model, tokenizer = reward.load_reward_model(args.out if state else args.model, world, device, **attn)
     model.train()
     twin = None
     if impl == "functional" and world > 1:
@@ -403,14 +411,27 @@ def main(argv: list[str] | None = None) -> None:
             log.log(step=step, **{"eval_" + key: v for key, v in metrics.items()})
             common.print0(f"eval @ {step}: " + ", ".join(f"{key} {v:.4f}" for key, v in metrics.items()))
 
-    run_eval(0)  # the starting point, so every change is visible
+    if state is None:
+        run_eval(0)  # the starting point, so every change is visible
 
     # ---- loop: Algorithm 1 ----
     pair_gen = torch.Generator().manual_seed(args.seed)  # same on every rank: all ranks agree on X_t and X_s
     meta_gen = torch.Generator().manual_seed(args.seed + 1)
     pair_order: list[int] = []
     meta_order: list[int] = []
-    bar = tqdm(range(total_steps), desc=f"meta_rm (order {args.meta_order})", disable=not common.is_main())
+    start = 0
+    if state:  # --resume: optimiser, RNG states, and the orders of D and S where the checkpoint left them
+        extra = common.restore_training_state(state, [(model, optimizer)], world, rank)
+        start, pair_order, meta_order = state["step"], extra["pair_order"], extra["meta_order"]
+        pair_gen.set_state(extra["pair_gen"])
+        meta_gen.set_state(extra["meta_gen"])
+
+    def trainer_state(step: int, finished: bool = False) -> dict | None:  # what --resume needs (collective)
+        return common.training_state(step, [(model, optimizer)], world, log, finished, pair_order=list(pair_order),
+                                     meta_order=list(meta_order), pair_gen=pair_gen.get_state(),
+                                     meta_gen=meta_gen.get_state())
+
+    bar = tqdm(range(start, total_steps), desc=f"meta_rm (order {args.meta_order})", disable=not common.is_main())
     t0 = time.time()
     for step in bar:
         # Alg.1 l.2: X_t ← n pairs from D (one epoch in a shuffled order)
@@ -453,20 +474,23 @@ def main(argv: list[str] | None = None) -> None:
                                                args.normalize_ascent, args.bf16, measure)
 
         # Alg.1 l.7: θ_{t+1} = θ_t − α ∇θ L_θ'(X_t)   (AdamW with lr α, or plain SGD)
-        grad_norm = common.clip_grad_norm(model, args.grad_clip)
+        grad_norm = common.clip_grad_norm(model, args.grad_clip, f"meta_rm step {step + 1}: gradient norm")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
         common.check_finite(stats["L_adapted"], f"meta_rm step {step + 1}: L(θ')")
-        log.log(step=step + 1, grad_norm=grad_norm, **stats, s_per_step=(time.time() - t0) / (step + 1))
+        log.log(step=step + 1, grad_norm=grad_norm, **stats, s_per_step=(time.time() - t0) / (step + 1 - start))
         bar.set_postfix(L=f"{stats['L_adapted']:.3f}", J=f"{stats['J']:.4f}")
         if (step + 1) % args.log_every == 0 or step + 1 == total_steps:
             common.print0(f"step {step + 1}/{total_steps} " + " ".join(f"{key} {v:.4g}" for key, v in stats.items()))
         if args.eval_every > 0 and (step + 1) % args.eval_every == 0 and step + 1 < total_steps:
             run_eval(step + 1)
+        if args.save_every > 0 and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
+            common.save_model(model, tokenizer, args.out, world, args, trainer_state(step + 1))
 
     run_eval(total_steps)
-    common.save_model(model, tokenizer, args.out, world, args)
+    common.save_model(model, tokenizer, args.out, world, args,
+                      trainer_state(total_steps, finished=True) if args.save_every > 0 else None)
     common.print0(f"saved {args.out}")
 
 

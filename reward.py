@@ -64,6 +64,13 @@ class Args:
     eval_batch_size: int = arg(32, "pairs per forward pass during evaluation")
     log_every: int = arg(10, "print a metrics line every N steps")
     overwrite: bool = arg(False, "replace an existing output folder")
+    save_every: int = arg(0, common.SAVE_EVERY_HELP)
+    resume: bool = arg(False, common.RESUME_HELP)
+
+
+# --resume refuses a checkpoint written with other values of these (they change what the run computes)
+ESSENTIAL = ("model", "train", "data_format", "preference", "chat_template", "lr", "batch_size", "max_len",
+             "grad_clip", "seed", "bf16")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -184,11 +191,12 @@ def main(argv: list[str] | None = None) -> None:
     total_steps = math.floor(steps_per_epoch * args.epochs)
     if args.max_steps > 0:
         total_steps = min(total_steps, args.max_steps)
-    common.prepare_output(args.out, args.overwrite)
+    state = common.resume_state(args, ESSENTIAL) if args.resume else None  # None: start from scratch
+    common.prepare_output(args.out, args.overwrite, args.resume, state)
     common.seed_everything(args.seed, 0)  # same head initialisation on every rank (rank 0's is broadcast anyway)
 
     # ---- model and optimiser ----
-    model, tokenizer = load_reward_model(args.model, world, device)
+    model, tokenizer = load_reward_model(args.out if state else args.model, world, device)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     log = common.MetricsLog(os.path.join(args.out, "metrics.jsonl"))
@@ -206,8 +214,18 @@ def main(argv: list[str] | None = None) -> None:
     # ---- loop ----
     data_gen = torch.Generator().manual_seed(args.seed)  # same on every rank: all ranks agree on the batch
     order: list[int] = []
-    bar = tqdm(range(total_steps), desc="reward", disable=not common.is_main())
-    t0, n_truncated = time.time(), 0
+    start, n_truncated = 0, 0
+    if state:  # --resume: optimiser, RNG states, and the data order where the checkpoint left it
+        extra = common.restore_training_state(state, [(model, optimizer)], world, rank)
+        start, order, n_truncated = state["step"], extra["order"], extra["n_truncated"]
+        data_gen.set_state(extra["data_gen"])
+
+    def trainer_state(step: int, finished: bool = False) -> dict | None:  # what --resume needs (collective)
+        return common.training_state(step, [(model, optimizer)], world, log, finished, order=list(order),
+                                     data_gen=data_gen.get_state(), n_truncated=n_truncated)
+
+    bar = tqdm(range(start, total_steps), desc="reward", disable=not common.is_main())
+    t0 = time.time()
     for step in bar:
         if not order:
             order = torch.randperm(len(pairs), generator=data_gen).tolist()[: steps_per_epoch * args.batch_size]
@@ -228,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
             (loss * len(part) / args.batch_size * world).backward()
             loss_sum += loss.item() * len(part)
             correct += (r_w > r_l).sum().item()
-        grad_norm = common.clip_grad_norm(model, args.grad_clip)
+        grad_norm = common.clip_grad_norm(model, args.grad_clip, f"reward step {step + 1}: gradient norm")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -236,17 +254,20 @@ def main(argv: list[str] | None = None) -> None:
         common.check_finite(loss, f"reward step {step + 1}: loss")
         acc = common.all_reduce_sum(correct, world) / args.batch_size
         log.log(step=step + 1, loss=loss, acc=acc, grad_norm=grad_norm,
-                pairs_per_s=(step + 1) * args.batch_size / max(time.time() - t0, 1e-9))
+                pairs_per_s=(step + 1 - start) * args.batch_size / max(time.time() - t0, 1e-9))
         bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}")
         if (step + 1) % args.log_every == 0 or step + 1 == total_steps:
             common.print0(f"step {step + 1}/{total_steps} loss {loss:.4f} acc {acc:.3f} grad_norm {grad_norm:.3f}")
         if args.eval_every > 0 and (step + 1) % args.eval_every == 0 and step + 1 < total_steps:
             run_eval(step + 1)
+        if args.save_every > 0 and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
+            common.save_model(model, tokenizer, args.out, world, args, trainer_state(step + 1))
 
     run_eval(total_steps)
     if n_truncated:
         common.print0(f"note: {n_truncated} sequences were longer than --max-len {args.max_len} and were truncated")
-    common.save_model(model, tokenizer, args.out, world, args)
+    common.save_model(model, tokenizer, args.out, world, args,
+                      trainer_state(total_steps, finished=True) if args.save_every > 0 else None)
     common.print0(f"saved {args.out}")
 
 

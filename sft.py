@@ -65,6 +65,13 @@ class Args:
     eval_samples: int = arg(64, "how many eval prompts to sample after training")
     max_new_tokens: int = arg(48, "maximum new tokens when sampling after training")
     overwrite: bool = arg(False, "replace an existing output folder")
+    save_every: int = arg(0, common.SAVE_EVERY_HELP)
+    resume: bool = arg(False, common.RESUME_HELP)
+
+
+# --resume refuses a checkpoint written with other values of these (they change what the run computes)
+ESSENTIAL = ("model", "data", "data_format", "preference", "chat_template", "lr", "epochs", "warmup_epochs",
+             "batch_size", "max_len", "grad_clip", "seed", "bf16", "max_steps")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -125,13 +132,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_steps > 0:
         total_steps = min(total_steps, args.max_steps)
     warmup_steps = max(1, round(steps_per_epoch * args.warmup_epochs))
-    common.prepare_output(args.out, args.overwrite)
+    state = common.resume_state(args, ESSENTIAL) if args.resume else None  # None: start from scratch
+    common.prepare_output(args.out, args.overwrite, args.resume, state)
     common.print0(f"sft: {len(examples)} examples ({n_truncated} truncated to {args.max_len} tokens), "
                   f"{total_steps} steps of {args.batch_size} = {args.micro_batch_size} x {accum} accumulation x "
                   f"{world} processes")
 
     # ---- model and optimiser ----
-    model = common.load_model(AutoModelForCausalLM, args.model, world, device)
+    model = common.load_model(AutoModelForCausalLM, args.out if state else args.model, world, device)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     log = common.MetricsLog(os.path.join(args.out, "metrics.jsonl"))
@@ -139,7 +147,17 @@ def main(argv: list[str] | None = None) -> None:
     # ---- loop ----
     data_gen = torch.Generator().manual_seed(args.seed)  # same on every rank: all ranks agree on the batch
     order: list[int] = []
-    bar = tqdm(range(total_steps), desc="sft", disable=not common.is_main())
+    start = 0
+    if state:  # --resume: optimiser, RNG states, and the data order where the checkpoint left it
+        extra = common.restore_training_state(state, [(model, optimizer)], world, rank)
+        start, order = state["step"], extra["order"]
+        data_gen.set_state(extra["data_gen"])
+
+    def trainer_state(step: int, finished: bool = False) -> dict | None:  # what --resume needs (collective)
+        return common.training_state(step, [(model, optimizer)], world, log, finished, order=list(order),
+                                     data_gen=data_gen.get_state())
+
+    bar = tqdm(range(start, total_steps), desc="sft", disable=not common.is_main())
     t0, tokens_seen = time.time(), 0
     for step in bar:
         if not order:
@@ -166,12 +184,12 @@ def main(argv: list[str] | None = None) -> None:
             loss_sum = sft_loss_sum(logits, labels)
             (loss_sum * world / n_tokens).backward()
             nll += loss_sum.item()
-        grad_norm = common.clip_grad_norm(model, args.grad_clip)
+        grad_norm = common.clip_grad_norm(model, args.grad_clip, f"sft step {step + 1}: gradient norm")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
         loss = common.all_reduce_sum(nll, world) / n_tokens
-        common.check_finite(loss, f"sft step {step}: loss")
+        common.check_finite(loss, f"sft step {step + 1}: loss")
         tokens_seen += sum(len(ids) for ids, _ in batch)
         metrics = dict(step=step + 1, loss=loss, lr=lr, grad_norm=grad_norm,
                        tokens_per_s=tokens_seen / max(time.time() - t0, 1e-9))
@@ -180,9 +198,12 @@ def main(argv: list[str] | None = None) -> None:
         if (step + 1) % args.log_every == 0 or step + 1 == total_steps:
             common.print0(f"step {step + 1}/{total_steps} loss {loss:.4f} lr {lr:.3e} grad_norm {grad_norm:.3f} "
                           f"tok/s {metrics['tokens_per_s']:.0f}")
+        if args.save_every > 0 and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
+            common.save_model(model, tokenizer, args.out, world, args, trainer_state(step + 1))
 
-    # ---- save ----
-    common.save_model(model, tokenizer, args.out, world, args)
+    # ---- save (with the trainer state when --save-every asked for resumable checkpoints) ----
+    common.save_model(model, tokenizer, args.out, world, args,
+                      trainer_state(total_steps, finished=True) if args.save_every > 0 else None)
     common.print0(f"saved {args.out}")
 
     # ---- what the SFT model does: EOS rate, and gold reward on the testbed ----

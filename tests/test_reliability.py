@@ -1,0 +1,122 @@
+"""Reliability (issue 8): exact resume, crash-safe checkpoints, the NaN guard.
+
+Resume. Each stage runs 4 optimiser steps twice with --save-every 2: straight through, and "crashed" — the test-only
+hook METARM_TEST_DIE_AFTER_SAVES=1 makes the process SIGKILL itself right after its first checkpoint (step 2, as a
+preempted job would die), then the same command with --resume runs steps 3-4. fp32 on CPU is deterministic, and the
+checkpoint holds everything the remaining steps read (weights, optimiser moments, data order and generator, RNG
+states), so the two final models must be bit-identical (torch.equal) and the metrics lines identical except the
+wall-clock ones (throughput, seconds per step).
+
+Crash in mid-save. METARM_TEST_SLOW_SAVE makes common.save_model print a marker and sleep after writing the temporary
+folder, before the rename; the test SIGKILLs the process at the second save's marker. The first checkpoint must
+still be complete, load with transformers, and equal what the first save wrote; --resume then finishes the run.
+
+The runs are subprocesses (the kills need them), launched two at a time.
+"""
+import concurrent.futures
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, run_command, subprocess_env
+
+TIMING = {"tokens_per_s", "pairs_per_s", "s_per_step"}  # wall-clock metrics: differ between any two runs
+
+
+def metrics(folder: str) -> list[dict]:
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in f]
+
+
+def assert_same_model(a: str, b: str) -> None:
+    wa, wb = load_file(os.path.join(a, "model.safetensors")), load_file(os.path.join(b, "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def command(args: list[str], nproc: int = 1) -> list[str]:
+    """`python args...` or `torchrun --standalone --nproc_per_node=N args...`, as conftest.run_command runs them."""
+    if nproc == 1:
+        return [sys.executable, *args]
+    return [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", f"--nproc_per_node={nproc}",
+            *args]
+
+
+def run_env(args: list[str], nproc: int = 1, **env: str) -> tuple[int, str, str]:
+    """run_command with extra environment variables (the test-only hooks), for this one process only."""
+    p = subprocess.run(command(args, nproc), cwd=REPO, env={**subprocess_env(), **env}, capture_output=True,
+                       text=True, timeout=300)
+    return p.returncode, p.stdout, p.stderr
+
+
+@pytest.fixture(scope="module")
+def meta_set(world, tmp_path_factory):
+    """A meta set S of fixed texts (k = 3 responses per prompt) from the training pairs."""
+    path = str(tmp_path_factory.mktemp("S") / "S.jsonl")
+    pairs = [json.loads(line) for line in open(world.pairs_train)]
+    with open(path, "w") as f:
+        for i in range(16):
+            f.write(json.dumps({"prompt": pairs[i]["prompt"], "responses": [
+                pairs[i]["chosen"], pairs[i]["rejected"], pairs[i + 1]["chosen"]]}) + "\n")
+    return path
+
+
+def stage_flags(stage: str, world, meta_set: str) -> list[str]:
+    """4 steps at toy size, a checkpoint every 2; logging, evaluation and sampling on, so their lines are compared."""
+    common = ["--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "4", "--save-every", "2",
+              "--log-every", "1", "--max-len", "64"]
+    if stage == "sft.py":
+        return [*common, "--model", world.base_model, "--data", world.sft_train, "--lr", "1e-3", "--eval-prompts",
+                world.eval_prompts, "--eval-samples", "4", "--max-new-tokens", "4"]
+    if stage == "reward.py":
+        return [*common, "--model", world.base_model, "--train", world.pairs_train, "--test", world.pairs_test,
+                "--lr", "1e-3", "--eval-every", "1"]
+    return [*common[:2], "--micro-batch-size", "8", *common[4:], "--model", world.base_model, "--train",
+            world.pairs_train, "--test", world.pairs_test, "--meta", meta_set, "--meta-heldout", "",
+            "--meta-batch-size", "4", "--lr", "1e-3", "--eta", "0.05", "--eval-every", "1"]
+
+
+def straight_and_resumed(script: str, flags: list[str], root: str, nproc: int = 1) -> tuple[str, str, str]:
+    """Run `script` straight and crashed-after-the-first-checkpoint + --resume (in parallel); return the folders and
+    the resumed run's stdout."""
+    straight, resumed = os.path.join(root, "straight"), os.path.join(root, "resumed")
+
+    def crashed_then_resumed() -> str:
+        rc, out, err = run_env([script, *flags, "--out", resumed], nproc, METARM_TEST_DIE_AFTER_SAVES="1")
+        assert rc != 0, "the test hook should have killed the run after its first checkpoint"
+        assert torch.load(os.path.join(resumed, "trainer_state.pt"), weights_only=False)["step"] == 2
+        rc, out, err = run_command([script, *flags, "--out", resumed, "--resume"], nproc=nproc)
+        assert rc == 0, out + err
+        return out
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        a = pool.submit(run_command, [script, *flags, "--out", straight], nproc)
+        b = pool.submit(crashed_then_resumed)
+        rc, out, err = a.result()
+        assert rc == 0, out + err
+        return straight, resumed, b.result()
+
+
+@pytest.mark.parametrize("script", ["sft.py", "reward.py", "meta_rm.py"])
+def test_resume_is_bit_identical(world, meta_set, tmp_path, script):
+    straight, resumed, printed = straight_and_resumed(script, stage_flags(script, world, meta_set), str(tmp_path))
+    assert "--resume: continuing" in printed and "after step 2" in printed
+    assert_same_model(straight, resumed)
+    assert metrics(straight) == metrics(resumed)
+    assert [m["step"] for m in metrics(resumed) if "loss" in m or "L_adapted" in m] == [1, 2, 3, 4]
+
+
+def test_resume_two_processes_is_bit_identical(world, meta_set, tmp_path):
+    # reward.py under torchrun (FSDP2, gloo): optimiser state gathered to rank 0 and scattered back, RNG per rank
+    flags = stage_flags("reward.py", world, meta_set)
+    straight, resumed, _ = straight_and_resumed("reward.py", flags, str(tmp_path), nproc=2)
+    assert_same_model(straight, resumed)
+    assert metrics(straight) == metrics(resumed)
