@@ -120,3 +120,81 @@ def test_resume_two_processes_is_bit_identical(world, meta_set, tmp_path):
     straight, resumed, _ = straight_and_resumed("reward.py", flags, str(tmp_path), nproc=2)
     assert_same_model(straight, resumed)
     assert metrics(straight) == metrics(resumed)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A crash in the middle of a save
+# ---------------------------------------------------------------------------------------------------------------
+def files(folder: str) -> dict[str, bytes]:
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name), "rb") as f:
+            out[name] = f.read()
+    return out
+
+
+def test_sigkill_during_save_keeps_the_previous_checkpoint(world, meta_set, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    out = str(tmp_path / "rm")
+    flags = [*stage_flags("reward.py", world, meta_set), "--out", out]
+    log = open(tmp_path / "stderr.txt", "w")
+    p = subprocess.Popen(command(["reward.py", *flags]), cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True,
+                         env={**subprocess_env(), "METARM_TEST_SLOW_SAVE": "2"})
+    markers = 0
+    for line in p.stdout:
+        if line.startswith("test hook:"):
+            markers += 1
+            if markers == 2:  # the final save (step 4) is written to rm.tmp and about to be renamed: kill it now
+                before = files(out)
+                os.kill(p.pid, signal.SIGKILL)
+                break
+    p.wait(timeout=60)
+    log.close()
+    assert markers == 2 and p.returncode == -signal.SIGKILL
+    assert os.path.isdir(out + ".tmp")  # the interrupted save
+    # the previous checkpoint (step 2) is complete, byte for byte what the first save wrote, and loads
+    assert files(out) == before
+    assert torch.load(os.path.join(out, "trainer_state.pt"), weights_only=False)["step"] == 2
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    saved = load_file(os.path.join(out, "model.safetensors"))
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items() if k in saved)
+    # --resume finishes the run from step 2: steps 3 and 4 logged once, the leftover temporary folder removed
+    rc, stdout, stderr = run_command(["reward.py", *flags, "--resume"])
+    assert rc == 0, stdout + stderr
+    assert "continuing" in stdout and "after step 2" in stdout
+    assert not os.path.exists(out + ".tmp")
+    assert [m["step"] for m in metrics(out) if "loss" in m] == [1, 2, 3, 4]
+
+
+def test_save_killed_between_the_renames_is_recovered(world, tmp_path):
+    # The one moment when FOLDER does not exist: save_model has moved the old checkpoint to FOLDER.old and not yet
+    # renamed FOLDER.tmp into place. --resume (common.recover_save) moves FOLDER.old back.
+    import common
+
+    out = str(tmp_path / "rm")
+    shutil.copytree(world.base_model, out + ".old")
+    os.makedirs(out + ".tmp")  # half-written new checkpoint
+    common.recover_save(out)
+    assert sorted(os.listdir(out)) == sorted(os.listdir(world.base_model))
+    assert not os.path.exists(out + ".old") and not os.path.exists(out + ".tmp")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# NaN / inf guard
+# ---------------------------------------------------------------------------------------------------------------
+def test_non_finite_gradient_stops_and_keeps_the_last_checkpoint(world, tmp_path):
+    # lr 1e30: Adam's first step moves every weight by ~1e30 (still finite in fp32), so step 2's forward overflows
+    # and its gradient is NaN. A checkpoint is saved every step; the one of step 1 must survive untouched.
+    flags = ["reward.py", "--model", world.base_model, "--train", world.pairs_train, "--test", "", "--batch-size", "8",
+             "--micro-batch-size", "8", "--lr", "1e30", "--save-every", "1"]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        bad = pool.submit(run_command, [*flags, "--max-steps", "3", "--out", str(tmp_path / "bad")])
+        one = pool.submit(run_command, [*flags, "--max-steps", "1", "--out", str(tmp_path / "one")])
+        (rc, stdout, stderr), (rc_one, _, err_one) = bad.result(), one.result()
+    assert rc_one == 0, err_one
+    assert rc == 2 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == ("error: reward step 2: gradient norm is nan; stopping (the last saved "
+                                               "checkpoint is untouched)")
+    assert torch.load(str(tmp_path / "bad" / "trainer_state.pt"), weights_only=False)["step"] == 1
+    assert_same_model(str(tmp_path / "bad"), str(tmp_path / "one"))  # the step-1 weights, bit for bit
