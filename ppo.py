@@ -99,6 +99,8 @@ class Args:
     rm: str = arg("runs/testbed/rm", "reward-model checkpoint (reward.py or meta_rm.py): the frozen RM and the "
                                      "critic's initialisation")
     prompts: str = arg("runs/testbed/data/rl_prompts.jsonl", "PPO prompts, JSONL records {prompt}")
+    data_format: str = arg("auto", common.DATA_FORMAT_HELP + " (for --prompts)", choices=common.DATA_FORMATS)
+    chat_template: str = arg("auto", common.CHAT_TEMPLATE_HELP, choices=common.CHAT_TEMPLATE_MODES)
     out: str = arg("runs/testbed/ppo", "output folder: the policy, critic/ and metrics.jsonl")
     iterations: int = arg(100, "PPO iterations (rollouts + update); the paper does not state its number")
     prompts_per_iteration: int = arg(8, "prompts drawn per iteration, over all processes (divisible by world size)")
@@ -191,7 +193,8 @@ def rollout(policy, tokenizer, prompts: list[str], args: Args, world: int, devic
         with common.autocast(device, args.bf16):
             q, r = common.generate(policy, tokenizer, prompts[start: start + args.generation_batch_size],
                                    max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                   top_p=args.top_p, repetition_penalty=args.repetition_penalty, world=world)
+                                   top_p=args.top_p, repetition_penalty=args.repetition_penalty, world=world,
+                                   chat_template=args.chat_template)
         for q_row, r_row in zip(q.tolist(), r.tolist()):
             queries.append([t for t in q_row if t != tokenizer.pad_token_id])  # drop the left padding
             # keep up to and including the first EOS (common.generate has padded everything after it)
@@ -507,7 +510,7 @@ def main(argv: list[str] | None = None) -> None:
               f"to the reference, the RM and the critic, so all must share one tokenizer (train them from this SFT)")
     check(tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id,
           f"{args.sft}: the tokenizer needs a PAD token distinct from EOS (responses are cut at the first EOS)")
-    prompts = [r["prompt"] for r in common.read_jsonl(args.prompts, ["prompt"])]
+    prompts = common.read_prompts(args.prompts, args.data_format)
     common.prepare_output(args.out, args.overwrite)
 
     # ---- models: policy and critic are trained; reference and RM are frozen. Dropout off everywhere (choice 7) ----
