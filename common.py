@@ -722,11 +722,15 @@ def save_model(model: torch.nn.Module, tokenizer: Any, folder: str, world: int, 
         if trainer_state is not None:
             torch.save(trainer_state, os.path.join(tmp, TRAINER_STATE))
         old = folder.rstrip("/") + ".old"
-        if os.path.isdir(folder):  # keep the files that are not part of the checkpoint (metrics.jsonl, ...)
+        if os.path.isdir(folder):  # keep what is not part of this checkpoint (metrics.jsonl, ppo's critic/, ...)
             for name in os.listdir(folder):
-                if (not os.path.exists(os.path.join(tmp, name)) and os.path.isfile(os.path.join(folder, name))
-                        and name != TRAINER_STATE):  # an old trainer state would not match the new weights
-                    shutil.copy2(os.path.join(folder, name), os.path.join(tmp, name))
+                src, dst = os.path.join(folder, name), os.path.join(tmp, name)
+                if os.path.exists(dst) or name == TRAINER_STATE:  # an old trainer state would not match the weights
+                    continue
+                if os.path.isfile(src):
+                    shutil.copy2(src, dst)
+                elif os.path.isdir(src):  # a nested checkpoint: hard links, so a 7B critic costs no copy and no disk
+                    shutil.copytree(src, dst, copy_function=os.link)
         _fsync_folder(tmp)
         # Test-only hook (tests/test_reliability.py), never set in normal runs: pause between the complete temporary
         # folder and the rename, after printing a marker, so that a test can SIGKILL the process in mid-save.

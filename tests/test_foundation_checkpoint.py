@@ -93,3 +93,20 @@ def test_save_model_writes_args_json(world, tmp_path):
     common.save_model(model, tokenizer, args.out, 1, args)
     with open(os.path.join(args.out, "args.json")) as f:
         assert json.load(f)["lr"] == 1e-3
+
+
+def test_save_keeps_a_nested_checkpoint(world, tmp_path):
+    # ppo.py saves the policy into OUT and the critic into OUT/critic: saving the policy again (a new OUT built in
+    # OUT.tmp, then renamed) must carry OUT/critic over unchanged, byte for byte.
+    tokenizer = AutoTokenizer.from_pretrained(world.base_model)
+    model = AutoModelForCausalLM.from_pretrained(world.base_model)
+    out = str(tmp_path / "out")
+    common.save_model(model, tokenizer, out, world=1)
+    common.save_model(model, tokenizer, os.path.join(out, "critic"), world=1)
+    before = open(os.path.join(out, "critic", "model.safetensors"), "rb").read()
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # a different policy
+    common.save_model(model, tokenizer, out, world=1)
+    assert open(os.path.join(out, "critic", "model.safetensors"), "rb").read() == before
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(next(reloaded.parameters()), next(model.parameters()))
