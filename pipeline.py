@@ -21,8 +21,12 @@ Commands
 Choices the paper leaves open (flags; defaults in brackets)
   1. --rm-init [previous]: round r's MetaRM starts from RM_{r−1} (round 1: the vanilla RM), so the RM keeps adapting
      to each new policy; `sft` starts every round from the SFT model with a fresh head.
-  2. --ppo-init [previous]: round r's PPO starts from π_{r−1} of the MetaRM chain (round 1: SFT); `sft` restarts
-     from SFT each round. The KL reference is always the SFT model.
+  2. --ppo-init [sft]: every round's PPO starts from the SFT model with that round's RM, the same budget as vanilla
+     PPO, so "round r vs vanilla PPO" compares reward models and nothing else; `previous` continues from π_{r−1}
+     (on the testbed that stacks 40 more PPO iterations per round, and the stacked policy over-optimises: a run with
+     `previous` had gold 1.54 / 0.84 / 0.89 for rounds 1–3 against SFT's 1.54). S_r is still sampled from the
+     previous round's policy, so the RM of round r meets the distribution PPO drifted to. The KL reference is
+     always the SFT model.
   3. Round 1 samples S from the SFT model, later rounds from the previous round's policy (DESIGN.md §3), at
      temperature 1.0 (PPO samples at 0.8) so the k samples differ.
   4. The testbed's tiny model needs larger learning rates than the paper's 7B values, and a larger ascent step η
@@ -86,7 +90,7 @@ class Args:
     seed: int = arg(0, "seed of the testbed and of every stage")
     rm_init: str = arg("previous", "round r's MetaRM starts from RM_{r-1} (previous) or from SFT (sft)",
                        choices=["previous", "sft"])
-    ppo_init: str = arg("previous", "round r's PPO starts from π_{r-1} (previous) or from SFT (sft)",
+    ppo_init: str = arg("sft", "round r's PPO starts from SFT (sft) or from π_{r-1} (previous)",
                         choices=["previous", "sft"])
     meta_order: int = arg(1, "MetaRM gradient: 1 = first order (paper), 2 = exact", choices=[1, 2])
     eta: float = arg(-1.0, "η of the meta step; -1 = the testbed value in TESTBED (0.3)")
