@@ -132,8 +132,19 @@ class Args:
                             "log-probs of steps 3 and 6 differ by rounding, so the ratio is not 1 at the start)")
     sample_every: int = arg(10, "print a few decoded rollouts with score, KL and total every N iterations (0 = never)")
     samples_to_print: int = arg(3, "how many rollouts to print (each from a different prompt)")
-    save_every: int = arg(50, "save policy and critic every N iterations (and at the end; 0 = only at the end)")
+    save_every: int = arg(50, "save policy and critic every N iterations, resumable with --resume (and at the end; "
+                              "0 = only the final models, not resumable)")
     overwrite: bool = arg(False, "replace an existing output folder")
+    resume: bool = arg(False, "continue the run in --out from its latest --save-every checkpoint (policy, critic, "
+                              "both optimisers, prompt order, RNG states, score normalisation); the same essential "
+                              "flags are required")
+
+
+# --resume refuses a checkpoint written with other values of these (they change what the run computes)
+ESSENTIAL = ("sft", "policy", "rm", "prompts", "data_format", "chat_template", "iterations", "prompts_per_iteration",
+             "rollouts_per_prompt", "max_new_tokens", "temperature", "top_p", "repetition_penalty", "kl_coef",
+             "score_clip", "score_norm", "missing_eos_score", "gamma", "lam", "policy_lr", "critic_lr", "ppo_epochs",
+             "mini_batch_size", "ratio_clip", "value_clip", "whiten_advantages", "grad_clip", "seed", "bf16")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -511,13 +522,20 @@ def main(argv: list[str] | None = None) -> None:
     check(tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id,
           f"{args.sft}: the tokenizer needs a PAD token distinct from EOS (responses are cut at the first EOS)")
     prompts = common.read_prompts(args.prompts, args.data_format)
-    common.prepare_output(args.out, args.overwrite)
+    state = common.resume_state(args, ESSENTIAL) if args.resume else None  # None: start from scratch
+    critic_path = os.path.join(args.out, "critic")
+    if state:  # the critic is saved just before the policy: a crash between the two saves leaves them apart
+        critic_step = torch.load(os.path.join(critic_path, common.TRAINER_STATE), weights_only=True)["step"]
+        check(critic_step == state["step"], f"{args.out}: the critic was saved after iteration {critic_step}, the "
+                                            f"policy after {state['step']} (a crash between the two saves); "
+                                            "pass --overwrite to start again")
+    common.prepare_output(args.out, args.overwrite, args.resume, state)
 
     # ---- models: policy and critic are trained; reference and RM are frozen. Dropout off everywhere (choice 7) ----
-    policy = common.load_model(AutoModelForCausalLM, args.policy, world, device)
+    policy = common.load_model(AutoModelForCausalLM, args.out if state else args.policy, world, device)
     ref = common.load_model(AutoModelForCausalLM, args.sft, world, device)
     rm, _ = reward.load_reward_model(args.rm, world, device)
-    critic, _ = reward.load_reward_model(args.rm, world, device)
+    critic, _ = reward.load_reward_model(critic_path if state else args.rm, world, device)
     for model in (policy, ref, rm, critic):
         model.eval()
     ref.requires_grad_(False)
@@ -530,18 +548,28 @@ def main(argv: list[str] | None = None) -> None:
                   f"{rollouts_per_iteration // args.mini_batch_size} mini-batches of {args.mini_batch_size}, "
                   f"{world} processes")
 
-    def save() -> None:
-        # common.save_model replaces the whole folder (keeping only plain files such as metrics.jsonl), which would
-        # drop out/critic: so the policy is saved first and the critic into it afterwards.
-        common.save_model(policy, tokenizer, args.out, world, args)
-        common.save_model(critic, tokenizer, os.path.join(args.out, "critic"), world, args)
-
     # ---- loop ----
     data_gen = torch.Generator().manual_seed(args.seed)  # same on every rank: prompts and mini-batch order agree
     order: list[int] = []
     per_rank = args.prompts_per_iteration // world
     score_mean, score_std = 0.0, 1.0  # --score-norm none; set from the first batch with --score-norm init
-    bar = tqdm(range(args.iterations), desc="ppo", disable=not common.is_main())
+    start = 0
+    if state:  # --resume: both optimisers, RNG states, prompt order and the score normalisation of the run
+        extra = common.restore_training_state(state, [(policy, policy_opt), (critic, critic_opt)], world, rank)
+        start, order, score_mean, score_std = state["step"], extra["order"], extra["score_mean"], extra["score_std"]
+        data_gen.set_state(extra["data_gen"])
+
+    def save(iteration: int) -> None:
+        """The critic into out/critic, then the policy into out/ (save_model carries out/critic over). With
+        --save-every the policy's save also holds what --resume needs; the critic's records its iteration."""
+        resumable = args.save_every > 0
+        finished = iteration == args.iterations
+        common.save_model(critic, tokenizer, critic_path, world, args, {"step": iteration} if resumable else None)
+        common.save_model(policy, tokenizer, args.out, world, args, common.training_state(
+            iteration, [(policy, policy_opt), (critic, critic_opt)], world, log, finished, order=list(order),
+            data_gen=data_gen.get_state(), score_mean=score_mean, score_std=score_std) if resumable else None)
+
+    bar = tqdm(range(start, args.iterations), desc="ppo", disable=not common.is_main())
     for it in bar:
         # PPO step 1: this rank's share of the prompt batch, each repeated n times; sample the rollouts
         while len(order) < args.prompts_per_iteration:
@@ -586,10 +614,10 @@ def main(argv: list[str] | None = None) -> None:
                 common.print0(f"  [{score:+.3f} score, {kl:.3f} kl, {score - args.kl_coef * kl:+.3f} total] "
                               f"{batch.prompts[i]!r} -> {texts[i]!r}")
         if args.save_every > 0 and (it + 1) % args.save_every == 0 and it + 1 < args.iterations:
-            save()
+            save(it + 1)
 
     # ---- save ----
-    save()
+    save(args.iterations)
     common.print0(f"saved {args.out} (policy) and {os.path.join(args.out, 'critic')} (critic)")
 
 

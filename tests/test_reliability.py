@@ -27,7 +27,8 @@ from safetensors.torch import load_file
 
 from conftest import REPO, run_command, subprocess_env
 
-TIMING = {"tokens_per_s", "pairs_per_s", "s_per_step"}  # wall-clock metrics: differ between any two runs
+TIMING = {"tokens_per_s", "pairs_per_s", "s_per_step",  # wall-clock metrics: differ between any two runs
+          "gen_s", "forward_s", "train_s", "gen_tokens_per_s", "train_tokens_per_s"}
 
 
 def metrics(folder: str) -> list[dict]:
@@ -84,13 +85,15 @@ def stage_flags(stage: str, world, meta_set: str) -> list[str]:
             "--meta-batch-size", "4", "--lr", "1e-3", "--eta", "0.05", "--eval-every", "1"]
 
 
-def straight_and_resumed(script: str, flags: list[str], root: str, nproc: int = 1) -> tuple[str, str, str]:
+def straight_and_resumed(script: str, flags: list[str], root: str, nproc: int = 1,
+                         die_after_saves: int = 1) -> tuple[str, str, str]:
     """Run `script` straight and crashed-after-the-first-checkpoint + --resume (in parallel); return the folders and
     the resumed run's stdout."""
     straight, resumed = os.path.join(root, "straight"), os.path.join(root, "resumed")
 
     def crashed_then_resumed() -> str:
-        rc, out, err = run_env([script, *flags, "--out", resumed], nproc, METARM_TEST_DIE_AFTER_SAVES="1")
+        rc, out, err = run_env([script, *flags, "--out", resumed], nproc,
+                               METARM_TEST_DIE_AFTER_SAVES=str(die_after_saves))
         assert rc != 0, "the test hook should have killed the run after its first checkpoint"
         assert torch.load(os.path.join(resumed, "trainer_state.pt"), weights_only=False)["step"] == 2
         rc, out, err = run_command([script, *flags, "--out", resumed, "--resume"], nproc=nproc)
@@ -112,6 +115,30 @@ def test_resume_is_bit_identical(world, meta_set, tmp_path, script):
     assert_same_model(straight, resumed)
     assert metrics(straight) == metrics(resumed)
     assert [m["step"] for m in metrics(resumed) if "loss" in m or "L_adapted" in m] == [1, 2, 3, 4]
+
+
+def test_ppo_resume_is_bit_identical(world, tmp_path):
+    # ppo.py saves the critic (out/critic) and then the policy with the trainer state (out/) at every checkpoint, so
+    # the hook kills it after its 2nd save: iteration 2 complete. Sampling draws from the restored RNG states, the
+    # prompt and mini-batch order from the restored generator, the score normalisation is the saved one.
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rm = str(tmp_path / "rm")
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(world.base_model)
+    AutoModelForSequenceClassification.from_pretrained(world.base_model, num_labels=1,
+                                                       pad_token_id=tokenizer.pad_token_id).save_pretrained(rm)
+    tokenizer.save_pretrained(rm)
+    flags = ["ppo.py", "--sft", world.base_model, "--rm", rm, "--prompts", world.rl_prompts, "--iterations", "4",
+             "--save-every", "2", "--prompts-per-iteration", "4", "--rollouts-per-prompt", "2", "--mini-batch-size",
+             "4", "--micro-batch-size", "4", "--max-new-tokens", "6", "--policy-lr", "1e-3", "--critic-lr", "1e-3",
+             "--sample-every", "0"]
+    straight, resumed, printed = straight_and_resumed(flags[0], flags[1:], str(tmp_path), die_after_saves=2)
+    assert "--resume: continuing" in printed and "after step 2" in printed
+    assert_same_model(straight, resumed)
+    assert_same_model(os.path.join(straight, "critic"), os.path.join(resumed, "critic"))
+    assert metrics(straight) == metrics(resumed)
+    assert [m["iteration"] for m in metrics(resumed)] == [1, 2, 3, 4]
 
 
 def test_resume_two_processes_is_bit_identical(world, meta_set, tmp_path):
