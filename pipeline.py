@@ -96,8 +96,9 @@ class Args:
     eta: float = arg(-1.0, "η of the meta step; -1 = the testbed value in TESTBED (0.3)")
     ood: bool = arg(False, "build S from the OOD prompts instead of the RL prompts (paper's OOD experiment)")
     toy: bool = arg(False, "tiny data and step counts: a smoke run of every stage (numbers mean nothing)")
-    save_every: int = arg(0, "sft, reward and meta_rm save a resumable checkpoint every N steps, and a rerun "
-                             "continues an interrupted one from it (--resume); 0 = an interrupted stage starts over")
+    save_every: int = arg(0, "sft, reward, meta_rm and ppo save a resumable checkpoint every N steps (ppo: "
+                             "iterations), and a rerun continues an interrupted one from it (--resume); 0 = an "
+                             "interrupted stage starts over")
 
 
 def run_stage(args: Args, name: str, script: str, flags: list[str]) -> None:
@@ -109,7 +110,7 @@ def run_stage(args: Args, name: str, script: str, flags: list[str]) -> None:
     launcher = [sys.executable] if args.nproc == 1 or script == "testbed.py" else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
     # An unfinished stage starts over (--overwrite), or continues from its last checkpoint (--resume)
-    resumable = args.save_every > 0 and script in ("sft.py", "reward.py", "meta_rm.py")
+    resumable = args.save_every > 0 and script in ("sft.py", "reward.py", "meta_rm.py", "ppo.py")
     again = ["--save-every", str(args.save_every), "--resume"] if resumable else ["--overwrite"]
     cmd = launcher + [script, *flags, *again]
     print(f"\n== {name}\n$ {shlex.join(cmd[1:] if args.nproc == 1 else ['torchrun', *cmd[3:]])}", flush=True)
