@@ -100,9 +100,11 @@ def test_user_errors_are_one_line_before_anything_is_written(world, tmp_path):
         (["--rms", str(tmp_path / "missing")], "no such"),
         (["--rm-metrics", str(tmp_path / "missing.jsonl")], "no such metrics file"),
     ]
+    # the world's files, not the defaults (runs/testbed/... does not exist in a fresh checkout)
+    files = ["--prompts", world.eval_prompts, "--pairs-test", world.pairs_test, "--ood-pairs-test", world.ood_pairs_test]
     for argv, message in cases:
         with pytest.raises(UserError, match=message):
-            evaluate.main(argv + ["--out", str(out)])
+            evaluate.main(argv + files + ["--out", str(out)])
     assert not os.path.exists(out)
     # the same through the command line: exit status 2, one line, no traceback
     rc, stdout, stderr = run_command(["evaluate.py", "--policy-a", world.base_model, "--out", str(out)])
