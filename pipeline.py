@@ -70,7 +70,7 @@ TESTBED = {
 # --toy: sizes for a smoke run of the whole pipeline in about a minute (tests); numbers mean nothing there.
 TOY = {
     "testbed": ["--n-sft", "256", "--n-pairs-train", "64", "--n-pairs-test", "32", "--n-rl-prompts", "64",
-                "--n-eval-prompts", "8", "--n-ood-prompts", "16", "--n-ood-pairs-test", "16"],
+                "--n-eval-prompts", "8", "--n-ood-prompts", "32", "--n-ood-pairs-test", "16"],
     "sft": ["--epochs", "1", "--eval-samples", "8", "--max-new-tokens", "8"],
     "meta_data": ["--max-prompts", "24", "--heldout", "8", "--max-new-tokens", "8", "--k", "3"],
     "meta_rm": ["--eval-every", "0"],
