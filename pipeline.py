@@ -101,6 +101,16 @@ class Args:
                              "interrupted stage starts over")
 
 
+def per_process(flags: list[str], nproc: int) -> list[str]:
+    """The micro-batch sizes in TESTBED / TOY are for one process: with N processes each takes 1/N of them, so the
+    global batch (micro-batch x accumulation x processes) stays the same."""
+    flags = list(flags)
+    for i, flag in enumerate(flags[:-1]):
+        if flag == "--micro-batch-size":
+            flags[i + 1] = str(max(1, int(flags[i + 1]) // nproc))
+    return flags
+
+
 def run_stage(args: Args, name: str, script: str, flags: list[str]) -> None:
     """Run one stage as a subprocess unless its .done marker exists; stop the pipeline if it fails."""
     marker = os.path.join(args.out, ".done", name)
@@ -113,7 +123,8 @@ def run_stage(args: Args, name: str, script: str, flags: list[str]) -> None:
     resumable = args.save_every > 0 and script in ("sft.py", "reward.py", "meta_rm.py", "ppo.py")
     again = ["--save-every", str(args.save_every), "--resume"] if resumable else ["--overwrite"]
     cmd = launcher + [script, *flags, *again]
-    print(f"\n== {name}\n$ {shlex.join(cmd[1:] if args.nproc == 1 else ['torchrun', *cmd[3:]])}", flush=True)
+    shown = ["python", *cmd[1:]] if len(launcher) == 1 else ["torchrun", *cmd[3:]]  # what a user would type
+    print(f"\n== {name}\n$ {shlex.join(shown)}", flush=True)
     t0 = time.time()
     rc = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__))).returncode
     if rc != 0:
@@ -132,7 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     common.save_args(args, out)
-    hp = {stage: list(flags) + (TOY.get(stage, []) if args.toy else []) for stage, flags in TESTBED.items()}
+    hp = {stage: per_process(list(flags) + (TOY.get(stage, []) if args.toy else []), args.nproc)
+          for stage, flags in TESTBED.items()}
     hp["testbed"] = TOY["testbed"] if args.toy else []
     if args.eta >= 0:
         hp["meta_rm"] += ["--eta", str(args.eta)]
