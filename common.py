@@ -1040,13 +1040,17 @@ def sample_texts(model: torch.nn.Module, tokenizer: Any, prompts: list[str], *, 
     return texts[:n], ended[:n]
 
 
-def gold_scores(prompts: list[str], responses: list[str]) -> list[float] | None:
-    """The testbed's hidden gold reward of each (prompt, response), or None when the data is not the testbed's.
-    Used only for reporting; it never enters training."""
+def gold_rewards(prompts: list[str], responses: list[str]) -> list[float | None]:
+    """The testbed's hidden gold reward of each (prompt, response); None where the prompt is not the testbed's (or
+    the checkout has no testbed). Used only for reporting and judging; it never enters training."""
     try:
         import testbed
     except ImportError:  # a checkout or install without the testbed: nothing to report
-        return None
+        return [None] * len(prompts)
+    return [testbed.gold_reward(p, r) for p, r in zip(prompts, responses, strict=True)]
 
-    scores = [testbed.gold_reward(p, r) for p, r in zip(prompts, responses)]
+
+def gold_scores(prompts: list[str], responses: list[str]) -> list[float] | None:
+    """`gold_rewards` when every prompt is the testbed's, else None (the data is not the testbed's)."""
+    scores = gold_rewards(prompts, responses)
     return None if any(s is None for s in scores) else scores

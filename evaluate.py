@@ -170,15 +170,6 @@ def judge_by_scores(scores_a: Sequence[float | None], scores_b: Sequence[float |
     return out
 
 
-def gold_rewards(prompts: Sequence[str], responses: Sequence[str]) -> list[float | None]:
-    """testbed.gold_reward of each (prompt, response); None where the prompt is not the testbed's (or no testbed)."""
-    try:
-        import testbed
-    except ImportError:
-        return [None] * len(prompts)
-    return [testbed.gold_reward(p, r) for p, r in zip(prompts, responses, strict=True)]
-
-
 JUDGE_SYSTEM = "You are a careful, impartial judge of replies written by AI assistants."
 
 JUDGE_TEMPLATE = """Below is a conversation between a user and an AI assistant, followed by two candidate replies \
@@ -617,7 +608,8 @@ def run(args: Args) -> dict[str, Any]:
         common.seed_everything(args.seed, rank)
         responses_b = policy_responses(args.policy_b, prompts, args, world, rank, device, sample=args.sample)
         if args.judge == "gold":
-            judgments = judge_by_scores(gold_rewards(prompts, responses_a), gold_rewards(prompts, responses_b),
+            judgments = judge_by_scores(common.gold_rewards(prompts, responses_a),
+                                        common.gold_rewards(prompts, responses_b),
                                         args.margin)
         elif args.judge == "rm":
             model, tokenizer = load_rm(args.judge_rm, args, world, device)
@@ -649,7 +641,7 @@ def run(args: Args) -> dict[str, Any]:
         results["win_tie_lose"]["invalid_reasons"] = dict(invalid_reasons)
         if args.judge == "llm" and args.both_orders:
             results["win_tie_lose"]["orders_disagree"] = sum(bool(j.get("orders_disagree")) for j in judgments)
-        gold_a, gold_b = gold_rewards(prompts, responses_a), gold_rewards(prompts, responses_b)
+        gold_a, gold_b = common.gold_rewards(prompts, responses_a), common.gold_rewards(prompts, responses_b)
         if None not in gold_a + gold_b:  # the testbed: whatever the judge, report the mean gold reward of both
             results["win_tie_lose"]["gold_mean_a"] = sum(gold_a) / len(gold_a)
             results["win_tie_lose"]["gold_mean_b"] = sum(gold_b) / len(gold_b)
