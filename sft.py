@@ -213,12 +213,9 @@ def main(argv: list[str] | None = None) -> None:
         common.print0("sft samples: " + ", ".join(f"{k} {v:.3f}" for k, v in report.items()))
 
 
-def sample_report(model, tokenizer, args: Args, world: int, rank: int,
-                  prompts: list[str] | None = None) -> dict[str, float]:
+def sample_report(model, tokenizer, args: Args, world: int, rank: int, prompts: list[str]) -> dict[str, float]:
     """Sample responses to held-out prompts (paper's PPO sampling settings) and report the share that end with
-    EOS, their mean length and, on the testbed, their mean gold reward. `prompts` default: read --eval-prompts."""
-    if prompts is None:
-        prompts = common.read_prompts(args.eval_prompts)[: args.eval_samples]
+    EOS, their mean length and, on the testbed, their mean gold reward."""
     model.eval()
     texts, ended = common.sample_texts(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, world=world,
                                        rank=rank, chat_template=args.chat_template)
