@@ -4,7 +4,7 @@ It calls the stages' own functions on models built from testbed configs, so it m
     SFT      sft.sft_loss_sum on AutoModelForCausalLM, + clip + AdamW                  (sft.py's inner loop)
     RM       reward.rewards + reward.bradley_terry_loss, + clip + AdamW               (reward.py's inner loop)
     MetaRM   meta_rm.meta_gradient (order 1, order 2) and meta_gradient_inplace, + clip + AdamW
-    PPO      ppo.rollout (generation, common.generate), ppo.make_experience (steps 2-3), ppo.ppo_update (step 6)
+    PPO      ppo.rollout (generation, sampling.generate), ppo.make_experience (steps 2-3), ppo.ppo_update (step 6)
 Batches are the default pipeline's (pipeline.py TESTBED): SFT 32 examples, RM n = 16 pairs, MetaRM n = m = 16,
 k = 5, max length 64; PPO 16 prompts x 4 rollouts, 32 new tokens, 2 epochs of mini-batches of 32.
 
@@ -52,6 +52,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import common
+import data
+import distributed
 import meta_rm
 import ppo
 import reward
@@ -186,20 +188,19 @@ class Workload:
         self.folder, self.base = folder, os.path.join(folder, "base_model")
         self.tokenizer = AutoTokenizer.from_pretrained(self.base)
         rng = random.Random(seed)
-        data = os.path.join(folder, "data")
-        demos = rng.sample(common.read_jsonl(os.path.join(data, "sft_train.jsonl")), 32)
-        self.sft = [common.encode(self.tokenizer, r["prompt"], r["response"], MAX_LEN) for r in demos]
-        self.pairs = rng.sample(common.read_jsonl(os.path.join(data, "pairs_train.jsonl")), 16)
-        prompts = [r["prompt"] for r in common.read_jsonl(os.path.join(data, "rl_prompts.jsonl"))]
+        files = os.path.join(folder, "data")
+        demos = rng.sample(data.read_jsonl(os.path.join(files, "sft_train.jsonl")), 32)
+        self.sft = [data.encode(self.tokenizer, r["prompt"], r["response"], MAX_LEN) for r in demos]
+        self.pairs = rng.sample(data.read_jsonl(os.path.join(files, "pairs_train.jsonl")), 16)
+        prompts = [r["prompt"] for r in data.read_jsonl(os.path.join(files, "rl_prompts.jsonl"))]
         self.meta_items = [{"prompt": p, "responses": [testbed.sample_response(p, rng, testbed.SFT_STYLE)
                                                        for _ in range(5)]} for p in rng.sample(prompts, 16)]
         self.ppo_prompts = rng.sample(prompts, 16)
 
     def sft_batch(self, part: slice = slice(None)):
         examples = self.sft[part]
-        ids, mask = common.pad_right([x for x, _, _ in examples], self.tokenizer.pad_token_id)
-        labels, _ = common.pad_right([sft.sft_labels(x, n) for x, n, _ in examples], self.tokenizer.pad_token_id,
-                                     fill=-100)
+        ids, mask = data.pad([x for x, _, _ in examples], self.tokenizer.pad_token_id)
+        labels, _ = data.pad([sft.sft_labels(x, n) for x, n, _ in examples], -100)
         return ids, mask, labels
 
     def pair_batch(self, part: slice = slice(None)):
@@ -223,7 +224,7 @@ def sft_step(model, opt, batch, bf16: bool, world: int = 1) -> None:
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T, V)
     loss_sum = sft.sft_loss_sum(logits, labels)
     (loss_sum * world / n_tokens).backward()
-    common.clip_grad_norm(model, 1.0)
+    distributed.clip_grad_norm(model, 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
 
@@ -234,7 +235,7 @@ def rm_step(model, opt, batch, bf16: bool) -> None:
         r = reward.rewards(model, ids, mask).float()  # (2n,)
     n = r.shape[0] // 2
     reward.bradley_terry_loss(r[:n], r[n:]).backward()
-    common.clip_grad_norm(model, 1.0)
+    distributed.clip_grad_norm(model, 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
 
@@ -246,7 +247,7 @@ def meta_step(model, opt, pairs, meta, order: int, bf16: bool, measure_adapted: 
                                      bf16=bf16, measure_adapted=measure_adapted)
     for p, g in zip(params.values(), grads):
         p.grad = g
-    common.clip_grad_norm(model, 1.0)
+    distributed.clip_grad_norm(model, 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
 
@@ -254,7 +255,7 @@ def meta_step(model, opt, pairs, meta, order: int, bf16: bool, measure_adapted: 
 def meta_step_inplace(model, opt, pairs, meta, bf16: bool, n_pairs: int = 16, n_prompts: int = 16) -> None:
     """meta_rm.py's --meta-impl inplace (the sharded recipe), one micro-batch each."""
     meta_rm.meta_gradient_inplace(model, [pairs], [meta], 5, 0.3, n_pairs, n_prompts, bf16=bf16)
-    common.clip_grad_norm(model, 1.0)
+    distributed.clip_grad_norm(model, 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
 
@@ -434,13 +435,13 @@ def bench_ppo(w: Workload, size: str, args: Args, peaks: dict[str, float]) -> tu
 
 
 def bench_generation(w: Workload, size: str, args: Args, peaks: dict[str, float]) -> list[dict]:
-    """Tokens/s of batched sampling with and without the KV cache (same kwargs as common.generate, a fixed
+    """Tokens/s of batched sampling with and without the KV cache (same kwargs as sampling.generate, a fixed
     number of new tokens so both runs do the same work)."""
     out = []
     policy = AutoModelForCausalLM.from_pretrained(w.base, dtype=torch.float32)
     policy.eval()
     prompts = [p for p in w.ppo_prompts for _ in range(4)][:64 if size == "tiny" else 16]
-    ids, mask = common.pad_left([common.prompt_ids(w.tokenizer, p) for p in prompts], w.tokenizer.pad_token_id)
+    ids, mask = data.pad([data.prompt_ids(w.tokenizer, p) for p in prompts], w.tokenizer.pad_token_id, side="left")
     R = 32
     s = shape(policy)
     for dtype in args.dtypes.split(","):
@@ -524,7 +525,7 @@ def world_steps(w: Workload, world: int, rank: int, args: Args, size: str) -> di
     sft_ids = w.sft_batch(half(32))
     pair_ids, meta_ids = w.pair_batch(half(16)), w.meta_batch(half(16))
     torch.manual_seed(args.seed)
-    lm = common.load_model(AutoModelForCausalLM, w.base, world, device)
+    lm = distributed.load_model(AutoModelForCausalLM, w.base, world, device)
     rm, _ = reward.load_reward_model(w.base, world, device)
     lm.train()
     rm.train()
@@ -538,7 +539,7 @@ def world_steps(w: Workload, world: int, rank: int, args: Args, size: str) -> di
 
 
 def worker(args: Args) -> None:
-    rank, world, _ = common.init_distributed()
+    rank, world, _ = distributed.init_distributed()
     torch.set_num_threads(1)
     results = {}
     for size in args.sizes.split(","):
