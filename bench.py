@@ -322,26 +322,32 @@ def bench_training(w: Workload, size: str, args: Args, peaks: dict[str, float], 
                     out.append(row(label, size, dtype, t[name], 3 * F_s + 3 * F_t, tok_t + tok_s, peak, rss,
                                    batch=f"{2 * 16} x {Tp} + {16 * 5} x {Tm}", ratio=statistics.median(ratios),
                                    ideal=ideal1))
-                # Order 2 needs eager attention (no double backward through the fused SDPA kernels); its vanilla
-                # reference is timed on the same eager model, interleaved.
-                torch.manual_seed(args.seed)
-                eager, _ = reward.load_reward_model(w.base, 1, torch.device("cpu"), attn_implementation="eager")
-                eager.train()
-                opt2 = adamw(eager)
-                reset_peak_rss()
-                t2 = timed({"rm": lambda: rm_step(eager, opt2, pair_ids, bf16),
-                            "meta2": lambda: meta_step(eager, opt2, pair_ids, meta_ids, 2, bf16)},
-                           1, max(2, reps - 1) if size == "tiny" else 1)
-                rss2 = peak_rss_mb()
-                out.append(row("RM (eager attention)", size, dtype, t2["rm"], 3 * F_t, tok_t, peak, rss2,
-                               batch=f"{2 * 16} x {Tp}"))
-                ratios = [a / b for a, b in zip(t2["meta2"], t2["rm"])]
-                out.append(row("MetaRM order 2 (eager)", size, dtype, t2["meta2"], 9 * F_s + 3 * F_t, tok_t + tok_s,
-                               peak, rss2, batch=f"{2 * 16} x {Tp} + {16 * 5} x {Tm}",
-                               ratio=statistics.median(ratios), ideal=(9 * F_s + 3 * F_t) / (3 * F_t)))
-                del eager, opt2
+                out += bench_order2(w, size, dtype, args, pair_ids, meta_ids, (F_t, F_s, tok_t, tok_s), reps, peak)
             del model, opt
     return out
+
+
+def bench_order2(w: Workload, size: str, dtype: str, args: Args, pair_ids, meta_ids, counts: tuple, reps: int,
+                 peak: float) -> list[dict]:
+    """MetaRM order 2 and its vanilla reference. Order 2 needs eager attention (no double backward through the fused
+    SDPA kernels), so the reference RM step is timed on the same eager model, interleaved."""
+    bf16 = dtype == "bf16"
+    F_t, F_s, tok_t, tok_s = counts
+    Tp, Tm = pair_ids[0].shape[1], meta_ids[0].shape[1]
+    torch.manual_seed(args.seed)
+    eager, _ = reward.load_reward_model(w.base, 1, torch.device("cpu"), attn_implementation="eager")
+    eager.train()
+    opt2 = adamw(eager)
+    reset_peak_rss()
+    t2 = timed({"rm": lambda: rm_step(eager, opt2, pair_ids, bf16),
+                "meta2": lambda: meta_step(eager, opt2, pair_ids, meta_ids, 2, bf16)},
+               1, max(2, reps - 1) if size == "tiny" else 1)
+    rss2 = peak_rss_mb()
+    ratios = [a / b for a, b in zip(t2["meta2"], t2["rm"])]
+    return [row("RM (eager attention)", size, dtype, t2["rm"], 3 * F_t, tok_t, peak, rss2, batch=f"{2 * 16} x {Tp}"),
+            row("MetaRM order 2 (eager)", size, dtype, t2["meta2"], 9 * F_s + 3 * F_t, tok_t + tok_s, peak, rss2,
+                batch=f"{2 * 16} x {Tp} + {16 * 5} x {Tm}", ratio=statistics.median(ratios),
+                ideal=(9 * F_s + 3 * F_t) / (3 * F_t))]
 
 
 class ForwardCounter:
@@ -415,23 +421,29 @@ def bench_ppo(w: Workload, size: str, args: Args, peaks: dict[str, float]) -> tu
                 times["update"].append(t3 - t2)
         rss = peak_rss_mb()
         counter.remove()
-        B, P, R = batch.input_ids.shape[0], batch.prompt_len, batch.response.shape[1]
-        T = P + R
-        sp, sc = shape(policy), shape(critic)
-        new_tokens = int(batch.response_mask.sum())
-        real = int(batch.attention_mask.sum())
-        out.append(row("PPO generation (rollout)", size, dtype, times["gen"], generation_flops(sp, B, P, R),
-                       new_tokens, peak, rss, batch=f"{B} x ({P} + {R})"))
-        fwd = 2 * forward_flops(sp, B, T) + 2 * forward_flops(sc, B, T)
-        out.append(row("PPO make_experience (4 fwd)", size, dtype, times["exp"], fwd, 4 * real, peak, rss,
-                       batch=f"4 models x {B} x {T}"))
-        upd = pa.ppo_epochs * 3 * (forward_flops(sp, B, T) + forward_flops(sc, B, T))
-        out.append(row("PPO ppo_update (2 epochs)", size, dtype, times["update"], upd, 2 * pa.ppo_epochs * real,
-                       peak, rss, batch=f"{pa.ppo_epochs} x (policy + critic) x {B} x {T}"))
-        checks[f"{size}/{dtype}"] = {"rollouts": B, "generation": gen_counts, "make_experience": exp_counts,
-                                     "ppo_update": upd_counts, "response_len": R}
+        out += ppo_rows(size, dtype, batch, shape(policy), shape(critic), pa, times, peak, rss)
+        checks[f"{size}/{dtype}"] = {"rollouts": batch.input_ids.shape[0], "generation": gen_counts,
+                                     "make_experience": exp_counts, "ppo_update": upd_counts,
+                                     "response_len": batch.response.shape[1]}
         del policy, ref, rm, critic, popt, copt
     return out, checks
+
+
+def ppo_rows(size: str, dtype: str, batch, sp: dict[str, int], sc: dict[str, int], pa, times: dict[str, list[float]],
+             peak: float, rss: float) -> list[dict]:
+    """The rows of PPO's three phases: FLOPs from the policy's (sp) and critic's (sc) shapes, real tokens counted."""
+    B, P, R = batch.input_ids.shape[0], batch.prompt_len, batch.response.shape[1]
+    T = P + R
+    new_tokens = int(batch.response_mask.sum())
+    real = int(batch.attention_mask.sum())
+    fwd = 2 * forward_flops(sp, B, T) + 2 * forward_flops(sc, B, T)
+    upd = pa.ppo_epochs * 3 * (forward_flops(sp, B, T) + forward_flops(sc, B, T))
+    return [row("PPO generation (rollout)", size, dtype, times["gen"], generation_flops(sp, B, P, R), new_tokens, peak,
+                rss, batch=f"{B} x ({P} + {R})"),
+            row("PPO make_experience (4 fwd)", size, dtype, times["exp"], fwd, 4 * real, peak, rss,
+                batch=f"4 models x {B} x {T}"),
+            row("PPO ppo_update (2 epochs)", size, dtype, times["update"], upd, 2 * pa.ppo_epochs * real, peak, rss,
+                batch=f"{pa.ppo_epochs} x (policy + critic) x {B} x {T}")]
 
 
 def bench_generation(w: Workload, size: str, args: Args, peaks: dict[str, float]) -> list[dict]:
@@ -578,14 +590,8 @@ def bench_world2(args: Args) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------------------------
-def fmt_si(x: float) -> str:
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g} {unit}"
-    return f"{x:.3g}"
-
-
 def write_markdown(res: dict[str, Any], path: str) -> None:
+    """BENCHMARKS.md: the machine, every table, and the hand-written reading kept from the file already there."""
     m = res["machine"]
     lines = [f"# Benchmarks (bench.py, {m['date']})", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} (CPU), {res['threads']} threads. "
@@ -593,6 +599,20 @@ def write_markdown(res: dict[str, Any], path: str) -> None:
              f"{', '.join(f'{x:.2f}' for x in m['load_after'])} (other jobs share the 2 cores: absolute times are "
              f"noisy, ratios measured within one run less so). Whole run: {res['wall_s']:.0f} s. "
              "No GPU numbers: this task had no GPU machine.", ""]
+    lines += _peak_and_step_tables(res) + _ppo_profile_and_world2_tables(res)
+    # The hand-written reading of the numbers (from "## Reading" on) is kept when the tables are regenerated.
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = f.read()
+        if "\n## Reading" in old:
+            lines.append(old[old.index("\n## Reading") + 1:].rstrip("\n"))
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def _peak_and_step_tables(res: dict[str, Any]) -> list[str]:
+    """The matmul peak, one row per timed step, and the bf16 speed-ups."""
+    lines: list[str] = []
     if "peak" in res:
         lines += ["## Matmul peak (the physical reference)", "", "| dtype | GFLOP/s | best n (n x n @ n x n) |",
                   "|---|---|---|"]
@@ -625,6 +645,12 @@ def write_markdown(res: dict[str, Any], path: str) -> None:
         if pairs:
             lines += ["bf16 autocast speed-up (fp32 step time / bf16 step time): " + "; ".join(
                 f"{s} {z} {v['fp32'] / v['bf16']:.2f}x" for (s, z), v in pairs), ""]
+    return lines
+
+
+def _ppo_profile_and_world2_tables(res: dict[str, Any]) -> list[str]:
+    """PPO's forward-pass counts, the profiler's shares of a medium bf16 step, 1 process vs 2."""
+    lines: list[str] = []
     if res.get("ppo_forward_counts"):
         lines += ["## PPO forward passes per iteration (forward hooks on the four root modules)", "",
                   "| run | rollouts | generation (policy calls) | make_experience: calls / rows per model | "
@@ -653,14 +679,7 @@ def write_markdown(res: dict[str, Any], path: str) -> None:
                 a, b = statistics.median(v["world1"][step]), statistics.median(v["world2"][step])
                 lines.append(f"| {size} | {step} (fp32) | {a:.4f} | {b:.4f} | {a / b:.2f} |")
         lines.append("")
-    # The hand-written reading of the numbers (from "## Reading" on) is kept when the tables are regenerated.
-    if os.path.isfile(path):
-        with open(path) as f:
-            old = f.read()
-        if "\n## Reading" in old:
-            lines.append(old[old.index("\n## Reading") + 1:].rstrip("\n"))
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------------------------
