@@ -4,7 +4,7 @@ It calls the stages' own functions on models built from testbed configs, so it m
     SFT      sft.sft_loss_sum on AutoModelForCausalLM, + clip + AdamW                  (sft.py's inner loop)
     RM       reward.rewards + reward.bradley_terry_loss, + clip + AdamW               (reward.py's inner loop)
     MetaRM   meta_rm.meta_gradient (order 1, order 2) and meta_gradient_inplace, + clip + AdamW
-    PPO      ppo.rollout (generation, common.generate), ppo.make_experience (steps 2-3), ppo.ppo_update (step 6)
+    PPO      ppo.rollout (generation, sampling.generate), ppo.make_experience (steps 2-3), ppo.ppo_update (step 6)
 Batches are the default pipeline's (pipeline.py TESTBED): SFT 32 examples, RM n = 16 pairs, MetaRM n = m = 16,
 k = 5, max length 64; PPO 16 prompts x 4 rollouts, 32 new tokens, 2 epochs of mini-batches of 32.
 
@@ -52,6 +52,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import common
+import data
+import distributed
 import meta_rm
 import ppo
 import reward
@@ -186,20 +188,19 @@ class Workload:
         self.folder, self.base = folder, os.path.join(folder, "base_model")
         self.tokenizer = AutoTokenizer.from_pretrained(self.base)
         rng = random.Random(seed)
-        data = os.path.join(folder, "data")
-        demos = rng.sample(common.read_jsonl(os.path.join(data, "sft_train.jsonl")), 32)
-        self.sft = [common.encode(self.tokenizer, r["prompt"], r["response"], MAX_LEN) for r in demos]
-        self.pairs = rng.sample(common.read_jsonl(os.path.join(data, "pairs_train.jsonl")), 16)
-        prompts = [r["prompt"] for r in common.read_jsonl(os.path.join(data, "rl_prompts.jsonl"))]
+        files = os.path.join(folder, "data")
+        demos = rng.sample(data.read_jsonl(os.path.join(files, "sft_train.jsonl")), 32)
+        self.sft = [data.encode(self.tokenizer, r["prompt"], r["response"], MAX_LEN) for r in demos]
+        self.pairs = rng.sample(data.read_jsonl(os.path.join(files, "pairs_train.jsonl")), 16)
+        prompts = [r["prompt"] for r in data.read_jsonl(os.path.join(files, "rl_prompts.jsonl"))]
         self.meta_items = [{"prompt": p, "responses": [testbed.sample_response(p, rng, testbed.SFT_STYLE)
                                                        for _ in range(5)]} for p in rng.sample(prompts, 16)]
         self.ppo_prompts = rng.sample(prompts, 16)
 
     def sft_batch(self, part: slice = slice(None)):
         examples = self.sft[part]
-        ids, mask = common.pad_right([x for x, _, _ in examples], self.tokenizer.pad_token_id)
-        labels, _ = common.pad_right([sft.sft_labels(x, n) for x, n, _ in examples], self.tokenizer.pad_token_id,
-                                     fill=-100)
+        ids, mask = data.pad([x for x, _, _ in examples], self.tokenizer.pad_token_id)
+        labels, _ = data.pad([sft.sft_labels(x, n) for x, n, _ in examples], -100)
         return ids, mask, labels
 
     def pair_batch(self, part: slice = slice(None)):
@@ -223,7 +224,7 @@ def sft_step(model, opt, batch, bf16: bool, world: int = 1) -> None:
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T, V)
     loss_sum = sft.sft_loss_sum(logits, labels)
     (loss_sum * world / n_tokens).backward()
-    common.clip_grad_norm(model, 1.0)
+    distributed.clip_grad_norm(model, 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
 
@@ -234,7 +235,7 @@ def rm_step(model, opt, batch, bf16: bool) -> None:
         r = reward.rewards(model, ids, mask).float()  # (2n,)
     n = r.shape[0] // 2
     reward.bradley_terry_loss(r[:n], r[n:]).backward()
-    common.clip_grad_norm(model, 1.0)
+    distributed.clip_grad_norm(model, 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
 
@@ -246,7 +247,7 @@ def meta_step(model, opt, pairs, meta, order: int, bf16: bool, measure_adapted: 
                                      bf16=bf16, measure_adapted=measure_adapted)
     for p, g in zip(params.values(), grads):
         p.grad = g
-    common.clip_grad_norm(model, 1.0)
+    distributed.clip_grad_norm(model, 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
 
@@ -254,7 +255,7 @@ def meta_step(model, opt, pairs, meta, order: int, bf16: bool, measure_adapted: 
 def meta_step_inplace(model, opt, pairs, meta, bf16: bool, n_pairs: int = 16, n_prompts: int = 16) -> None:
     """meta_rm.py's --meta-impl inplace (the sharded recipe), one micro-batch each."""
     meta_rm.meta_gradient_inplace(model, [pairs], [meta], 5, 0.3, n_pairs, n_prompts, bf16=bf16)
-    common.clip_grad_norm(model, 1.0)
+    distributed.clip_grad_norm(model, 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
 
@@ -321,26 +322,32 @@ def bench_training(w: Workload, size: str, args: Args, peaks: dict[str, float], 
                     out.append(row(label, size, dtype, t[name], 3 * F_s + 3 * F_t, tok_t + tok_s, peak, rss,
                                    batch=f"{2 * 16} x {Tp} + {16 * 5} x {Tm}", ratio=statistics.median(ratios),
                                    ideal=ideal1))
-                # Order 2 needs eager attention (no double backward through the fused SDPA kernels); its vanilla
-                # reference is timed on the same eager model, interleaved.
-                torch.manual_seed(args.seed)
-                eager, _ = reward.load_reward_model(w.base, 1, torch.device("cpu"), attn_implementation="eager")
-                eager.train()
-                opt2 = adamw(eager)
-                reset_peak_rss()
-                t2 = timed({"rm": lambda: rm_step(eager, opt2, pair_ids, bf16),
-                            "meta2": lambda: meta_step(eager, opt2, pair_ids, meta_ids, 2, bf16)},
-                           1, max(2, reps - 1) if size == "tiny" else 1)
-                rss2 = peak_rss_mb()
-                out.append(row("RM (eager attention)", size, dtype, t2["rm"], 3 * F_t, tok_t, peak, rss2,
-                               batch=f"{2 * 16} x {Tp}"))
-                ratios = [a / b for a, b in zip(t2["meta2"], t2["rm"])]
-                out.append(row("MetaRM order 2 (eager)", size, dtype, t2["meta2"], 9 * F_s + 3 * F_t, tok_t + tok_s,
-                               peak, rss2, batch=f"{2 * 16} x {Tp} + {16 * 5} x {Tm}",
-                               ratio=statistics.median(ratios), ideal=(9 * F_s + 3 * F_t) / (3 * F_t)))
-                del eager, opt2
+                out += bench_order2(w, size, dtype, args, pair_ids, meta_ids, (F_t, F_s, tok_t, tok_s), reps, peak)
             del model, opt
     return out
+
+
+def bench_order2(w: Workload, size: str, dtype: str, args: Args, pair_ids, meta_ids, counts: tuple, reps: int,
+                 peak: float) -> list[dict]:
+    """MetaRM order 2 and its vanilla reference. Order 2 needs eager attention (no double backward through the fused
+    SDPA kernels), so the reference RM step is timed on the same eager model, interleaved."""
+    bf16 = dtype == "bf16"
+    F_t, F_s, tok_t, tok_s = counts
+    Tp, Tm = pair_ids[0].shape[1], meta_ids[0].shape[1]
+    torch.manual_seed(args.seed)
+    eager, _ = reward.load_reward_model(w.base, 1, torch.device("cpu"), attn_implementation="eager")
+    eager.train()
+    opt2 = adamw(eager)
+    reset_peak_rss()
+    t2 = timed({"rm": lambda: rm_step(eager, opt2, pair_ids, bf16),
+                "meta2": lambda: meta_step(eager, opt2, pair_ids, meta_ids, 2, bf16)},
+               1, max(2, reps - 1) if size == "tiny" else 1)
+    rss2 = peak_rss_mb()
+    ratios = [a / b for a, b in zip(t2["meta2"], t2["rm"])]
+    return [row("RM (eager attention)", size, dtype, t2["rm"], 3 * F_t, tok_t, peak, rss2, batch=f"{2 * 16} x {Tp}"),
+            row("MetaRM order 2 (eager)", size, dtype, t2["meta2"], 9 * F_s + 3 * F_t, tok_t + tok_s, peak, rss2,
+                batch=f"{2 * 16} x {Tp} + {16 * 5} x {Tm}", ratio=statistics.median(ratios),
+                ideal=(9 * F_s + 3 * F_t) / (3 * F_t))]
 
 
 class ForwardCounter:
@@ -414,33 +421,39 @@ def bench_ppo(w: Workload, size: str, args: Args, peaks: dict[str, float]) -> tu
                 times["update"].append(t3 - t2)
         rss = peak_rss_mb()
         counter.remove()
-        B, P, R = batch.input_ids.shape[0], batch.prompt_len, batch.response.shape[1]
-        T = P + R
-        sp, sc = shape(policy), shape(critic)
-        new_tokens = int(batch.response_mask.sum())
-        real = int(batch.attention_mask.sum())
-        out.append(row("PPO generation (rollout)", size, dtype, times["gen"], generation_flops(sp, B, P, R),
-                       new_tokens, peak, rss, batch=f"{B} x ({P} + {R})"))
-        fwd = 2 * forward_flops(sp, B, T) + 2 * forward_flops(sc, B, T)
-        out.append(row("PPO make_experience (4 fwd)", size, dtype, times["exp"], fwd, 4 * real, peak, rss,
-                       batch=f"4 models x {B} x {T}"))
-        upd = pa.ppo_epochs * 3 * (forward_flops(sp, B, T) + forward_flops(sc, B, T))
-        out.append(row("PPO ppo_update (2 epochs)", size, dtype, times["update"], upd, 2 * pa.ppo_epochs * real,
-                       peak, rss, batch=f"{pa.ppo_epochs} x (policy + critic) x {B} x {T}"))
-        checks[f"{size}/{dtype}"] = {"rollouts": B, "generation": gen_counts, "make_experience": exp_counts,
-                                     "ppo_update": upd_counts, "response_len": R}
+        out += ppo_rows(size, dtype, batch, shape(policy), shape(critic), pa, times, peak, rss)
+        checks[f"{size}/{dtype}"] = {"rollouts": batch.input_ids.shape[0], "generation": gen_counts,
+                                     "make_experience": exp_counts, "ppo_update": upd_counts,
+                                     "response_len": batch.response.shape[1]}
         del policy, ref, rm, critic, popt, copt
     return out, checks
 
 
+def ppo_rows(size: str, dtype: str, batch, sp: dict[str, int], sc: dict[str, int], pa, times: dict[str, list[float]],
+             peak: float, rss: float) -> list[dict]:
+    """The rows of PPO's three phases: FLOPs from the policy's (sp) and critic's (sc) shapes, real tokens counted."""
+    B, P, R = batch.input_ids.shape[0], batch.prompt_len, batch.response.shape[1]
+    T = P + R
+    new_tokens = int(batch.response_mask.sum())
+    real = int(batch.attention_mask.sum())
+    fwd = 2 * forward_flops(sp, B, T) + 2 * forward_flops(sc, B, T)
+    upd = pa.ppo_epochs * 3 * (forward_flops(sp, B, T) + forward_flops(sc, B, T))
+    return [row("PPO generation (rollout)", size, dtype, times["gen"], generation_flops(sp, B, P, R), new_tokens, peak,
+                rss, batch=f"{B} x ({P} + {R})"),
+            row("PPO make_experience (4 fwd)", size, dtype, times["exp"], fwd, 4 * real, peak, rss,
+                batch=f"4 models x {B} x {T}"),
+            row("PPO ppo_update (2 epochs)", size, dtype, times["update"], upd, 2 * pa.ppo_epochs * real, peak, rss,
+                batch=f"{pa.ppo_epochs} x (policy + critic) x {B} x {T}")]
+
+
 def bench_generation(w: Workload, size: str, args: Args, peaks: dict[str, float]) -> list[dict]:
-    """Tokens/s of batched sampling with and without the KV cache (same kwargs as common.generate, a fixed
+    """Tokens/s of batched sampling with and without the KV cache (same kwargs as sampling.generate, a fixed
     number of new tokens so both runs do the same work)."""
     out = []
     policy = AutoModelForCausalLM.from_pretrained(w.base, dtype=torch.float32)
     policy.eval()
     prompts = [p for p in w.ppo_prompts for _ in range(4)][:64 if size == "tiny" else 16]
-    ids, mask = common.pad_left([common.prompt_ids(w.tokenizer, p) for p in prompts], w.tokenizer.pad_token_id)
+    ids, mask = data.pad([data.prompt_ids(w.tokenizer, p) for p in prompts], w.tokenizer.pad_token_id, side="left")
     R = 32
     s = shape(policy)
     for dtype in args.dtypes.split(","):
@@ -524,7 +537,7 @@ def world_steps(w: Workload, world: int, rank: int, args: Args, size: str) -> di
     sft_ids = w.sft_batch(half(32))
     pair_ids, meta_ids = w.pair_batch(half(16)), w.meta_batch(half(16))
     torch.manual_seed(args.seed)
-    lm = common.load_model(AutoModelForCausalLM, w.base, world, device)
+    lm = distributed.load_model(AutoModelForCausalLM, w.base, world, device)
     rm, _ = reward.load_reward_model(w.base, world, device)
     lm.train()
     rm.train()
@@ -538,7 +551,7 @@ def world_steps(w: Workload, world: int, rank: int, args: Args, size: str) -> di
 
 
 def worker(args: Args) -> None:
-    rank, world, _ = common.init_distributed()
+    rank, world, _ = distributed.init_distributed()
     torch.set_num_threads(1)
     results = {}
     for size in args.sizes.split(","):
@@ -577,14 +590,8 @@ def bench_world2(args: Args) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------------------------
-def fmt_si(x: float) -> str:
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g} {unit}"
-    return f"{x:.3g}"
-
-
 def write_markdown(res: dict[str, Any], path: str) -> None:
+    """BENCHMARKS.md: the machine, every table, and the hand-written reading kept from the file already there."""
     m = res["machine"]
     lines = [f"# Benchmarks (bench.py, {m['date']})", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} (CPU), {res['threads']} threads. "
@@ -592,6 +599,20 @@ def write_markdown(res: dict[str, Any], path: str) -> None:
              f"{', '.join(f'{x:.2f}' for x in m['load_after'])} (other jobs share the 2 cores: absolute times are "
              f"noisy, ratios measured within one run less so). Whole run: {res['wall_s']:.0f} s. "
              "No GPU numbers: this task had no GPU machine.", ""]
+    lines += _peak_and_step_tables(res) + _ppo_profile_and_world2_tables(res)
+    # The hand-written reading of the numbers (from "## Reading" on) is kept when the tables are regenerated.
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = f.read()
+        if "\n## Reading" in old:
+            lines.append(old[old.index("\n## Reading") + 1:].rstrip("\n"))
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def _peak_and_step_tables(res: dict[str, Any]) -> list[str]:
+    """The matmul peak, one row per timed step, and the bf16 speed-ups."""
+    lines: list[str] = []
     if "peak" in res:
         lines += ["## Matmul peak (the physical reference)", "", "| dtype | GFLOP/s | best n (n x n @ n x n) |",
                   "|---|---|---|"]
@@ -624,6 +645,12 @@ def write_markdown(res: dict[str, Any], path: str) -> None:
         if pairs:
             lines += ["bf16 autocast speed-up (fp32 step time / bf16 step time): " + "; ".join(
                 f"{s} {z} {v['fp32'] / v['bf16']:.2f}x" for (s, z), v in pairs), ""]
+    return lines
+
+
+def _ppo_profile_and_world2_tables(res: dict[str, Any]) -> list[str]:
+    """PPO's forward-pass counts, the profiler's shares of a medium bf16 step, 1 process vs 2."""
+    lines: list[str] = []
     if res.get("ppo_forward_counts"):
         lines += ["## PPO forward passes per iteration (forward hooks on the four root modules)", "",
                   "| run | rollouts | generation (policy calls) | make_experience: calls / rows per model | "
@@ -652,14 +679,7 @@ def write_markdown(res: dict[str, Any], path: str) -> None:
                 a, b = statistics.median(v["world1"][step]), statistics.median(v["world2"][step])
                 lines.append(f"| {size} | {step} (fp32) | {a:.4f} | {b:.4f} | {a / b:.2f} |")
         lines.append("")
-    # The hand-written reading of the numbers (from "## Reading" on) is kept when the tables are regenerated.
-    if os.path.isfile(path):
-        with open(path) as f:
-            old = f.read()
-        if "\n## Reading" in old:
-            lines.append(old[old.index("\n## Reading") + 1:].rstrip("\n"))
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------------------------

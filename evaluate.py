@@ -1,6 +1,6 @@
 """Evaluation: win / tie / lose between two policies, RM accuracy, the RM's distinguishing ability, diversity.
 
-What the paper measures (§ "Experiments"; DESIGN.md §5) and where it is here:
+What the paper measures (§ "Experiments"; docs/design.md §5) and where it is here:
   Tables 1-2  win / tie / lose of policy A against policy B on held-out prompts, judged by GPT-4 (order
               randomised; the judge answers [[A]], [[B]] or [[C]] for a tie)        -> `judge_llm`, `win_tie_lose`
               on the testbed also by the hidden gold reward, or by any reward model -> `judge_by_scores`
@@ -88,9 +88,14 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import common
+import data
+import distributed
 import meta_rm
 import reward
+import sampling
+import testbed
 from common import arg, check
+from data import CHAT_TEMPLATE_HELP, CHAT_TEMPLATE_MODES, DATA_FORMAT_HELP, DATA_FORMATS
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -142,11 +147,11 @@ class Args:
     batch_size: int = arg(64, "sequences per generate call / RM forward on one process")
     seed: int = arg(0, "random seed: sampling (seed + rank), LLM-judge order, fresh RM heads")
     bf16: bool = arg(False, "bf16 autocast when an RM scores responses; fp32 is the reference")
-    data_format: str = arg("auto", common.DATA_FORMAT_HELP + " (for every prompt and pair file; auto detects each "
-                           "file separately)", choices=common.DATA_FORMATS)
+    data_format: str = arg("auto", DATA_FORMAT_HELP + " (for every prompt and pair file; auto detects each "
+                           "file separately)", choices=DATA_FORMATS)
     preference: str = arg("safer", "PKU-SafeRLHF pairs: chosen by safer_response_id or better_response_id",
                           choices=["safer", "better"])
-    chat_template: str = arg("auto", common.CHAT_TEMPLATE_HELP, choices=common.CHAT_TEMPLATE_MODES)
+    chat_template: str = arg("auto", CHAT_TEMPLATE_HELP, choices=CHAT_TEMPLATE_MODES)
     overwrite: bool = arg(False, "write into an output folder that already holds files")
 
 
@@ -489,15 +494,15 @@ def metric_curve(records: list[dict], x_key: str, y_key: str) -> tuple[list, lis
 def policy_responses(path: str, prompts: list[str], args: Args, world: int, rank: int, device: torch.device, *,
                      k: int = 1, sample: bool) -> list[str]:
     """k responses per prompt from the policy at `path`, prompt-major: [p0 s0, p0 s1, ..., p1 s0, ...]. Every rank
-    gets all of them (common.sample_texts spreads the prompts over ranks). The model is freed afterwards."""
+    gets all of them (sampling.sample_texts spreads the prompts over ranks). The model is freed afterwards."""
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = common.load_model(AutoModelForCausalLM, path, world, device)
+    model = distributed.load_model(AutoModelForCausalLM, path, world, device)
     model.eval()
-    texts, _ = common.sample_texts(model, tokenizer, [p for p in prompts for _ in range(k)],
-                                   max_new_tokens=args.max_new_tokens, world=world, rank=rank,
-                                   batch_size=args.batch_size, do_sample=sample, temperature=args.temperature,
-                                   top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                                   chat_template=args.chat_template)
+    texts, _ = sampling.sample_texts(model, tokenizer, [p for p in prompts for _ in range(k)],
+                                     max_new_tokens=args.max_new_tokens, world=world, rank=rank,
+                                     batch_size=args.batch_size, do_sample=sample, temperature=args.temperature,
+                                     top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                                     chat_template=args.chat_template)
     del model
     return texts
 
@@ -510,9 +515,10 @@ def load_rm(path: str, args: Args, world: int, device: torch.device):
     return model, tokenizer
 
 
-def rm_scores(model, tokenizer, prompts: list[str], responses: list[str], args: Args, world: int,
-              rank: int) -> torch.Tensor:
-    """r(x, y) of every (prompt, response) -> (N,), spread over the ranks."""
+def score_responses(model, tokenizer, prompts: list[str], responses: list[str], args: Args, world: int,
+                    rank: int) -> torch.Tensor:
+    """r(x, y) of every (prompt, response) -> (N,), spread over the ranks: reward.score_texts with this run's
+    --max-len, --batch-size, --bf16 and --chat-template."""
     return reward.score_texts(model, tokenizer, prompts, responses, max_len=args.max_len, world=world, rank=rank,
                               batch_size=args.batch_size, bf16=args.bf16, chat_template=args.chat_template)
 
@@ -539,7 +545,7 @@ def _default_name(path: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The evaluation
+# The evaluation: validate, then each part that its flags ask for, then write
 # ----------------------------------------------------------------------------------------------------------------
 def validate(args: Args) -> dict[str, Any]:
     """Check every input before anything is loaded or written; return the parsed name=path lists."""
@@ -556,16 +562,16 @@ def validate(args: Args) -> dict[str, Any]:
     check(args.max_new_tokens > 0 and args.temperature > 0, "--max-new-tokens and --temperature must be positive")
     for flag in ("policy_a", "policy_b", "gap_policy"):
         if getattr(args, flag):
-            common.check_checkpoint(getattr(args, flag), "--" + flag.replace("_", "-"))
+            distributed.check_checkpoint(getattr(args, flag), "--" + flag.replace("_", "-"))
     for path in [*named["rms"].values(), *named["diff_checkpoints"].values()]:
-        common.check_checkpoint(path)
+        distributed.check_checkpoint(path)
     for path in [*named["rm_metrics"].values(), *named["ppo_metrics"].values()]:
         check(os.path.isfile(path), f"{path}: no such metrics file")
     if compare:
-        common.read_prompts(args.prompts, args.data_format)
+        data.read_prompts(args.prompts, args.data_format)
         if args.judge == "rm":
             check(bool(args.judge_rm), "--judge rm needs --judge-rm PATH")
-            common.check_checkpoint(args.judge_rm, "--judge-rm")
+            distributed.check_checkpoint(args.judge_rm, "--judge-rm")
         if args.judge == "llm":
             check(args.llm_url.startswith(("http://", "https://")), f"--llm-url {args.llm_url!r}: not an http(s) URL")
             check(args.llm_timeout > 0 and args.llm_retries >= 0 and args.llm_backoff >= 0,
@@ -573,94 +579,139 @@ def validate(args: Args) -> dict[str, Any]:
     if named["rms"]:
         for path in (args.pairs_test, args.ood_pairs_test):
             if path:
-                common.read_pairs(path, args.data_format, args.preference)
+                data.read_pairs(path, args.data_format, args.preference)
     if args.gap_set:
         meta_rm.read_meta_set(args.gap_set)
     if args.gap_policy or named["diff_checkpoints"]:
-        common.read_prompts(args.gap_prompts or args.prompts, args.data_format)
+        data.read_prompts(args.gap_prompts or args.prompts, args.data_format)
     return named
 
 
 def run(args: Args) -> dict[str, Any]:
     """The whole evaluation in-process (also under torchrun: every rank calls it; rank 0 writes). Returns the
     results dict that is written to results.json."""
-    rank, world, device = common.init_distributed()
+    rank, world, device = distributed.init_distributed()
     named = validate(args)
     common.prepare_output(args.out, args.overwrite)
     results: dict[str, Any] = {"args": dataclasses.asdict(args)}
-    figures: dict[str, str] = {}
-    samples: dict[str, list[str]] = {}  # policy name -> its responses, for diversity
-
-    def first(records: list, n: int) -> list:
-        return records if n < 0 else records[:n]
-
+    samples: dict[str, list[str]] = {}  # responses of each policy, for diversity
     # ---- 1. win / tie / lose of policy A against policy B (Tables 1-2) ----
     if args.policy_a:
-        name_a = args.name_a or _default_name(args.policy_a)
-        name_b = args.name_b or _default_name(args.policy_b)
-        if name_a == name_b:
-            name_a, name_b = f"{name_a} (A)", f"{name_b} (B)"
-        prompts = first(common.read_prompts(args.prompts, args.data_format), args.max_prompts)
-        common.print0(f"evaluate: {name_a} vs {name_b} on {len(prompts)} prompts "
-                      f"({'sampled' if args.sample else 'greedy'}), judge {args.judge}")
-        common.seed_everything(args.seed, rank)
-        responses_a = policy_responses(args.policy_a, prompts, args, world, rank, device, sample=args.sample)
-        common.seed_everything(args.seed, rank)
-        responses_b = policy_responses(args.policy_b, prompts, args, world, rank, device, sample=args.sample)
-        if args.judge == "gold":
-            judgments = judge_by_scores(common.gold_rewards(prompts, responses_a),
-                                        common.gold_rewards(prompts, responses_b),
-                                        args.margin)
-        elif args.judge == "rm":
-            model, tokenizer = load_rm(args.judge_rm, args, world, device)
-            judgments = judge_by_scores(rm_scores(model, tokenizer, prompts, responses_a, args, world, rank).tolist(),
-                                        rm_scores(model, tokenizer, prompts, responses_b, args, world, rank).tolist(),
-                                        args.margin)
-            del model
-        else:
-            judgments = [None]  # only rank 0 talks to the endpoint; the others receive its verdicts
-            if common.is_main():
-                api_key = os.environ.get(args.llm_api_key_env) or None
-                if api_key is None:
-                    common.print0(f"note: ${args.llm_api_key_env} is not set; requests go without Authorization")
-
-                def ask(messages: list[dict]) -> tuple[str | None, str | None]:
-                    return chat_completion(messages, url=args.llm_url, model=args.llm_model, api_key=api_key,
-                                           timeout=args.llm_timeout, retries=args.llm_retries,
-                                           backoff=args.llm_backoff)
-
-                judgments = judge_llm(prompts, responses_a, responses_b, ask, both_orders=args.both_orders,
-                                      seed=args.seed)
-            if world > 1:
-                box = [judgments]
-                dist.broadcast_object_list(box, src=0)
-                judgments = box[0]
-        table = win_tie_lose([j["outcome"] for j in judgments])
-        results["win_tie_lose"] = {"a": name_a, "b": name_b, "judge": args.judge, **table}
-        invalid_reasons = collections.Counter(j["reason"] for j in judgments if j["outcome"] == "invalid")
-        results["win_tie_lose"]["invalid_reasons"] = dict(invalid_reasons)
-        if args.judge == "llm" and args.both_orders:
-            results["win_tie_lose"]["orders_disagree"] = sum(bool(j.get("orders_disagree")) for j in judgments)
-        gold_a, gold_b = common.gold_rewards(prompts, responses_a), common.gold_rewards(prompts, responses_b)
-        if None not in gold_a + gold_b:  # the testbed: whatever the judge, report the mean gold reward of both
-            results["win_tie_lose"]["gold_mean_a"] = sum(gold_a) / len(gold_a)
-            results["win_tie_lose"]["gold_mean_b"] = sum(gold_b) / len(gold_b)
-        samples[name_a], samples[name_b] = responses_a, responses_b
-        if common.is_main():
-            common.write_jsonl(os.path.join(args.out, "judgments.jsonl"),
-                               [{"prompt": p, "response_a": a, "response_b": b, **j}
-                                for p, a, b, j in zip(prompts, responses_a, responses_b, judgments)])
-        common.print0("win / tie / lose: " + " / ".join(f"{table[k]}" for k in ("win", "tie", "lose"))
-                      + f" (invalid {table['invalid']})")
-
+        results["win_tie_lose"], responses = compare_policies(args, world, rank, device)
+        samples.update(responses)
     # ---- 2. the samples the RMs are asked to tell apart (Fig. 5: gap set; Fig. 1: checkpoints) ----
+    gap_prompts, gap_items, pairs_of = gap_samples(args, named, world, rank, device)
+    samples.update({f"checkpoint {name}": texts[::2] for name, texts in pairs_of.items()})  # one per prompt
+    # ---- 3. every RM: accuracy (Fig. 4), normalised reward gaps (Fig. 5), variance of r(s_1) − r(s_2) (Fig. 1) ----
+    test_pairs = {split: data.read_pairs(path, args.data_format, args.preference) for split, path in
+                  (("test", args.pairs_test), ("ood_test", args.ood_pairs_test)) if path and named["rms"]}
+    gaps_by_rm: dict[str, torch.Tensor] = {}
+    gap_scores: dict[str, list[list[float]]] = {}
+    for rm_name, path in named["rms"].items():
+        entry, gaps, scores = evaluate_rm(rm_name, path, args, test_pairs, gap_items, gap_prompts, pairs_of, world,
+                                          rank, device)
+        results.setdefault("reward_models", {})[rm_name] = entry
+        if scores is not None:
+            gaps_by_rm[rm_name], gap_scores[rm_name] = gaps, scores.tolist()
+    # ---- 4. diversity of every set of policy responses (Table 3) ----
+    if samples:
+        results["diversity"] = {name: diversity(texts) for name, texts in samples.items() if len(texts) >= 2}
+    # ---- 5. curves from training logs ----
+    results.update(training_curves(named))
+    # ---- 6. write: JSON, figures, report (rank 0) ----
+    if common.is_main():
+        results["figures"] = draw_figures(args, results, gaps_by_rm, pairs_of)
+        if gaps_by_rm:
+            data.write_jsonl(os.path.join(args.out, "gap_scores.jsonl"),
+                             [{**it, "scores": {n: s[i] for n, s in gap_scores.items()}}
+                              for i, it in enumerate(gap_items)])
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        with open(os.path.join(args.out, "report.md"), "w") as f:
+            f.write(markdown_report(results))
+        common.print0(f"evaluate: wrote {args.out}/results.json, report.md and {len(results['figures'])} figure(s)")
+    return results
+
+
+def first(records: list, n: int) -> list:
+    """The first `n` records (--max-prompts; -1 = all)."""
+    return records if n < 0 else records[:n]
+
+
+def compare_policies(args: Args, world: int, rank: int,
+                     device: torch.device) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """Part 1: greedy (or sampled) responses of policies A and B to --prompts, judged -> (the win_tie_lose entry of
+    results.json, {name: responses}); judgments.jsonl holds one line per prompt."""
+    name_a = args.name_a or _default_name(args.policy_a)
+    name_b = args.name_b or _default_name(args.policy_b)
+    if name_a == name_b:
+        name_a, name_b = f"{name_a} (A)", f"{name_b} (B)"
+    prompts = first(data.read_prompts(args.prompts, args.data_format), args.max_prompts)
+    common.print0(f"evaluate: {name_a} vs {name_b} on {len(prompts)} prompts "
+                  f"({'sampled' if args.sample else 'greedy'}), judge {args.judge}")
+    common.seed_everything(args.seed, rank)
+    responses_a = policy_responses(args.policy_a, prompts, args, world, rank, device, sample=args.sample)
+    common.seed_everything(args.seed, rank)
+    responses_b = policy_responses(args.policy_b, prompts, args, world, rank, device, sample=args.sample)
+    judgments = judge(args, prompts, responses_a, responses_b, world, rank, device)
+    table = win_tie_lose([j["outcome"] for j in judgments])
+    entry: dict[str, Any] = {"a": name_a, "b": name_b, "judge": args.judge, **table}
+    entry["invalid_reasons"] = dict(collections.Counter(j["reason"] for j in judgments if j["outcome"] == "invalid"))
+    if args.judge == "llm" and args.both_orders:
+        entry["orders_disagree"] = sum(bool(j.get("orders_disagree")) for j in judgments)
+    gold_a, gold_b = testbed.gold_rewards(prompts, responses_a), testbed.gold_rewards(prompts, responses_b)
+    if None not in gold_a + gold_b:  # the testbed: whatever the judge, report the mean gold reward of both
+        entry["gold_mean_a"] = sum(gold_a) / len(gold_a)
+        entry["gold_mean_b"] = sum(gold_b) / len(gold_b)
+    if common.is_main():
+        data.write_jsonl(os.path.join(args.out, "judgments.jsonl"),
+                         [{"prompt": p, "response_a": a, "response_b": b, **j}
+                          for p, a, b, j in zip(prompts, responses_a, responses_b, judgments)])
+    common.print0("win / tie / lose: " + " / ".join(f"{table[k]}" for k in ("win", "tie", "lose"))
+                  + f" (invalid {table['invalid']})")
+    return entry, {name_a: responses_a, name_b: responses_b}
+
+
+def judge(args: Args, prompts: list[str], responses_a: list[str], responses_b: list[str], world: int, rank: int,
+          device: torch.device) -> list[dict]:
+    """One judgment per prompt from --judge: the gold reward, an RM's scores, or the LLM judge (rank 0 asks the
+    endpoint and broadcasts its verdicts)."""
+    if args.judge == "gold":
+        return judge_by_scores(testbed.gold_rewards(prompts, responses_a), testbed.gold_rewards(prompts, responses_b),
+                               args.margin)
+    if args.judge == "rm":
+        model, tokenizer = load_rm(args.judge_rm, args, world, device)
+        scores_a, scores_b = (score_responses(model, tokenizer, prompts, responses, args, world, rank).tolist()
+                              for responses in (responses_a, responses_b))
+        return judge_by_scores(scores_a, scores_b, args.margin)
+    judgments = [None]  # only rank 0 talks to the endpoint; the others receive its verdicts
+    if common.is_main():
+        api_key = os.environ.get(args.llm_api_key_env) or None
+        if api_key is None:
+            common.print0(f"note: ${args.llm_api_key_env} is not set; requests go without Authorization")
+
+        def ask(messages: list[dict]) -> tuple[str | None, str | None]:
+            return chat_completion(messages, url=args.llm_url, model=args.llm_model, api_key=api_key,
+                                   timeout=args.llm_timeout, retries=args.llm_retries, backoff=args.llm_backoff)
+
+        judgments = judge_llm(prompts, responses_a, responses_b, ask, both_orders=args.both_orders, seed=args.seed)
+    if world > 1:
+        box = [judgments]
+        dist.broadcast_object_list(box, src=0)
+        judgments = box[0]
+    return judgments
+
+
+def gap_samples(args: Args, named: dict[str, Any], world: int, rank: int,
+                device: torch.device) -> tuple[list[str], list[dict], dict[str, list[str]]]:
+    """Part 2: (gap prompts, gap items {prompt, responses[k]} from --gap-set or sampled from --gap-policy,
+    {checkpoint: 2 sampled responses per gap prompt, prompt-major} for Fig. 1)."""
     gap_prompts: list[str] = []
     if args.gap_policy or named["diff_checkpoints"]:
-        gap_prompts = first(common.read_prompts(args.gap_prompts or args.prompts, args.data_format), args.max_prompts)
+        gap_prompts = first(data.read_prompts(args.gap_prompts or args.prompts, args.data_format), args.max_prompts)
     gap_items: list[dict] = []
     if args.gap_set:
-        gap_items, _ = meta_rm.read_meta_set(args.gap_set)
-        gap_items = first(gap_items, args.max_prompts)
+        gap_items = first(meta_rm.read_meta_set(args.gap_set)[0], args.max_prompts)
     elif args.gap_policy:
         common.print0(f"evaluate: {args.gap_k} samples per prompt from {args.gap_policy} for the reward gaps")
         common.seed_everything(args.seed, rank)
@@ -672,93 +723,83 @@ def run(args: Args) -> dict[str, Any]:
         common.print0(f"evaluate: 2 samples per prompt from checkpoint {name} ({path})")
         common.seed_everything(args.seed, rank)
         pairs_of[name] = policy_responses(path, gap_prompts, args, world, rank, device, k=2, sample=True)
-        samples[f"checkpoint {name}"] = pairs_of[name][::2]  # one response per prompt, for diversity
+    return gap_prompts, gap_items, pairs_of
 
-    # ---- 3. every RM: accuracy (Fig. 4), normalised reward gaps (Fig. 5), variance of r(s_1) − r(s_2) (Fig. 1) ----
-    test_sets = {"test": args.pairs_test, "ood_test": args.ood_pairs_test}
-    test_pairs = {k: common.read_pairs(p, args.data_format, args.preference) for k, p in test_sets.items()
-                  if p and named["rms"]}
-    gaps_by_rm: dict[str, torch.Tensor] = {}
-    gap_scores: dict[str, list[list[float]]] = {}
-    for rm_name, path in named["rms"].items():
-        common.print0(f"evaluate: reward model {rm_name} ({path})")
-        model, tokenizer = load_rm(path, args, world, device)
-        entry: dict[str, Any] = {"path": path}
-        for split, pairs in test_pairs.items():
-            entry[split] = reward.evaluate(model, tokenizer, pairs, max_len=args.max_len, world=world, rank=rank,
-                                           batch_size=args.batch_size, bf16=args.bf16,
-                                           chat_template=args.chat_template)
-        if gap_items:
-            k = len(gap_items[0]["responses"])
-            prompts_k = [it["prompt"] for it in gap_items for _ in range(k)]
-            responses_k = [s for it in gap_items for s in it["responses"]]
-            scores = rm_scores(model, tokenizer, prompts_k, responses_k, args, world, rank).view(-1, k)  # (m, k)
-            gaps = normalised_gaps(scores)
-            gaps_by_rm[rm_name], gap_scores[rm_name] = gaps, scores.tolist()
-            entry["gaps"] = {**meta_rm.reward_gaps(scores),  # raw gap mean / std, diff12_var, J (Eq. 2)
-                             "normalised_mean": gaps.mean().item(), "normalised_median": gaps.median().item(),
-                             "normalised_below_0.2": (gaps < 0.2).float().mean().item(),
-                             "histogram": gap_histogram(gaps, args.gap_bins), "prompts": len(gap_items), "k": k}
-        if pairs_of:
-            entry["diff12_var"] = {}
-            for name, texts in pairs_of.items():
-                s = rm_scores(model, tokenizer, [p for p in gap_prompts for _ in range(2)], texts, args, world,
-                              rank).view(-1, 2)  # (m, 2)
-                entry["diff12_var"][name] = meta_rm.reward_gaps(s)["diff12_var"]
-        results.setdefault("reward_models", {})[rm_name] = entry
-        del model
 
-    # ---- 4. diversity of every set of policy responses (Table 3) ----
-    if samples:
-        results["diversity"] = {name: diversity(texts) for name, texts in samples.items() if len(texts) >= 2}
+def evaluate_rm(name: str, path: str, args: Args, test_pairs: dict[str, list[dict]], gap_items: list[dict],
+                gap_prompts: list[str], pairs_of: dict[str, list[str]], world: int, rank: int,
+                device: torch.device) -> tuple[dict[str, Any], torch.Tensor | None, torch.Tensor | None]:
+    """Part 3 for one RM: (its results.json entry: accuracy on the test pairs, gap statistics, Fig. 1 variance per
+    checkpoint; its normalised gaps; its rewards of the gap items (m, k)), the last two None without gap items."""
+    common.print0(f"evaluate: reward model {name} ({path})")
+    model, tokenizer = load_rm(path, args, world, device)
+    entry: dict[str, Any] = {"path": path}
+    for split, pairs in test_pairs.items():
+        entry[split] = reward.evaluate(model, tokenizer, pairs, max_len=args.max_len, world=world, rank=rank,
+                                       batch_size=args.batch_size, bf16=args.bf16, chat_template=args.chat_template)
+    gaps = scores = None
+    if gap_items:
+        k = len(gap_items[0]["responses"])
+        prompts_k = [it["prompt"] for it in gap_items for _ in range(k)]
+        responses_k = [s for it in gap_items for s in it["responses"]]
+        scores = score_responses(model, tokenizer, prompts_k, responses_k, args, world, rank).view(-1, k)  # (m, k)
+        gaps = normalised_gaps(scores)
+        entry["gaps"] = {**meta_rm.reward_gaps(scores),  # raw gap mean / std, diff12_var, J (Eq. 2)
+                         "normalised_mean": gaps.mean().item(), "normalised_median": gaps.median().item(),
+                         "normalised_below_0.2": (gaps < 0.2).float().mean().item(),
+                         "histogram": gap_histogram(gaps, args.gap_bins), "prompts": len(gap_items), "k": k}
+    if pairs_of:
+        entry["diff12_var"] = {}
+        for checkpoint, texts in pairs_of.items():
+            s = score_responses(model, tokenizer, [p for p in gap_prompts for _ in range(2)], texts, args, world,
+                                rank).view(-1, 2)  # (m, 2)
+            entry["diff12_var"][checkpoint] = meta_rm.reward_gaps(s)["diff12_var"]
+    return entry, gaps, scores
 
-    # ---- 5. curves from training logs ----
+
+def training_curves(named: dict[str, Any]) -> dict[str, Any]:
+    """Part 5: RM accuracy over steps and PPO's RM score vs gold reward over iterations, from metrics.jsonl files."""
+    out: dict[str, Any] = {}
     if named["rm_metrics"]:
-        logs = {n: common.read_jsonl(p) for n, p in named["rm_metrics"].items()}
-        results["rm_curves"] = {n: {y: metric_curve(recs, "step", y) for y in ("eval_acc", "eval_acc_gold")}
-                                for n, recs in logs.items()}
+        logs = {n: data.read_jsonl(p) for n, p in named["rm_metrics"].items()}
+        out["rm_curves"] = {n: {y: metric_curve(recs, "step", y) for y in ("eval_acc", "eval_acc_gold")}
+                            for n, recs in logs.items()}
     if named["ppo_metrics"]:
-        logs = {n: common.read_jsonl(p) for n, p in named["ppo_metrics"].items()}
-        results["ppo_curves"] = {n: {y: metric_curve(recs, "iteration", y) for y in ("score", "gold")}
-                                 for n, recs in logs.items()}
+        logs = {n: data.read_jsonl(p) for n, p in named["ppo_metrics"].items()}
+        out["ppo_curves"] = {n: {y: metric_curve(recs, "iteration", y) for y in ("score", "gold")}
+                             for n, recs in logs.items()}
+    return out
 
-    # ---- 6. write: JSON, figures, report (rank 0) ----
-    if common.is_main():
-        if "win_tie_lose" in results:
-            w = results["win_tie_lose"]
-            figures["win_tie_lose"] = "win_tie_lose.png"
-            plot_win_tie_lose({f"{w['a']} vs {w['b']}": w}, os.path.join(args.out, figures["win_tie_lose"]),
-                              title=f"win / tie / lose, judge: {args.judge}")
-        if gaps_by_rm:
-            figures["reward_gaps"] = "reward_gaps.png"
-            plot_gap_histograms(gaps_by_rm, os.path.join(args.out, figures["reward_gaps"]), bins=args.gap_bins)
-            common.write_jsonl(os.path.join(args.out, "gap_scores.jsonl"),
-                               [{**it, "scores": {n: s[i] for n, s in gap_scores.items()}}
-                                for i, it in enumerate(gap_items)])
-        if pairs_of:
-            figures["diff_variance"] = "diff_variance.png"
-            plot_curves({"Var[r(x,s1) − r(x,s2)] over prompts":
-                         {n: (list(pairs_of), list(e["diff12_var"].values()))
-                          for n, e in results["reward_models"].items()}},
-                        os.path.join(args.out, figures["diff_variance"]), xlabel="policy checkpoint")
-        if "rm_curves" in results:
-            figures["rm_accuracy"] = "rm_accuracy.png"
-            plot_curves({"accuracy vs labels": {n: c["eval_acc"] for n, c in results["rm_curves"].items()},
-                         "accuracy vs gold": {n: c["eval_acc_gold"] for n, c in results["rm_curves"].items()
-                                              if c["eval_acc_gold"][0]}},
-                        os.path.join(args.out, figures["rm_accuracy"]), xlabel="step")
-        if "ppo_curves" in results:
-            figures["ppo_rewards"] = "ppo_rewards.png"
-            plot_curves({"RM score (proxy)": {n: c["score"] for n, c in results["ppo_curves"].items()},
-                         "gold reward": {n: c["gold"] for n, c in results["ppo_curves"].items() if c["gold"][0]}},
-                        os.path.join(args.out, figures["ppo_rewards"]), xlabel="PPO iteration")
-        results["figures"] = figures
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(results, f, indent=1)
-        with open(os.path.join(args.out, "report.md"), "w") as f:
-            f.write(markdown_report(results))
-        common.print0(f"evaluate: wrote {args.out}/results.json, report.md and {len(figures)} figure(s)")
-    return results
+
+def draw_figures(args: Args, results: dict[str, Any], gaps_by_rm: dict[str, torch.Tensor],
+                 pairs_of: dict[str, list[str]]) -> dict[str, str]:
+    """Part 6 (rank 0): the PNG figures of the parts that ran -> {figure: file name in --out}."""
+    figures: dict[str, str] = {}
+    if "win_tie_lose" in results:
+        w = results["win_tie_lose"]
+        figures["win_tie_lose"] = "win_tie_lose.png"
+        plot_win_tie_lose({f"{w['a']} vs {w['b']}": w}, os.path.join(args.out, figures["win_tie_lose"]),
+                          title=f"win / tie / lose, judge: {args.judge}")
+    if gaps_by_rm:
+        figures["reward_gaps"] = "reward_gaps.png"
+        plot_gap_histograms(gaps_by_rm, os.path.join(args.out, figures["reward_gaps"]), bins=args.gap_bins)
+    if pairs_of:
+        figures["diff_variance"] = "diff_variance.png"
+        variances = {n: (list(pairs_of), list(e["diff12_var"].values())) for n, e in results["reward_models"].items()}
+        plot_curves({"Var[r(x,s1) − r(x,s2)] over prompts": variances},
+                    os.path.join(args.out, figures["diff_variance"]), xlabel="policy checkpoint")
+    if "rm_curves" in results:
+        figures["rm_accuracy"] = "rm_accuracy.png"
+        plot_curves({"accuracy vs labels": {n: c["eval_acc"] for n, c in results["rm_curves"].items()},
+                     "accuracy vs gold": {n: c["eval_acc_gold"] for n, c in results["rm_curves"].items()
+                                          if c["eval_acc_gold"][0]}},
+                    os.path.join(args.out, figures["rm_accuracy"]), xlabel="step")
+    if "ppo_curves" in results:
+        figures["ppo_rewards"] = "ppo_rewards.png"
+        plot_curves({"RM score (proxy)": {n: c["score"] for n, c in results["ppo_curves"].items()},
+                     "gold reward": {n: c["gold"] for n, c in results["ppo_curves"].items() if c["gold"][0]}},
+                    os.path.join(args.out, figures["ppo_rewards"]), xlabel="PPO iteration")
+    return figures
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -775,49 +816,11 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 def markdown_report(results: dict[str, Any]) -> str:
     """report.md: one section per part that ran, tables in the paper's shapes, links to the figures."""
-    out = ["# Evaluation report\n"]
     figures = results.get("figures", {})
+    out = ["# Evaluation report\n"]
     if "win_tie_lose" in results:
-        w = results["win_tie_lose"]
-        out.append(f"## Win / tie / lose (Tables 1-2 shape)\n\n{w['a']} (A) vs {w['b']} (B), judge `{w['judge']}`, "
-                   f"{w['n']} prompts. Percentages over the valid judgments.\n\n")
-        out.append(_table(["A vs B", "win %", "tie %", "lose %", "win", "tie", "lose", "invalid"],
-                          [[f"{w['a']} vs {w['b']}", f"{w['win_pct']:.1f}", f"{w['tie_pct']:.1f}",
-                            f"{w['lose_pct']:.1f}", w["win"], w["tie"], w["lose"], w["invalid"]]]))
-        if "gold_mean_a" in w:
-            out.append(f"\nMean gold reward: {w['a']} {w['gold_mean_a']:.3f}, {w['b']} {w['gold_mean_b']:.3f}.\n")
-        if "orders_disagree" in w:
-            out.append(f"\nBoth orders judged; the two orders disagreed (counted as ties) on {w['orders_disagree']} "
-                       "prompts.\n")
-        for reason, n in w["invalid_reasons"].items():
-            out.append(f"\n- invalid x{n}: {reason}")
-        out.append(f"\n\n![win / tie / lose]({figures['win_tie_lose']})\n\n" if "win_tie_lose" in figures else "\n")
-    rms = results.get("reward_models", {})
-    if rms and any(s in e for e in rms.values() for s in ("test", "ood_test")):
-        out.append("## Reward-model accuracy (Fig. 4's claim)\n\nacc: agreement with the (noisy) labels; acc_gold: "
-                   "with the hidden gold ordering (testbed only).\n\n")
-        rows = []
-        for name, e in rms.items():
-            row = [name]
-            for split in ("test", "ood_test"):
-                m = e.get(split, {})
-                row += [m.get("acc", "-"), m.get("acc_gold", "-")]
-            rows.append(row)
-        out.append(_table(["RM", "test acc", "test acc_gold", "OOD acc", "OOD acc_gold"], rows) + "\n")
-    if any("gaps" in e for e in rms.values()):
-        out.append("## Distinguishing ability (Fig. 5)\n\n|r(x, s_i) − r(x, s_j)| over the k samples of each prompt, "
-                   "rewards min-max normalised per RM over the whole gap set (gaps in [0, 1]). Raw gap mean / std "
-                   "and J (Eq. 2) in the RM's own units.\n\n")
-        rows = [[n, e["gaps"]["normalised_mean"], e["gaps"]["normalised_median"], e["gaps"]["normalised_below_0.2"],
-                 e["gaps"]["gap_mean"], e["gaps"]["gap_std"], e["gaps"]["J"]] for n, e in rms.items() if "gaps" in e]
-        out.append(_table(["RM", "norm. mean", "norm. median", "share < 0.2", "raw mean", "raw std", "J"], rows))
-        out.append(f"\n![reward gaps]({figures['reward_gaps']})\n\n" if "reward_gaps" in figures else "\n")
-    if any("diff12_var" in e for e in rms.values()):
-        checkpoints = list(next(e["diff12_var"] for e in rms.values() if "diff12_var" in e))
-        out.append("## Variance of r(x, s_1) − r(x, s_2) over policy checkpoints (Fig. 1)\n\n")
-        out.append(_table(["RM"] + checkpoints, [[n] + [e["diff12_var"][c] for c in checkpoints]
-                                                 for n, e in rms.items() if "diff12_var" in e]))
-        out.append(f"\n![variance]({figures['diff_variance']})\n\n" if "diff_variance" in figures else "\n")
+        out += _win_tie_lose_section(results["win_tie_lose"], figures)
+    out += _reward_model_sections(results.get("reward_models", {}), figures)
     if "diversity" in results:
         out.append("## Diversity (Table 3)\n\nWhitespace tokens; Self-BLEU lower = more diverse; distinct-n higher = "
                    "more diverse.\n\n")
@@ -838,6 +841,56 @@ def markdown_report(results: dict[str, Any]) -> str:
         out.append(_table(["run", "first score", "last score", "first gold", "last gold"], rows))
         out.append(f"\n![PPO rewards]({figures['ppo_rewards']})\n\n" if "ppo_rewards" in figures else "\n")
     return "".join(out)
+
+
+def _win_tie_lose_section(w: dict[str, Any], figures: dict[str, str]) -> list[str]:
+    """Tables 1-2 shape: A vs B, the counts, mean gold rewards, order disagreements and invalid judgments."""
+    out = []
+    out.append(f"## Win / tie / lose (Tables 1-2 shape)\n\n{w['a']} (A) vs {w['b']} (B), judge `{w['judge']}`, "
+               f"{w['n']} prompts. Percentages over the valid judgments.\n\n")
+    out.append(_table(["A vs B", "win %", "tie %", "lose %", "win", "tie", "lose", "invalid"],
+                      [[f"{w['a']} vs {w['b']}", f"{w['win_pct']:.1f}", f"{w['tie_pct']:.1f}",
+                        f"{w['lose_pct']:.1f}", w["win"], w["tie"], w["lose"], w["invalid"]]]))
+    if "gold_mean_a" in w:
+        out.append(f"\nMean gold reward: {w['a']} {w['gold_mean_a']:.3f}, {w['b']} {w['gold_mean_b']:.3f}.\n")
+    if "orders_disagree" in w:
+        out.append(f"\nBoth orders judged; the two orders disagreed (counted as ties) on {w['orders_disagree']} "
+                   "prompts.\n")
+    for reason, n in w["invalid_reasons"].items():
+        out.append(f"\n- invalid x{n}: {reason}")
+    out.append(f"\n\n![win / tie / lose]({figures['win_tie_lose']})\n\n" if "win_tie_lose" in figures else "\n")
+    return out
+
+
+def _reward_model_sections(rms: dict[str, Any], figures: dict[str, str]) -> list[str]:
+    """Fig. 4's accuracies, Fig. 5's gap statistics and Fig. 1's variances of every RM that was evaluated."""
+    out = []
+    if rms and any(s in e for e in rms.values() for s in ("test", "ood_test")):
+        out.append("## Reward-model accuracy (Fig. 4's claim)\n\nacc: agreement with the (noisy) labels; acc_gold: "
+                   "with the hidden gold ordering (testbed only).\n\n")
+        rows = []
+        for name, e in rms.items():
+            row = [name]
+            for split in ("test", "ood_test"):
+                metrics = e.get(split, {})
+                row += [metrics.get("acc", "-"), metrics.get("acc_gold", "-")]
+            rows.append(row)
+        out.append(_table(["RM", "test acc", "test acc_gold", "OOD acc", "OOD acc_gold"], rows) + "\n")
+    if any("gaps" in e for e in rms.values()):
+        out.append("## Distinguishing ability (Fig. 5)\n\n|r(x, s_i) − r(x, s_j)| over the k samples of each prompt, "
+                   "rewards min-max normalised per RM over the whole gap set (gaps in [0, 1]). Raw gap mean / std "
+                   "and J (Eq. 2) in the RM's own units.\n\n")
+        rows = [[n, e["gaps"]["normalised_mean"], e["gaps"]["normalised_median"], e["gaps"]["normalised_below_0.2"],
+                 e["gaps"]["gap_mean"], e["gaps"]["gap_std"], e["gaps"]["J"]] for n, e in rms.items() if "gaps" in e]
+        out.append(_table(["RM", "norm. mean", "norm. median", "share < 0.2", "raw mean", "raw std", "J"], rows))
+        out.append(f"\n![reward gaps]({figures['reward_gaps']})\n\n" if "reward_gaps" in figures else "\n")
+    if any("diff12_var" in e for e in rms.values()):
+        checkpoints = list(next(e["diff12_var"] for e in rms.values() if "diff12_var" in e))
+        out.append("## Variance of r(x, s_1) − r(x, s_2) over policy checkpoints (Fig. 1)\n\n")
+        out.append(_table(["RM"] + checkpoints, [[n] + [e["diff12_var"][c] for c in checkpoints]
+                                                 for n, e in rms.items() if "diff12_var" in e]))
+        out.append(f"\n![variance]({figures['diff_variance']})\n\n" if "diff_variance" in figures else "\n")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------

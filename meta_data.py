@@ -29,7 +29,12 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import common
+import data
+import distributed
+import sampling
+import testbed
 from common import arg, check
+from data import CHAT_TEMPLATE_HELP, CHAT_TEMPLATE_MODES, DATA_FORMAT_HELP, DATA_FORMATS
 
 
 @dataclasses.dataclass
@@ -37,8 +42,8 @@ class Args:
     policy: str = arg("runs/testbed/sft", "policy checkpoint to sample from (SFT or a PPO policy)")
     prompts: str = arg("runs/testbed/data/rl_prompts.jsonl", "prompts, JSONL {prompt}, or any public format "
                                                              "(--data-format; OOD variant: OASST1 / PKU prompts)")
-    data_format: str = arg("auto", common.DATA_FORMAT_HELP + " (for --prompts)", choices=common.DATA_FORMATS)
-    chat_template: str = arg("auto", common.CHAT_TEMPLATE_HELP, choices=common.CHAT_TEMPLATE_MODES)
+    data_format: str = arg("auto", DATA_FORMAT_HELP + " (for --prompts)", choices=DATA_FORMATS)
+    chat_template: str = arg("auto", CHAT_TEMPLATE_HELP, choices=CHAT_TEMPLATE_MODES)
     out: str = arg("runs/testbed/meta_set", "output folder for meta_train.jsonl and meta_heldout.jsonl")
     k: int = arg(5, "responses sampled per prompt (paper: 5); at least 2")
     max_prompts: int = arg(-1, "use only the first N prompts (-1 = all)")
@@ -54,12 +59,12 @@ class Args:
 
 def main(argv: list[str] | None = None) -> None:
     args = common.parse_args(Args, argv)
-    rank, world, device = common.init_distributed()
+    rank, world, device = distributed.init_distributed()
     check(args.k >= 2, f"--k {args.k}: the difference loss compares responses, it needs k >= 2")
     check(args.batch_size >= args.k, f"--batch-size {args.batch_size} must hold at least the k = {args.k} samples "
                                      "of one prompt")
-    common.check_checkpoint(args.policy, "--policy")
-    prompts = common.read_prompts(args.prompts, args.data_format)
+    distributed.check_checkpoint(args.policy, "--policy")
+    prompts = data.read_prompts(args.prompts, args.data_format)
     if args.max_prompts > 0:
         prompts = prompts[: args.max_prompts]
     check(0 <= args.heldout < len(prompts), f"--heldout {args.heldout} must be below the {len(prompts)} prompts")
@@ -71,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     heldout = set(order[: args.heldout])
 
     tokenizer = AutoTokenizer.from_pretrained(args.policy)
-    model = common.load_model(AutoModelForCausalLM, args.policy, world, device)
+    model = distributed.load_model(AutoModelForCausalLM, args.policy, world, device)
     model.eval()
     # each prompt repeated k times, so one generate call samples all k responses of several prompts at once
     per_call = args.batch_size // args.k
@@ -79,27 +84,27 @@ def main(argv: list[str] | None = None) -> None:
     bar = tqdm(total=len(prompts), desc=f"sampling S (k = {args.k})", disable=not common.is_main())
     for start in range(0, len(prompts), per_call * world):
         chunk = prompts[start: start + per_call * world]
-        texts, _ = common.sample_texts(model, tokenizer, [p for p in chunk for _ in range(args.k)],
-                                       max_new_tokens=args.max_new_tokens, world=world, rank=rank,
-                                       batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p,
-                                       repetition_penalty=args.repetition_penalty, chat_template=args.chat_template)
+        texts, _ = sampling.sample_texts(model, tokenizer, [p for p in chunk for _ in range(args.k)],
+                                         max_new_tokens=args.max_new_tokens, world=world, rank=rank,
+                                         batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p,
+                                         repetition_penalty=args.repetition_penalty, chat_template=args.chat_template)
         responses += texts
         bar.update(len(chunk))
     bar.close()
 
     records = [{"prompt": p, "responses": responses[i * args.k: (i + 1) * args.k]} for i, p in enumerate(prompts)]
     if common.is_main():
-        common.write_jsonl(os.path.join(args.out, "meta_train.jsonl"),
-                           [r for i, r in enumerate(records) if i not in heldout])
-        common.write_jsonl(os.path.join(args.out, "meta_heldout.jsonl"),
-                           [r for i, r in enumerate(records) if i in heldout])
+        data.write_jsonl(os.path.join(args.out, "meta_train.jsonl"),
+                         [r for i, r in enumerate(records) if i not in heldout])
+        data.write_jsonl(os.path.join(args.out, "meta_heldout.jsonl"),
+                         [r for i, r in enumerate(records) if i in heldout])
         common.save_args(args, args.out)
         distinct = sum(len(set(r["responses"])) for r in records) / len(records)
         common.print0(f"wrote {len(records) - len(heldout)} train + {len(heldout)} held-out prompts x k = {args.k} "
                       f"to {args.out} ({distinct:.2f} distinct responses per prompt on average)")
         stats = {"prompts": len(records), "k": args.k, "distinct_per_prompt": distinct}
-        gold = common.gold_scores([r["prompt"] for r in records for _ in range(args.k)],
-                                  [s for r in records for s in r["responses"]])
+        gold = testbed.gold_scores([r["prompt"] for r in records for _ in range(args.k)],
+                                   [s for r in records for s in r["responses"]])
         if gold is not None:
             stats["gold_mean"] = sum(gold) / len(gold)
             common.print0(f"mean gold reward of the samples: {stats['gold_mean']:.3f}")

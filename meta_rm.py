@@ -5,17 +5,27 @@ differences between samples of one prompt shrink). MetaRM keeps training the RM 
 but takes every update at parameters θ' that were first pushed one gradient-ASCENT step towards separating samples
 of the current policy (the meta set S). No new labels are needed.
 
-Equations (paper §3; DESIGN.md §2)
+Equations (paper §3; docs/design.md §2)
     Eq. (1)  L_θ(X_t)   = − mean log σ( r_θ(x, y_w) − r_θ(x, y_l) )              reward.bradley_terry_loss
     Eq. (2)  J_θ(x, s)  = (2 / k²) Σ_{i<j} σ( | r_θ(x, s_i) − r_θ(x, s_j) | )   difference_loss  (maximised)
 
-Algorithm 1, one iteration t (function `meta_gradient` below; each line is tagged "Alg.1 l.N" in the code):
+Algorithm 1, one iteration t — lines 2, 3 and 7 in `main`'s loop, lines 4–7 in `meta_gradient` (the gradient of
+l.7; the optimiser applies it); each line is tagged "Alg.1 l.N" in the code:
     l.2  X_t ← n pairs (x, y_w, y_l) from D
     l.3  X_s ← m items (x, s_1..s_k) from S
     l.4  J_θ(X_s) at θ_t
     l.5  θ'_t = θ_t + η ∇_θ J_θ(X_s)                      meta-process: one gradient-ASCENT step
     l.6  L_θ'(X_t) at θ'_t
     l.7  θ_{t+1} = θ_t − α ∇_θ L_θ'(X_t)                   MetaRM-optimisation (here: AdamW with lr α)
+
+Which code computes lines 4–7 (`--meta-impl`, chosen once before the loop by `meta_impl` and `choose_meta_step`):
+    python meta_rm.py (1 process)      `meta_gradient`, the textbook code (torch.func.functional_call), both orders
+    torchrun, --meta-order 1 (default) `meta_gradient_inplace`: NOT the functional_call code, but the same
+                                       first-order gradient on the sharded model (back up θ, ascend in place,
+                                       backward L at θ', restore θ); `auto` picks it
+    torchrun, --meta-order 2           `meta_gradient_gathered`: `meta_gradient` itself, on gathered parameters
+functional_call cannot run on an FSDP2 (fully_shard-ed) module, hence the routes (docs/design.md §9); the tests
+check that both give the single-process gradient.
 
 Commands
     python meta_data.py --policy runs/testbed/sft --out runs/testbed/meta_set        # build S (k = 5 per prompt)
@@ -39,16 +49,13 @@ Deliberate choices (the paper is silent or we offer more)
      gradient step as in the paper.
   5. `--normalize-ascent` (off by default, a deviation): θ' = θ + η ∇J / ‖∇J‖, a step of fixed length η. With the
      paper's raw step, ‖θ' − θ‖ = η‖∇J‖ can be vanishingly small (the meta step then does nothing); the log shows it.
-  6. Under FSDP2 (world size > 1) `functional_call` cannot run on the sharded module, so two equivalent routes exist
-     (`--meta-impl`): `functional` gathers the full parameters, runs the textbook code on a plain copy of the model
-     and turns the gradients back into shards (both orders; holds the whole model on every rank during the step);
-     `inplace` keeps everything sharded: back up θ, add η·∇J in place, backward L at θ', restore θ exactly (first
-     order only; scales to 7B on 8 GPUs). Tests check that both give the single-process gradient.
+  6. Under FSDP2 (world size > 1) the two routes above stand in for `meta_gradient`: `functional` (gathered) does
+     both orders but holds the whole model on every rank during the step; `inplace` keeps everything sharded (first
+     order only; the route that scales to 7B on 8 GPUs).
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from typing import Callable
@@ -60,8 +67,12 @@ from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification
 
 import common
+import data
+import distributed
 import reward
 from common import arg, check
+from data import CHAT_TEMPLATE_HELP, CHAT_TEMPLATE_MODES, DATA_FORMAT_HELP, DATA_FORMATS
+from distributed import RESUME_HELP, SAVE_EVERY_HELP
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -69,51 +80,54 @@ from common import arg, check
 # ----------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Args:
-    model: str = arg("runs/testbed/rm", "initial reward model: an RM checkpoint (reward.py) or an SFT checkpoint")
-    train: str = arg("runs/testbed/data/pairs_train.jsonl", "preference pairs D, JSONL {prompt, chosen, rejected}")
+    model: str = arg("runs/testbed/rm", "initial reward model: an RM checkpoint (reward.py) or an SFT checkpoint",
+                     essential=True)
+    train: str = arg("runs/testbed/data/pairs_train.jsonl", "preference pairs D, JSONL {prompt, chosen, rejected}",
+                     essential=True)
     test: str = arg("runs/testbed/data/pairs_test.jsonl", "held-out pairs for evaluation (empty string = none)")
     meta: str = arg("runs/testbed/meta_set/meta_train.jsonl",
-                    "meta set S: JSONL {prompt, responses: [k strings]} sampled from the current policy (meta_data.py)")
+                    "meta set S: JSONL {prompt, responses: [k strings]} sampled from the current policy (meta_data.py)",
+                    essential=True)
     meta_heldout: str = arg("runs/testbed/meta_set/meta_heldout.jsonl",
                             "held-out part of S for reward-gap statistics (empty string = none)")
     out: str = arg("runs/testbed/meta_rm", "output folder: the RM checkpoint, metrics.jsonl, args.json")
-    lr: float = arg(5e-6, "α: learning rate of the MetaRM-optimisation step, Alg. 1 l.7 (paper: 5e-6)")
-    eta: float = arg(5e-6, "η: step size of the meta-process ascent, Alg. 1 l.5 (paper: 5e-6)")
+    lr: float = arg(5e-6, "α: learning rate of the MetaRM-optimisation step, Alg. 1 l.7 (paper: 5e-6)", essential=True)
+    eta: float = arg(5e-6, "η: step size of the meta-process ascent, Alg. 1 l.5 (paper: 5e-6)", essential=True)
     meta_order: int = arg(1, "1: first order, the gradient at θ' applied to θ (paper); 2: exact, through ∇²J",
-                          choices=[1, 2])
+                          choices=[1, 2], essential=True)
     meta_impl: str = arg("auto", "how the meta step runs: functional (torch.func.functional_call; on a gathered "
                          "copy under FSDP2), inplace (sharded: perturb θ in place and restore; order 1 only), "
                          "auto = functional at world size 1 or order 2, else inplace",
                          choices=["auto", "functional", "inplace"])
     optimizer: str = arg("adamw", "update rule of Alg. 1 l.7: adamw (like reward.py) or sgd (θ − α∇L, the letter "
-                         "of Algorithm 1)", choices=["adamw", "sgd"])
-    normalize_ascent: bool = arg(False, "deviation, off by default: ascend by η·∇J/‖∇J‖ instead of η·∇J")
+                         "of Algorithm 1)", choices=["adamw", "sgd"], essential=True)
+    normalize_ascent: bool = arg(False, "deviation, off by default: ascend by η·∇J/‖∇J‖ instead of η·∇J",
+                                 essential=True)
     epochs: float = arg(1.0, "passes over D (paper: 1)")
-    batch_size: int = arg(16, "n: preference pairs per step, global (paper: 16)")
-    meta_batch_size: int = arg(16, "m: meta prompts per step, global (paper: 16); each has k responses")
+    batch_size: int = arg(16, "n: preference pairs per step, global (paper: 16)", essential=True)
+    meta_batch_size: int = arg(16, "m: meta prompts per step, global (paper: 16); each has k responses",
+                               essential=True)
     micro_batch_size: int = arg(16, "pairs (and meta prompts) per forward on one process; inplace impl only "
                                 "splits a step into several forwards")
-    max_len: int = arg(512, "maximum tokens of prompt + response; longer ones are truncated (see common.encode)")
-    data_format: str = arg("auto", common.DATA_FORMAT_HELP + " (for --train and --test)", choices=common.DATA_FORMATS)
+    max_len: int = arg(512, "maximum tokens of prompt + response; longer ones are truncated (see data.encode)",
+                       essential=True)
+    data_format: str = arg("auto", DATA_FORMAT_HELP + " (for --train and --test)", choices=DATA_FORMATS,
+                           essential=True)
     preference: str = arg("safer", "PKU-SafeRLHF: chosen by safer_response_id or better_response_id",
-                          choices=["safer", "better"])
-    chat_template: str = arg("auto", common.CHAT_TEMPLATE_HELP, choices=common.CHAT_TEMPLATE_MODES)
-    grad_clip: float = arg(1.0, "clip the global gradient norm to this value (0 = off)")
-    seed: int = arg(0, "random seed (data order, head initialisation when starting from SFT)")
-    bf16: bool = arg(False, "bf16 autocast for forward/backward (fp32 master weights); fp32 is the reference")
+                          choices=["safer", "better"], essential=True)
+    chat_template: str = arg("auto", CHAT_TEMPLATE_HELP, choices=CHAT_TEMPLATE_MODES, essential=True)
+    grad_clip: float = arg(1.0, "clip the global gradient norm to this value (0 = off)", essential=True)
+    seed: int = arg(0, "random seed (data order, head initialisation when starting from SFT)", essential=True)
+    bf16: bool = arg(False, "bf16 autocast for forward/backward (fp32 master weights); fp32 is the reference",
+                     essential=True)
     max_steps: int = arg(-1, "stop after this many steps (-1 = the whole epoch); for smoke tests")
     eval_every: int = arg(50, "evaluate on the test pairs and held-out S every N steps (and at the end; 0 = end)")
     eval_batch_size: int = arg(32, "sequences per forward pass during evaluation")
     log_every: int = arg(10, "print a metrics line every N steps")
     log_adapted_every: int = arg(1, "measure J(θ') (one extra forward of X_s) every N steps; 0 = never")
     overwrite: bool = arg(False, "replace an existing output folder")
-    save_every: int = arg(0, common.SAVE_EVERY_HELP)
-    resume: bool = arg(False, common.RESUME_HELP)
-
-
-# --resume refuses a checkpoint written with other values of these (they change what the run computes)
-ESSENTIAL = ("model", "train", "meta", "data_format", "preference", "chat_template", "lr", "eta", "meta_order",
-             "optimizer", "normalize_ascent", "batch_size", "meta_batch_size", "max_len", "grad_clip", "seed", "bf16")
+    save_every: int = arg(0, SAVE_EVERY_HELP)
+    resume: bool = arg(False, RESUME_HELP)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -188,8 +202,8 @@ def meta_gradient(model: torch.nn.Module, params: dict[str, torch.Tensor], buffe
     grad_J = torch.autograd.grad(J, theta, create_graph=order == 2)
     grad_J = [average(g if order == 2 else g.detach()) for g in grad_J]
     grad_J_norm = torch.sqrt(sum((g.detach().double() ** 2).sum() for g in grad_J)).item()
-    step = eta / max(grad_J_norm, 1e-12) if normalize_ascent else eta
-    adapted = {name: p + step * g for name, p, g in zip(names, theta, grad_J)}  # θ'
+    ascent_size = eta / max(grad_J_norm, 1e-12) if normalize_ascent else eta
+    adapted = {name: p + ascent_size * g for name, p, g in zip(names, theta, grad_J)}  # θ'
 
     # Alg.1 l.6: L_θ'(X_t), the vanilla Bradley–Terry loss (Eq. 1) at the adapted parameters
     r_pairs = r(adapted, pairs)  # (2n,)
@@ -199,88 +213,25 @@ def meta_gradient(model: torch.nn.Module, params: dict[str, torch.Tensor], buffe
     # Alg.1 l.7 (the gradient; the optimiser applies it with lr α): ∇θ L_θ'(X_t)
     grads = torch.autograd.grad(L, theta)
     stats = {"L_adapted": L.item(), "J": J.item(), "acc_adapted": (r_pairs[:n] > r_pairs[n:]).float().mean().item(),
-             "step_norm": step * grad_J_norm, "grad_J_norm": grad_J_norm}  # step_norm = ‖θ' − θ‖
+             "step_norm": ascent_size * grad_J_norm, "grad_J_norm": grad_J_norm}  # step_norm = ‖θ' − θ‖
     if measure_adapted:
         with torch.no_grad():
             stats["J_adapted"] = difference_loss(r(adapted, meta).view(-1, k)).item()
     return list(grads), stats
 
 
-def meta_gradient_inplace(model: torch.nn.Module, pairs: list[Batch], meta: list[Batch], k: int, eta: float,
-                          n_pairs: int, n_prompts: int, normalize_ascent: bool = False,
-                          bf16: bool = False, measure_adapted: bool = False) -> dict[str, float]:
-    """First-order Algorithm 1 l.4–7 without functional_call: leaves ∇_θ L_θ'(X_t) in each `p.grad`.
-
-    The authors' recipe, and the one that keeps FSDP2 parameters sharded: back up θ, add η·∇J to the parameters in
-    place, backpropagate L at θ', then restore θ exactly from the backup. Works on plain and FSDP2 modules, and
-    splits X_t / X_s into several forward passes (`pairs`, `meta` are lists of micro-batches; n_pairs and n_prompts
-    are this process's totals, used to weight each micro-batch's share of the mean).
-    """
-    device = next(model.parameters()).device
-    theta = [p for p in model.parameters()]
-    backup = [p.detach().clone() for p in theta]  # θ_t, to restore bit for bit after the look-ahead
-
-    # Alg.1 l.4: J_θ(X_s) at θ_t; backward leaves ∇J in p.grad (FSDP2 averages it over processes)
-    J = 0.0
-    for ids, mask in meta:
-        with common.autocast(device, bf16):
-            r = reward.rewards(model, ids, mask).float().view(-1, k)  # (b, k)
-        J_micro = difference_loss(r) * r.shape[0] / n_prompts
-        J_micro.backward()
-        J += J_micro.item()
-    J = common.all_reduce_mean({"J": J}, dist.get_world_size() if dist.is_initialized() else 1)["J"]
-
-    # Alg.1 l.5: θ' = θ + η ∇θ J   (ascent, in place)
-    grad_J_norm = _global_norm([p.grad for p in theta])
-    step = eta / max(grad_J_norm, 1e-12) if normalize_ascent else eta
-    with torch.no_grad():
-        for p in theta:
-            p.copy_(p + step * p.grad)  # same arithmetic as the functional path (θ + η·g), bit for bit
-            p.grad = None
-
-    # Alg.1 l.6: L_θ'(X_t); backward leaves ∇L at θ' in p.grad
-    L, correct = 0.0, 0.0
-    for ids, mask in pairs:
-        with common.autocast(device, bf16):
-            r = reward.rewards(model, ids, mask).float()
-        b = r.shape[0] // 2
-        L_micro = reward.bradley_terry_loss(r[:b], r[b:]) * b / n_pairs
-        L_micro.backward()
-        L += L_micro.item()
-        correct += (r[:b] > r[b:]).sum().item()
-    J_adapted = 0.0
-    if measure_adapted:  # J at θ', to show the ascent raised it
-        with torch.no_grad():
-            for ids, mask in meta:
-                with common.autocast(device, bf16):
-                    r = reward.rewards(model, ids, mask).float().view(-1, k)
-                J_adapted += difference_loss(r).item() * r.shape[0] / n_prompts
-        if hasattr(model, "reshard"):
-            model.reshard()  # a no-grad forward leaves the FSDP2 root unsharded (DESIGN.md §7)
-
-    # Alg.1 l.7 needs the gradient at θ' but the update applied to θ: restore θ, keep p.grad
-    with torch.no_grad():
-        for p, saved in zip(theta, backup):
-            p.copy_(saved)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    m = common.all_reduce_mean({"L": L, "acc": correct / n_pairs, "J_adapted": J_adapted}, world)
-    stats = {"L_adapted": m["L"], "J": J, "acc_adapted": m["acc"], "step_norm": step * grad_J_norm,
-             "grad_J_norm": grad_J_norm}
-    if measure_adapted:
-        stats["J_adapted"] = m["J_adapted"]
-    return stats
-
-
-def _global_norm(tensors: list[torch.Tensor]) -> float:
-    """‖(t_1, …, t_N)‖₂ over all processes (tensors may be FSDP2 shards)."""
-    sq = sum((t.to_local() if hasattr(t, "to_local") else t).double().pow(2).sum() for t in tensors)
-    if dist.is_initialized() and any(hasattr(t, "to_local") for t in tensors):
-        dist.all_reduce(sq)
-    return math.sqrt(float(sq))
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Running meta_gradient under FSDP2: gather θ, use a plain copy of the model, scatter the gradient back
+# Algorithm 1 under FSDP2: two routes that stand in for `meta_gradient`, and the choice between them
+#
+# `torch.func.functional_call` cannot run on a `fully_shard`-ed module: its parameters are sharded DTensors that
+# FSDP2 all-gathers inside its own forward hooks, so parameters passed in from outside never enter the graph
+# (docs/design.md §9). Two ways round it, each checked against one process (tests/test_meta_rm.py):
+#   gathered  (`--meta-impl functional` under torchrun; the route for --meta-order 2)  IS `meta_gradient`: it runs
+#             the textbook function on full copies of the parameters and a plain twin of the model, then turns the
+#             gradient back into shards. Both orders; the whole model on every rank during the step.
+#   in-place  (`--meta-impl inplace`; what `auto` runs under torchrun at the default --meta-order 1)  equals
+#             `meta_gradient(order=1)` bit for bit in one process: the authors' recipe on the sharded model.
+#             First order only; nothing is ever gathered in full, so it scales to 7B on 8 GPUs.
 # ----------------------------------------------------------------------------------------------------------------
 def meta_gradient_gathered(model: torch.nn.Module, twin: torch.nn.Module, pairs: Batch, meta: Batch, k: int,
                            eta: float, order: int, normalize_ascent: bool, bf16: bool,
@@ -305,8 +256,122 @@ def meta_gradient_gathered(model: torch.nn.Module, twin: torch.nn.Module, pairs:
         g = DTensor.from_local(g, p.device_mesh, [Partial("avg")]).redistribute(p.device_mesh, [Shard(0)])
         p.grad = g
     local = {key: v for key, v in stats.items() if key in ("L_adapted", "acc_adapted", "J", "J_adapted")}
-    stats.update(common.all_reduce_mean(local, world))  # each process measured its own share; report the mean
+    stats.update(distributed.all_reduce_mean(local, world))  # each process measured its own share; report the mean
     return stats
+
+
+def meta_gradient_inplace(model: torch.nn.Module, pairs: list[Batch], meta: list[Batch], k: int, eta: float,
+                          n_pairs: int, n_prompts: int, normalize_ascent: bool = False,
+                          bf16: bool = False, measure_adapted: bool = False) -> dict[str, float]:
+    """`meta_gradient(order=1)` without functional_call — the same lines 4–7 in the authors' recipe, which keeps FSDP2
+    parameters sharded: back up θ, add η·∇J to the parameters in place, backpropagate L at θ', restore θ exactly.
+    Leaves ∇_θ L_θ'(X_t) in each `p.grad` and returns the same statistics. `pairs`, `meta`: lists of micro-batches;
+    n_pairs, n_prompts: this process's totals, which weight each micro-batch's share of the mean."""
+    device = next(model.parameters()).device
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    theta = list(model.parameters())
+    backup = [p.detach().clone() for p in theta]  # θ_t, to restore bit for bit after the look-ahead
+
+    def rewards(batch: Batch) -> torch.Tensor:  # r at the module's own (current) parameters, (B,)
+        with common.autocast(device, bf16):
+            return reward.rewards(model, *batch).float()
+
+    # J at θ: backward leaves ∇J in p.grad (FSDP2 averages it over processes)
+    J = 0.0
+    for batch in meta:
+        r = rewards(batch).view(-1, k)  # (b, k)
+        J_micro = difference_loss(r) * r.shape[0] / n_prompts
+        J_micro.backward()
+        J += J_micro.item()
+    J = distributed.all_reduce_mean({"J": J}, world)["J"]
+
+    # the ascent θ' = θ + η ∇J, in place
+    grad_J_norm = distributed.global_norm([p.grad for p in theta])
+    ascent_size = eta / max(grad_J_norm, 1e-12) if normalize_ascent else eta
+    with torch.no_grad():
+        for p in theta:
+            p.copy_(p + ascent_size * p.grad)  # same arithmetic as meta_gradient (θ + η·g), bit for bit
+            p.grad = None
+
+    # L at θ': backward leaves ∇L at θ' in p.grad
+    L, correct = 0.0, 0.0
+    for batch in pairs:
+        r = rewards(batch)
+        b = r.shape[0] // 2
+        L_micro = reward.bradley_terry_loss(r[:b], r[b:]) * b / n_pairs
+        L_micro.backward()
+        L += L_micro.item()
+        correct += (r[:b] > r[b:]).sum().item()
+    J_adapted = 0.0
+    if measure_adapted:  # J at θ', to show the ascent raised it
+        with torch.no_grad():
+            for batch in meta:
+                r = rewards(batch).view(-1, k)
+                J_adapted += difference_loss(r).item() * r.shape[0] / n_prompts
+        distributed.reshard(model)
+
+    # the update needs the gradient at θ' but applies it to θ: restore θ, keep p.grad
+    with torch.no_grad():
+        for p, saved in zip(theta, backup):
+            p.copy_(saved)
+    metrics = distributed.all_reduce_mean({"L": L, "acc": correct / n_pairs, "J_adapted": J_adapted}, world)
+    stats = {"L_adapted": metrics["L"], "J": J, "acc_adapted": metrics["acc"], "step_norm": ascent_size * grad_J_norm,
+             "grad_J_norm": grad_J_norm}
+    if measure_adapted:
+        stats["J_adapted"] = metrics["J_adapted"]
+    return stats
+
+
+def meta_impl(args: Args, world: int) -> str:
+    """The route `--meta-impl` names; `auto` = functional at world size 1 (`meta_gradient` on the model itself) or
+    at order 2 (gathered), else in-place (so torchrun at the default order 1 runs `meta_gradient_inplace`)."""
+    impl = args.meta_impl if args.meta_impl != "auto" else (
+        "functional" if world == 1 or args.meta_order == 2 else "inplace")
+    check(not (impl == "inplace" and args.meta_order == 2),
+          "--meta-impl inplace computes the first-order gradient only; use --meta-impl functional for --meta-order 2")
+    return impl
+
+
+MetaStep = Callable[[list[dict], list[dict], bool], dict[str, float]]
+
+
+def choose_meta_step(impl: str, args: Args, model: torch.nn.Module, tokenizer, k: int, n_local: int, m_local: int,
+                     world: int, device: torch.device) -> MetaStep:
+    """Algorithm 1 l.4–7 up to the optimiser step, as one function chosen once before the loop:
+    `meta_step(X_t, X_s, measure_adapted)` tokenises this process's share of X_t and X_s (in forwards of at most
+    --micro-batch-size; the functional routes were checked to need one), leaves ∇_θ L_θ'(X_t) in every `p.grad`
+    and returns the step's statistics (J, L_adapted, step_norm, ...)."""
+    def batches(X_t: list[dict], X_s: list[dict]) -> tuple[list[Batch], list[Batch]]:
+        mb = args.micro_batch_size
+        pairs = [reward.pair_batch(tokenizer, X_t[i: i + mb], args.max_len, args.chat_template)[:2]
+                 for i in range(0, n_local, mb)]
+        meta = [meta_batch(tokenizer, X_s[i: i + mb], args.max_len, args.chat_template) for i in range(0, m_local, mb)]
+        return [(a.to(device), b.to(device)) for a, b in pairs], [(a.to(device), b.to(device)) for a, b in meta]
+
+    if impl == "inplace":
+        def meta_step(X_t: list[dict], X_s: list[dict], measure_adapted: bool) -> dict[str, float]:
+            return meta_gradient_inplace(model, *batches(X_t, X_s), k, args.eta, n_local, m_local,
+                                         args.normalize_ascent, args.bf16, measure_adapted)
+    elif world > 1:
+        with torch.device("meta"):  # a plain copy of the architecture; its weights come from functional_call
+            twin = AutoModelForSequenceClassification.from_config(model.config)
+        twin.train()
+
+        def meta_step(X_t: list[dict], X_s: list[dict], measure_adapted: bool) -> dict[str, float]:
+            (pairs,), (meta,) = batches(X_t, X_s)
+            return meta_gradient_gathered(model, twin, pairs, meta, k, args.eta, args.meta_order,
+                                          args.normalize_ascent, args.bf16, measure_adapted)
+    else:
+        def meta_step(X_t: list[dict], X_s: list[dict], measure_adapted: bool) -> dict[str, float]:
+            (pairs,), (meta,) = batches(X_t, X_s)
+            params = dict(model.named_parameters())
+            grads, stats = meta_gradient(model, params, dict(model.named_buffers()), pairs, meta, k, args.eta,
+                                         args.meta_order, args.normalize_ascent, bf16=args.bf16,
+                                         measure_adapted=measure_adapted)
+            for p, g in zip(params.values(), grads):
+                p.grad = g
+            return stats
+    return meta_step
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -314,14 +379,14 @@ def meta_gradient_gathered(model: torch.nn.Module, twin: torch.nn.Module, pairs:
 # ----------------------------------------------------------------------------------------------------------------
 def meta_batch(tokenizer, items: list[dict], max_len: int, chat_template: str = "auto") -> Batch:
     """X_s: m items {prompt, responses[k]} -> one (m·k, T) batch, row i·k + j = response j of prompt i."""
-    seqs = [common.encode(tokenizer, it["prompt"], resp, max_len, chat_template)[0]
+    seqs = [data.encode(tokenizer, it["prompt"], resp, max_len, chat_template)[0]
             for it in items for resp in it["responses"]]
-    return common.pad_right(seqs, tokenizer.pad_token_id)
+    return data.pad(seqs, tokenizer.pad_token_id)
 
 
 def read_meta_set(path: str) -> tuple[list[dict], int]:
     """Read S; every record needs `prompt` and the same number k ≥ 2 of string `responses`. Returns (items, k)."""
-    items = common.read_jsonl(path, ["prompt", "responses"])
+    items = data.read_jsonl(path, ["prompt", "responses"])
     k = len(items[0]["responses"])
     for lineno, it in enumerate(items, start=1):
         ok = isinstance(it["responses"], list) and all(isinstance(s, str) for s in it["responses"])
@@ -335,12 +400,10 @@ def heldout_gaps(model, tokenizer, items: list[dict], k: int, args: Args, world:
     """Reward-gap statistics (reward_gaps) of the RM on held-out items of S."""
     prompts = [it["prompt"] for it in items for _ in range(k)]
     responses = [s for it in items for s in it["responses"]]
-    was_training = model.training
-    model.eval()
-    scores = reward.score_texts(model, tokenizer, prompts, responses, max_len=args.max_len, world=world, rank=rank,
-                                batch_size=args.eval_batch_size, bf16=args.bf16,
-                                chat_template=args.chat_template).view(-1, k)
-    model.train(was_training)
+    with common.eval_mode(model):
+        scores = reward.score_texts(model, tokenizer, prompts, responses, max_len=args.max_len, world=world,
+                                    rank=rank, batch_size=args.eval_batch_size, bf16=args.bf16,
+                                    chat_template=args.chat_template).view(-1, k)
     return reward_gaps(scores)
 
 
@@ -349,11 +412,8 @@ def heldout_gaps(model, tokenizer, items: list[dict], k: int, args: Args, world:
 # ----------------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     args = common.parse_args(Args, argv)
-    rank, world, device = common.init_distributed()
-    impl = args.meta_impl if args.meta_impl != "auto" else (
-        "functional" if world == 1 or args.meta_order == 2 else "inplace")
-    check(not (impl == "inplace" and args.meta_order == 2),
-          "--meta-impl inplace computes the first-order gradient only; use --meta-impl functional for --meta-order 2")
+    rank, world, device = distributed.init_distributed()
+    impl = meta_impl(args, world)
     for flag, size in (("--batch-size", args.batch_size), ("--meta-batch-size", args.meta_batch_size)):
         check(size % world == 0, f"{flag} {size} is not divisible by the world size {world}")
     n_local, m_local = args.batch_size // world, args.meta_batch_size // world
@@ -362,12 +422,12 @@ def main(argv: list[str] | None = None) -> None:
               f"--meta-impl functional runs X_t and X_s in one forward each ({n_local} pairs, {m_local} prompts "
               f"per process); raise --micro-batch-size to {max(n_local, m_local)} or use --meta-impl inplace")
     check(args.eta >= 0, "--eta must be >= 0 (it is the size of an ascent step)")
-    common.check_checkpoint(args.model, "--model")
-    pairs = common.read_pairs(args.train, args.data_format, args.preference)
-    test_pairs = common.read_pairs(args.test, args.data_format, args.preference) if args.test else []
+    distributed.check_checkpoint(args.model, "--model")
+    pairs = data.read_pairs(args.train, args.data_format, args.preference)
+    test_pairs = data.read_pairs(args.test, args.data_format, args.preference) if args.test else []
     meta_items, k = read_meta_set(args.meta)
     heldout = read_meta_set(args.meta_heldout)[0] if args.meta_heldout else []
-    state = common.resume_state(args, ESSENTIAL) if args.resume else None  # None: start from scratch
+    state = distributed.resume_state(args) if args.resume else None  # None: start from scratch
     common.prepare_output(args.out, args.overwrite, args.resume, state)
     common.seed_everything(args.seed, 0)
 
@@ -376,24 +436,17 @@ def main(argv: list[str] | None = None) -> None:
     attn = {"attn_implementation": "eager"} if args.meta_order == 2 else {}
     model, tokenizer = reward.load_reward_model(args.out if state else args.model, world, device, **attn)
     model.train()
-    twin = None
-    if impl == "functional" and world > 1:
-        with torch.device("meta"):  # a plain copy of the architecture; its weights come from functional_call
-            twin = AutoModelForSequenceClassification.from_config(model.config)
-        twin.train()
+    meta_step = choose_meta_step(impl, args, model, tokenizer, k, n_local, m_local, world, device)
     if args.optimizer == "sgd":
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     log = common.MetricsLog(os.path.join(args.out, "metrics.jsonl"))
 
-    steps_per_epoch = len(pairs) // args.batch_size
-    check(steps_per_epoch > 0, f"{args.train}: {len(pairs)} pairs, fewer than one batch of {args.batch_size}")
+    _, total_steps = common.count_steps(len(pairs), args.batch_size, args.epochs, args.max_steps,
+                                        f"{args.train}: {len(pairs)} pairs")
     check(len(meta_items) >= args.meta_batch_size,
           f"{args.meta}: {len(meta_items)} items, fewer than one meta batch of {args.meta_batch_size}")
-    total_steps = math.floor(steps_per_epoch * args.epochs)
-    if args.max_steps > 0:
-        total_steps = min(total_steps, args.max_steps)
     common.print0(f"meta_rm: {len(pairs)} pairs, S has {len(meta_items)} prompts x k = {k}; {total_steps} steps of "
                   f"n = {args.batch_size} pairs, m = {args.meta_batch_size} prompts; order {args.meta_order}, "
                   f"{impl} on {world} process(es); η = {args.eta}, α = {args.lr}")
@@ -415,66 +468,35 @@ def main(argv: list[str] | None = None) -> None:
         run_eval(0)  # the starting point, so every change is visible
 
     # ---- loop: Algorithm 1 ----
-    pair_gen = torch.Generator().manual_seed(args.seed)  # same on every rank: all ranks agree on X_t and X_s
-    meta_gen = torch.Generator().manual_seed(args.seed + 1)
-    pair_order: list[int] = []
-    meta_order: list[int] = []
+    # the orders of D and of S: the same on every rank, so all ranks agree on X_t and X_s
+    pair_order = common.Shuffled(len(pairs), args.batch_size, args.seed, whole_batches=True)
+    s_order = common.Shuffled(len(meta_items), args.meta_batch_size, args.seed + 1, whole_batches=False)
     start = 0
     if state:  # --resume: optimiser, RNG states, and the orders of D and S where the checkpoint left them
-        extra = common.restore_training_state(state, [(model, optimizer)], world, rank)
-        start, pair_order, meta_order = state["step"], extra["pair_order"], extra["meta_order"]
-        pair_gen.set_state(extra["pair_gen"])
-        meta_gen.set_state(extra["meta_gen"])
+        distributed.restore_training_state(state, [(model, optimizer)], world, rank, pair_order=pair_order,
+                                           s_order=s_order)
+        start = state["step"]
 
-    def trainer_state(step: int, finished: bool = False) -> dict | None:  # what --resume needs (collective)
-        return common.training_state(step, [(model, optimizer)], world, log, finished, pair_order=list(pair_order),
-                                     meta_order=list(meta_order), pair_gen=pair_gen.get_state(),
-                                     meta_gen=meta_gen.get_state())
+    def save(step: int, finished: bool = False) -> None:  # collective: every rank calls it
+        trainer_state = None
+        if args.save_every > 0:  # resumable checkpoints: also what --resume needs
+            trainer_state = distributed.training_state(step, [(model, optimizer)], world, log, finished,
+                                                       pair_order=pair_order, s_order=s_order)
+        distributed.save_model(model, tokenizer, args.out, world, args, trainer_state)
 
     bar = tqdm(range(start, total_steps), desc=f"meta_rm (order {args.meta_order})", disable=not common.is_main())
     t0 = time.time()
     for step in bar:
-        # Alg.1 l.2: X_t ← n pairs from D (one epoch in a shuffled order)
-        if not pair_order:
-            pair_order = torch.randperm(len(pairs), generator=pair_gen).tolist()[: steps_per_epoch * args.batch_size]
-        X_t = [pairs[i] for i in pair_order[: args.batch_size]][rank * n_local: (rank + 1) * n_local]
-        del pair_order[: args.batch_size]
+        # Alg.1 l.2: X_t ← n pairs from D (one epoch in a shuffled order); this process takes its n / world of them
+        X_t = [pairs[i] for i in pair_order.take()][rank * n_local: (rank + 1) * n_local]
         # Alg.1 l.3: X_s ← m items from S (S is cycled through in shuffled order, independently of D)
-        if len(meta_order) < args.meta_batch_size:
-            meta_order += torch.randperm(len(meta_items), generator=meta_gen).tolist()
-        X_s = [meta_items[i] for i in meta_order[: args.meta_batch_size]][rank * m_local: (rank + 1) * m_local]
-        del meta_order[: args.meta_batch_size]
-
-        # Alg.1 l.4–l.7 (gradient): ∇θ L_θ'(X_t) into p.grad. Every `log_adapted_every` steps also J(θ') on the
-        # same X_s, so the log shows that the ascent raised J (one extra forward of X_s).
-        measure = args.log_adapted_every > 0 and step % args.log_adapted_every == 0
-        if impl == "inplace":
-            mb = args.micro_batch_size
-            pair_micro = [reward.pair_batch(tokenizer, X_t[i: i + mb], args.max_len, args.chat_template)[:2]
-                          for i in range(0, n_local, mb)]
-            meta_micro = [meta_batch(tokenizer, X_s[i: i + mb], args.max_len, args.chat_template)
-                          for i in range(0, m_local, mb)]
-            pair_micro = [(a.to(device), b.to(device)) for a, b in pair_micro]
-            meta_micro = [(a.to(device), b.to(device)) for a, b in meta_micro]
-            stats = meta_gradient_inplace(model, pair_micro, meta_micro, k, args.eta, n_local, m_local,
-                                          args.normalize_ascent, args.bf16, measure)
-        else:
-            X_t_batch = tuple(t.to(device) for t in reward.pair_batch(tokenizer, X_t, args.max_len,
-                                                                      args.chat_template)[:2])
-            X_s_batch = tuple(t.to(device) for t in meta_batch(tokenizer, X_s, args.max_len, args.chat_template))
-            if world == 1:
-                params = dict(model.named_parameters())
-                grads, stats = meta_gradient(model, params, dict(model.named_buffers()), X_t_batch, X_s_batch, k,
-                                             args.eta, args.meta_order, args.normalize_ascent, bf16=args.bf16,
-                                             measure_adapted=measure)
-                for p, g in zip(params.values(), grads):
-                    p.grad = g
-            else:
-                stats = meta_gradient_gathered(model, twin, X_t_batch, X_s_batch, k, args.eta, args.meta_order,
-                                               args.normalize_ascent, args.bf16, measure)
-
+        X_s = [meta_items[i] for i in s_order.take()][rank * m_local: (rank + 1) * m_local]
+        # Alg.1 l.4–l.6 and the gradient of l.7: ∇θ L_θ'(X_t) into every p.grad (meta_gradient, or the route that
+        # stands in for it under FSDP2). Every --log-adapted-every steps also J(θ') on the same X_s (one forward),
+        # so the log shows that the ascent raised J.
+        stats = meta_step(X_t, X_s, args.log_adapted_every > 0 and step % args.log_adapted_every == 0)
         # Alg.1 l.7: θ_{t+1} = θ_t − α ∇θ L_θ'(X_t)   (AdamW with lr α, or plain SGD)
-        grad_norm = common.clip_grad_norm(model, args.grad_clip, f"meta_rm step {step + 1}: gradient norm")
+        grad_norm = distributed.clip_grad_norm(model, args.grad_clip, f"meta_rm step {step + 1}: gradient norm")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -483,16 +505,14 @@ def main(argv: list[str] | None = None) -> None:
         bar.set_postfix(L=f"{stats['L_adapted']:.3f}", J=f"{stats['J']:.4f}")
         if (step + 1) % args.log_every == 0 or step + 1 == total_steps:
             common.print0(f"step {step + 1}/{total_steps} " + " ".join(f"{key} {v:.4g}" for key, v in stats.items()))
-        if args.eval_every > 0 and (step + 1) % args.eval_every == 0 and step + 1 < total_steps:
+        if common.due(args.eval_every, step + 1, total_steps):
             run_eval(step + 1)
-        if args.save_every > 0 and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
-            common.save_model(model, tokenizer, args.out, world, args, trainer_state(step + 1))
+        if common.due(args.save_every, step + 1, total_steps):
+            save(step + 1)
 
     run_eval(total_steps)
-    common.save_model(model, tokenizer, args.out, world, args,
-                      trainer_state(total_steps, finished=True) if args.save_every > 0 else None)
+    save(total_steps, finished=True)
     common.print0(f"saved {args.out}")
-
 
 
 if __name__ == "__main__":

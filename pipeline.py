@@ -1,4 +1,4 @@
-"""The paper's procedure end to end, in rounds (DESIGN.md §3), on the built-in testbed by default.
+"""The paper's procedure end to end, in rounds (docs/design.md §4), on the built-in testbed by default.
 
     testbed ─ SFT ─ RM₀ (vanilla, Eq. 1) ─ PPO₀ ("vanilla PPO")                                          round 0
                  └ for r = 1 … R:  S_r ← k = 5 samples per prompt from π_{r−1} (π₀ of this chain = SFT)
@@ -27,7 +27,7 @@ Choices the paper leaves open (flags; defaults in brackets)
      `previous` had gold 1.54 / 0.84 / 0.89 for rounds 1–3 against SFT's 1.54). S_r is still sampled from the
      previous round's policy, so the RM of round r meets the distribution PPO drifted to. The KL reference is
      always the SFT model.
-  3. Round 1 samples S from the SFT model, later rounds from the previous round's policy (DESIGN.md §3), at
+  3. Round 1 samples S from the SFT model, later rounds from the previous round's policy (docs/design.md §4), at
      temperature 1.0 (PPO samples at 0.8) so the k samples differ.
   4. The testbed's tiny model needs larger learning rates than the paper's 7B values, and a larger ascent step η
      (with η = 5e-6 the meta step moves θ by ~1e-6 and MetaRM collapses to vanilla training); the values are in

@@ -1,7 +1,7 @@
 """PPO with a per-token KL penalty, GAE and a critic initialised from the reward model (the RL stage of every round).
 
 The policy π_θ starts from the SFT checkpoint and is trained to maximise the reward model's score while a per-token
-KL penalty keeps it near the frozen SFT model π_ref (paper §"Experimental settings"; DESIGN.md §3, §4). One PPO
+KL penalty keeps it near the frozen SFT model π_ref (paper §"Experimental settings"; docs/design.md §4, §6). One PPO
 iteration has six steps; the code repeats these numbers as `# PPO step k:` tags.
 
   1. rollouts   draw a batch of prompts; sample n responses per prompt from π_θ (nucleus sampling T 0.8,
@@ -39,7 +39,7 @@ Commands
 
 Paper defaults (Llama-2-7B): policy lr 5e-7, critic lr 1.5e-6, 16 rollouts per query, T 0.8, top-p 0.9,
 repetition penalty 1.1, β = 0.05, score clip 0.8, GAE λ 0.95 γ 1, critic from the RM, 512 new tokens at most.
-The ratio and value clips 0.2 and advantage whitening are the usual PPO details (DESIGN.md §4).
+The ratio and value clips 0.2 and advantage whitening are the usual PPO details (docs/design.md §6).
 
 Output layout: `out/` holds the policy (loads with AutoModelForCausalLM, so it is the next stage's --model/--sft),
 `out/critic/` the critic (an AutoModelForSequenceClassification), `out/metrics.jsonl` one line per iteration.
@@ -84,8 +84,13 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import common
+import data
+import distributed
 import reward
+import sampling
+import testbed
 from common import arg, check
+from data import CHAT_TEMPLATE_HELP, CHAT_TEMPLATE_MODES, DATA_FORMAT_HELP, DATA_FORMATS
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -93,43 +98,51 @@ from common import arg, check
 # ----------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Args:
-    sft: str = arg("runs/testbed/sft", "SFT checkpoint: the frozen reference policy (and the initial policy)")
+    sft: str = arg("runs/testbed/sft", "SFT checkpoint: the frozen reference policy (and the initial policy)",
+                   essential=True)
     policy: str = arg("", "initial policy, a save_pretrained folder such as the previous round's PPO output "
-                          "(empty = --sft); the KL reference stays --sft")
+                          "(empty = --sft); the KL reference stays --sft", essential=True)
     rm: str = arg("runs/testbed/rm", "reward-model checkpoint (reward.py or meta_rm.py): the frozen RM and the "
-                                     "critic's initialisation")
-    prompts: str = arg("runs/testbed/data/rl_prompts.jsonl", "PPO prompts, JSONL records {prompt}")
-    data_format: str = arg("auto", common.DATA_FORMAT_HELP + " (for --prompts)", choices=common.DATA_FORMATS)
-    chat_template: str = arg("auto", common.CHAT_TEMPLATE_HELP, choices=common.CHAT_TEMPLATE_MODES)
+                                     "critic's initialisation", essential=True)
+    prompts: str = arg("runs/testbed/data/rl_prompts.jsonl", "PPO prompts, JSONL records {prompt}", essential=True)
+    data_format: str = arg("auto", DATA_FORMAT_HELP + " (for --prompts)", choices=DATA_FORMATS, essential=True)
+    chat_template: str = arg("auto", CHAT_TEMPLATE_HELP, choices=CHAT_TEMPLATE_MODES, essential=True)
     out: str = arg("runs/testbed/ppo", "output folder: the policy, critic/ and metrics.jsonl")
-    iterations: int = arg(100, "PPO iterations (rollouts + update); the paper does not state its number")
-    prompts_per_iteration: int = arg(8, "prompts drawn per iteration, over all processes (divisible by world size)")
-    rollouts_per_prompt: int = arg(16, "responses sampled per prompt (paper: 16 per query)")
-    max_new_tokens: int = arg(512, "maximum response tokens (paper: 512)")
-    temperature: float = arg(0.8, "sampling temperature; log-probs use logits / temperature (paper: 0.8)")
-    top_p: float = arg(0.9, "nucleus sampling mass (paper: 0.9)")
-    repetition_penalty: float = arg(1.1, "repetition penalty while sampling (paper: 1.1)")
-    kl_coef: float = arg(0.05, "β of the per-token KL penalty −β (log π − log π_ref) (paper: 0.05)")
-    score_clip: float = arg(0.8, "the RM score is clipped to [-score_clip, score_clip] (paper: 0.8; 0 = off)")
+    iterations: int = arg(100, "PPO iterations (rollouts + update); the paper does not state its number",
+                          essential=True)
+    prompts_per_iteration: int = arg(8, "prompts drawn per iteration, over all processes (divisible by world size)",
+                                     essential=True)
+    rollouts_per_prompt: int = arg(16, "responses sampled per prompt (paper: 16 per query)", essential=True)
+    max_new_tokens: int = arg(512, "maximum response tokens (paper: 512)", essential=True)
+    temperature: float = arg(0.8, "sampling temperature; log-probs use logits / temperature (paper: 0.8)",
+                             essential=True)
+    top_p: float = arg(0.9, "nucleus sampling mass (paper: 0.9)", essential=True)
+    repetition_penalty: float = arg(1.1, "repetition penalty while sampling (paper: 1.1)", essential=True)
+    kl_coef: float = arg(0.05, "β of the per-token KL penalty −β (log π − log π_ref) (paper: 0.05)", essential=True)
+    score_clip: float = arg(0.8, "the RM score is clipped to [-score_clip, score_clip] (paper: 0.8; 0 = off)",
+                            essential=True)
     score_norm: str = arg("init", "init: normalise RM scores with the mean and std of the first iteration's "
                                   "rollouts, fixed for the run (then clip); none: clip the raw scores",
-                          choices=("init", "none"))
-    missing_eos_score: float = arg(-1.0, "score given instead of the RM's to a response without EOS")
-    gamma: float = arg(1.0, "GAE discount γ (paper: 1)")
-    lam: float = arg(0.95, "GAE λ (paper: 0.95)")
-    policy_lr: float = arg(5e-7, "policy learning rate (paper: 5e-7)")
-    critic_lr: float = arg(1.5e-6, "critic learning rate (paper: 1.5e-6)")
-    ppo_epochs: int = arg(2, "passes over each rollout batch")
-    mini_batch_size: int = arg(64, "rollouts per optimiser step, over all processes")
+                          choices=("init", "none"), essential=True)
+    missing_eos_score: float = arg(-1.0, "score given instead of the RM's to a response without EOS", essential=True)
+    gamma: float = arg(1.0, "GAE discount γ (paper: 1)", essential=True)
+    lam: float = arg(0.95, "GAE λ (paper: 0.95)", essential=True)
+    policy_lr: float = arg(5e-7, "policy learning rate (paper: 5e-7)", essential=True)
+    critic_lr: float = arg(1.5e-6, "critic learning rate (paper: 1.5e-6)", essential=True)
+    ppo_epochs: int = arg(2, "passes over each rollout batch", essential=True)
+    mini_batch_size: int = arg(64, "rollouts per optimiser step, over all processes", essential=True)
     micro_batch_size: int = arg(8, "rollouts per forward/backward on one process (also for step 3's forwards)")
     generation_batch_size: int = arg(64, "rollouts sampled per generate() call on one process")
-    ratio_clip: float = arg(0.2, "PPO ratio clip ε: ratios outside [1 − ε, 1 + ε] get no gradient")
-    value_clip: float = arg(0.2, "critic values may move at most this far from their rollout-time value")
-    whiten_advantages: bool = arg(True, "normalise advantages to mean 0, std 1 over the valid tokens of the batch")
-    grad_clip: float = arg(1.0, "clip each model's global gradient norm to this value (0 = off)")
-    seed: int = arg(0, "random seed: prompt order (shared by all ranks) and sampling (seed + rank)")
+    ratio_clip: float = arg(0.2, "PPO ratio clip ε: ratios outside [1 − ε, 1 + ε] get no gradient", essential=True)
+    value_clip: float = arg(0.2, "critic values may move at most this far from their rollout-time value",
+                            essential=True)
+    whiten_advantages: bool = arg(True, "normalise advantages to mean 0, std 1 over the valid tokens of the batch",
+                                  essential=True)
+    grad_clip: float = arg(1.0, "clip each model's global gradient norm to this value (0 = off)", essential=True)
+    seed: int = arg(0, "random seed: prompt order (shared by all ranks) and sampling (seed + rank)", essential=True)
     bf16: bool = arg(False, "bf16 autocast for generation and forward/backward; fp32 is the reference (in bf16 the "
-                            "log-probs of steps 3 and 6 differ by rounding, so the ratio is not 1 at the start)")
+                            "log-probs of steps 3 and 6 differ by rounding, so the ratio is not 1 at the start)",
+                     essential=True)
     sample_every: int = arg(10, "print a few decoded rollouts with score, KL and total every N iterations (0 = never)")
     samples_to_print: int = arg(3, "how many rollouts to print (each from a different prompt)")
     save_every: int = arg(50, "save policy and critic every N iterations, resumable with --resume (and at the end; "
@@ -138,13 +151,6 @@ class Args:
     resume: bool = arg(False, "continue the run in --out from its latest --save-every checkpoint (policy, critic, "
                               "both optimisers, prompt order, RNG states, score normalisation); the same essential "
                               "flags are required")
-
-
-# --resume refuses a checkpoint written with other values of these (they change what the run computes)
-ESSENTIAL = ("sft", "policy", "rm", "prompts", "data_format", "chat_template", "iterations", "prompts_per_iteration",
-             "rollouts_per_prompt", "max_new_tokens", "temperature", "top_p", "repetition_penalty", "kl_coef",
-             "score_clip", "score_norm", "missing_eos_score", "gamma", "lam", "policy_lr", "critic_lr", "ppo_epochs",
-             "mini_batch_size", "ratio_clip", "value_clip", "whiten_advantages", "grad_clip", "seed", "bf16")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -198,17 +204,17 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 def rollout(policy, tokenizer, prompts: list[str], args: Args, world: int, device: torch.device) -> Rollouts:
     """PPO step 1: sample one response per prompt (prompts already repeated n times), in generate() calls of
     --generation-batch-size. Every rank has the same number of prompts, so every rank makes the same number of
-    generate calls; common.generate keeps ranks stepping together (synced_gpus) until all are done."""
+    generate calls; sampling.generate keeps ranks stepping together (synced_gpus) until all are done."""
     queries, responses = [], []
     for start in range(0, len(prompts), args.generation_batch_size):
         with common.autocast(device, args.bf16):
-            q, r = common.generate(policy, tokenizer, prompts[start: start + args.generation_batch_size],
+            q, r = sampling.generate(policy, tokenizer, prompts[start: start + args.generation_batch_size],
                                    max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, world=world,
                                    chat_template=args.chat_template)
         for q_row, r_row in zip(q.tolist(), r.tolist()):
             queries.append([t for t in q_row if t != tokenizer.pad_token_id])  # drop the left padding
-            # keep up to and including the first EOS (common.generate has padded everything after it)
+            # keep up to and including the first EOS (sampling.generate has padded everything after it)
             responses.append(r_row[: r_row.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in r_row
                              else r_row)
     return collate(prompts, queries, responses, tokenizer.pad_token_id, tokenizer.eos_token_id)
@@ -230,19 +236,13 @@ def response_logits(policy, batch: Rollouts, bf16: bool = False) -> torch.Tensor
     return logits[:, batch.prompt_len - 1: -1].float()  # (B, R, V)
 
 
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log π(y_t) of the sampled tokens under softmax(logits / T): (B, R, V), (B, R) -> (B, R).
+def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor,
+                         temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π(y_t) of the sampled tokens under softmax(logits / T), and the entropy of that distribution at every
+    position, from one log_softmax: (B, R, V), (B, R) -> (B, R), (B, R).
 
     Dividing by the sampling temperature makes this the distribution the tokens were sampled from (before top-p
     and the repetition penalty, see deliberate choice 2); without it the ratio of step 6 would not start at 1."""
-    logp = torch.log_softmax(logits / temperature, dim=-1)  # (B, R, V)
-    return logp.gather(-1, tokens.to(logp.device).unsqueeze(-1)).squeeze(-1)
-
-
-def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor,
-                         temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """`logprobs_from_logits` and the entropy of softmax(logits / T) at every position, from one log_softmax:
-    (B, R, V), (B, R) -> (B, R), (B, R)."""
     logp = torch.log_softmax(logits / temperature, dim=-1)  # (B, R, V)
     logprobs = logp.gather(-1, tokens.to(logp.device).unsqueeze(-1)).squeeze(-1)
     return logprobs, -(logp.exp() * logp).sum(-1)
@@ -370,12 +370,10 @@ def make_experience(policy, ref, rm, critic, batch: Rollouts, args: Args, world:
         logprobs, entropy = logprobs_and_entropy(logits, part.response, args.temperature)
         parts["logprobs"].append(logprobs.cpu())
         parts["entropy"].append(entropy.cpu())
-        ref_logits = response_logits(ref, part, args.bf16)
-        parts["ref_logprobs"].append(logprobs_from_logits(ref_logits, part.response, args.temperature).cpu())
+        ref_logprobs, _ = logprobs_and_entropy(response_logits(ref, part, args.bf16), part.response, args.temperature)
+        parts["ref_logprobs"].append(ref_logprobs.cpu())
         parts["values"].append(critic_values(critic, part, args.bf16).cpu())
-    if world > 1:
-        for model in (policy, ref, rm, critic):
-            model.reshard()  # a no-grad forward leaves the FSDP2 root unsharded (DESIGN.md §7)
+    distributed.reshard(policy, ref, rm, critic)
     exp = {k: torch.cat(v) for k, v in parts.items()}
     exp["values"] = exp["values"] * batch.response_mask  # (B, R), zero on padding
     return exp
@@ -422,33 +420,33 @@ def ppo_update(policy, critic, policy_opt, critic_opt, batch: Rollouts, exp: dic
             # Loss normalisation: each loss is the mean over the valid response tokens of the *global* mini-batch,
             # so a micro-batch contributes (its summed loss) / (tokens in the global mini-batch). FSDP2 averages
             # gradients over ranks, so x world turns that average back into the sum over ranks.
-            n_tokens = common.all_reduce_sum(mask[rows].sum().item(), world)
+            n_tokens = distributed.all_reduce_sum(mask[rows].sum().item(), world)
             for start in range(0, len(rows), args.micro_batch_size):
                 idx = rows[start: start + args.micro_batch_size]
                 part = batch.rows(idx)
                 old = {k: exp[k][idx].to(device) for k in ("logprobs", "advantages", "values", "returns")}
-                m = mask[idx].to(device)
+                mb_mask = mask[idx].to(device)
                 logits = response_logits(policy, part, args.bf16)                  # (b, R, V)
-                logprobs = logprobs_from_logits(logits, part.response, args.temperature)
-                pg = policy_loss(logprobs, old["logprobs"], old["advantages"], m, args.ratio_clip)
+                logprobs, _ = logprobs_and_entropy(logits, part.response, args.temperature)
+                pg = policy_loss(logprobs, old["logprobs"], old["advantages"], mb_mask, args.ratio_clip)
                 (pg.sum() * world / n_tokens).backward()
                 values = critic_values(critic, part, args.bf16)                     # (b, R)
-                vf = value_loss(values, old["values"], old["returns"], m, args.value_clip)
+                vf = value_loss(values, old["values"], old["returns"], mb_mask, args.value_clip)
                 (vf.sum() * world / n_tokens).backward()
                 with torch.no_grad():
                     log_ratio = logprobs - old["logprobs"]
                     sums["policy_loss"] += pg.sum().item()
                     sums["value_loss"] += vf.sum().item()
-                    sums["clipfrac"] += (((log_ratio.exp() - 1).abs() > args.ratio_clip).float() * m).sum().item()
-                    sums["approx_kl"] += (((log_ratio.exp() - 1) - log_ratio) * m).sum().item()  # k3 of π_old‖π
-                    sums["tokens"] += m.sum().item()
-            grad_norms["policy_grad_norm"] += common.clip_grad_norm(policy, args.grad_clip)
-            grad_norms["critic_grad_norm"] += common.clip_grad_norm(critic, args.grad_clip)
+                    sums["clipfrac"] += (((log_ratio.exp() - 1).abs() > args.ratio_clip).float() * mb_mask).sum().item()
+                    sums["approx_kl"] += (((log_ratio.exp() - 1) - log_ratio) * mb_mask).sum().item()  # k3 of π_old‖π
+                    sums["tokens"] += mb_mask.sum().item()
+            grad_norms["policy_grad_norm"] += distributed.clip_grad_norm(policy, args.grad_clip)
+            grad_norms["critic_grad_norm"] += distributed.clip_grad_norm(critic, args.grad_clip)
             policy_opt.step()
             critic_opt.step()
             policy_opt.zero_grad(set_to_none=True)
             critic_opt.zero_grad(set_to_none=True)
-    totals = {k: common.all_reduce_sum(v, world) for k, v in sums.items()}
+    totals = {k: distributed.all_reduce_sum(v, world) for k, v in sums.items()}
     out = {k: totals[k] / totals["tokens"] for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl")}
     out.update({k: v / (args.ppo_epochs * n_minibatches) for k, v in grad_norms.items()})  # norms are global
     common.check_finite(out["policy_loss"] + out["value_loss"], "ppo loss")
@@ -472,24 +470,24 @@ def rollout_metrics(batch: Rollouts, exp: dict[str, torch.Tensor], texts: list[s
     mask = batch.response_mask.float()
     log_ratio = exp["ref_logprobs"] - exp["logprobs"]
     k3 = (log_ratio.exp() - 1 - log_ratio) * mask          # (B, R) k3 estimate of KL(π || π_ref) per token
-    m = {"score": exp["raw_scores"].mean().item(),         # the RM's score before clipping
-         "score_clipped": exp["scores"].mean().item(),     # normalised, clipped, missing-EOS penalty applied
-         "kl_k1": exp["kl"].sum(1).mean().item(),          # per response (deliberate choice 9)
-         "kl_k3": k3.sum(1).mean().item(),
-         "total_reward": exp["rewards"].sum(1).mean().item(),
-         "response_len": mask.sum(1).mean().item(),
-         "eos_rate": batch.ended.float().mean().item()}
-    gold = common.gold_scores(batch.prompts, texts)        # None when the prompts are not the testbed's
+    metrics = {"score": exp["raw_scores"].mean().item(),         # the RM's score before clipping
+               "score_clipped": exp["scores"].mean().item(),     # normalised, clipped, missing-EOS penalty applied
+               "kl_k1": exp["kl"].sum(1).mean().item(),          # per response (deliberate choice 9)
+               "kl_k3": k3.sum(1).mean().item(),
+               "total_reward": exp["rewards"].sum(1).mean().item(),
+               "response_len": mask.sum(1).mean().item(),
+               "eos_rate": batch.ended.float().mean().item()}
+    gold = testbed.gold_scores(batch.prompts, texts)             # None when the prompts are not the testbed's
     if gold is not None:
-        m["gold"] = sum(gold) / len(gold)
-    m = common.all_reduce_mean(m, world)
+        metrics["gold"] = sum(gold) / len(gold)
+    metrics = distributed.all_reduce_mean(metrics, world)
     # token-level statistics over the whole global batch
-    m["entropy"] = masked_mean(exp["entropy"], mask, world).item()
+    metrics["entropy"] = masked_mean(exp["entropy"], mask, world).item()
     var_returns = masked_mean((exp["returns"] - masked_mean(exp["returns"], mask, world)) ** 2, mask, world)
     residual = exp["returns"] - exp["values"]
     var_residual = masked_mean((residual - masked_mean(residual, mask, world)) ** 2, mask, world)
-    m["explained_var"] = (1 - var_residual / var_returns).item()  # 1: the critic predicts the returns exactly
-    return m
+    metrics["explained_var"] = (1 - var_residual / var_returns).item()  # 1: the critic predicts the returns exactly
+    return metrics
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -497,7 +495,7 @@ def rollout_metrics(batch: Rollouts, exp: dict[str, torch.Tensor], texts: list[s
 # ----------------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     args = common.parse_args(Args, argv)
-    rank, world, device = common.init_distributed()
+    rank, world, device = distributed.init_distributed()
     check(args.prompts_per_iteration % world == 0,
           f"--prompts-per-iteration {args.prompts_per_iteration} is not divisible by world size {world}")
     rollouts_per_iteration = args.prompts_per_iteration * args.rollouts_per_prompt
@@ -511,7 +509,7 @@ def main(argv: list[str] | None = None) -> None:
     # ---- tokenizers: the RM reads the policy's token ids, so both must be the same tokenizer ----
     args.policy = args.policy or args.sft
     for flag, path in (("--sft", args.sft), ("--policy", args.policy), ("--rm", args.rm)):
-        common.check_checkpoint(path, flag)
+        distributed.check_checkpoint(path, flag)
     tokenizer = AutoTokenizer.from_pretrained(args.sft)
     for path in (args.policy, args.rm):
         other = AutoTokenizer.from_pretrained(path)
@@ -521,19 +519,19 @@ def main(argv: list[str] | None = None) -> None:
               f"to the reference, the RM and the critic, so all must share one tokenizer (train them from this SFT)")
     check(tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id,
           f"{args.sft}: the tokenizer needs a PAD token distinct from EOS (responses are cut at the first EOS)")
-    prompts = common.read_prompts(args.prompts, args.data_format)
-    state = common.resume_state(args, ESSENTIAL) if args.resume else None  # None: start from scratch
+    prompts = data.read_prompts(args.prompts, args.data_format)
+    state = distributed.resume_state(args) if args.resume else None  # None: start from scratch
     critic_path = os.path.join(args.out, "critic")
     if state:  # the critic is saved just before the policy: a crash between the two saves leaves them apart
-        critic_step = torch.load(os.path.join(critic_path, common.TRAINER_STATE), weights_only=True)["step"]
+        critic_step = torch.load(os.path.join(critic_path, distributed.TRAINER_STATE), weights_only=True)["step"]
         check(critic_step == state["step"], f"{args.out}: the critic was saved after iteration {critic_step}, the "
                                             f"policy after {state['step']} (a crash between the two saves); "
                                             "pass --overwrite to start again")
     common.prepare_output(args.out, args.overwrite, args.resume, state)
 
     # ---- models: policy and critic are trained; reference and RM are frozen. Dropout off everywhere (choice 7) ----
-    policy = common.load_model(AutoModelForCausalLM, args.out if state else args.policy, world, device)
-    ref = common.load_model(AutoModelForCausalLM, args.sft, world, device)
+    policy = distributed.load_model(AutoModelForCausalLM, args.out if state else args.policy, world, device)
+    ref = distributed.load_model(AutoModelForCausalLM, args.sft, world, device)
     rm, _ = reward.load_reward_model(args.rm, world, device)
     critic, _ = reward.load_reward_model(critic_path if state else args.rm, world, device)
     for model in (policy, ref, rm, critic):
@@ -542,6 +540,7 @@ def main(argv: list[str] | None = None) -> None:
     rm.requires_grad_(False)
     policy_opt = torch.optim.AdamW(policy.parameters(), lr=args.policy_lr, betas=(0.9, 0.95), weight_decay=0.0)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizers = [(policy, policy_opt), (critic, critic_opt)]
     log = common.MetricsLog(os.path.join(args.out, "metrics.jsonl"))
     common.print0(f"ppo: {len(prompts)} prompts; per iteration {args.prompts_per_iteration} prompts x "
                   f"{args.rollouts_per_prompt} rollouts = {rollouts_per_iteration}, {args.ppo_epochs} epochs x "
@@ -549,33 +548,30 @@ def main(argv: list[str] | None = None) -> None:
                   f"{world} processes")
 
     # ---- loop ----
-    data_gen = torch.Generator().manual_seed(args.seed)  # same on every rank: prompts and mini-batch order agree
-    order: list[int] = []
+    # the prompt order, the same on every rank; its generator also shuffles the mini-batches of step 6
+    prompt_order = common.Shuffled(len(prompts), args.prompts_per_iteration, args.seed, whole_batches=False)
     per_rank = args.prompts_per_iteration // world
     score_mean, score_std = 0.0, 1.0  # --score-norm none; set from the first batch with --score-norm init
     start = 0
     if state:  # --resume: both optimisers, RNG states, prompt order and the score normalisation of the run
-        extra = common.restore_training_state(state, [(policy, policy_opt), (critic, critic_opt)], world, rank)
-        start, order, score_mean, score_std = state["step"], extra["order"], extra["score_mean"], extra["score_std"]
-        data_gen.set_state(extra["data_gen"])
+        extra = distributed.restore_training_state(state, optimizers, world, rank, order=prompt_order)
+        start, score_mean, score_std = state["step"], extra["score_mean"], extra["score_std"]
 
     def save(iteration: int) -> None:
         """The critic into out/critic, then the policy into out/ (save_model carries out/critic over). With
         --save-every the policy's save also holds what --resume needs; the critic's records its iteration."""
         resumable = args.save_every > 0
-        finished = iteration == args.iterations
-        common.save_model(critic, tokenizer, critic_path, world, args, {"step": iteration} if resumable else None)
-        common.save_model(policy, tokenizer, args.out, world, args, common.training_state(
-            iteration, [(policy, policy_opt), (critic, critic_opt)], world, log, finished, order=list(order),
-            data_gen=data_gen.get_state(), score_mean=score_mean, score_std=score_std) if resumable else None)
+        distributed.save_model(critic, tokenizer, critic_path, world, args, {"step": iteration} if resumable else None)
+        trainer_state = None
+        if resumable:
+            trainer_state = distributed.training_state(iteration, optimizers, world, log, iteration == args.iterations,
+                                                       order=prompt_order, score_mean=score_mean, score_std=score_std)
+        distributed.save_model(policy, tokenizer, args.out, world, args, trainer_state)
 
     bar = tqdm(range(start, args.iterations), desc="ppo", disable=not common.is_main())
     for it in bar:
         # PPO step 1: this rank's share of the prompt batch, each repeated n times; sample the rollouts
-        while len(order) < args.prompts_per_iteration:
-            order += torch.randperm(len(prompts), generator=data_gen).tolist()
-        batch_prompts = [prompts[i] for i in order[: args.prompts_per_iteration]]
-        del order[: args.prompts_per_iteration]
+        batch_prompts = [prompts[i] for i in prompt_order.take()]
         mine = [p for p in batch_prompts[rank * per_rank: (rank + 1) * per_rank]
                 for _ in range(args.rollouts_per_prompt)]  # the n rollouts of a prompt are consecutive rows
         t0 = time.time()
@@ -590,35 +586,43 @@ def main(argv: list[str] | None = None) -> None:
         compute_advantages(exp, batch, args, world, score_mean, score_std)
         t2 = time.time()
         # PPO step 6
-        train = ppo_update(policy, critic, policy_opt, critic_opt, batch, exp, args, world, data_gen)
+        train = ppo_update(policy, critic, policy_opt, critic_opt, batch, exp, args, world, prompt_order.generator)
         t3 = time.time()
 
         texts = response_texts(batch, tokenizer)
         metrics = rollout_metrics(batch, exp, texts, world)
-        generated = common.all_reduce_sum(batch.response_mask.sum().item(), world)
-        trained = common.all_reduce_sum(batch.attention_mask.sum().item(), world) * args.ppo_epochs
+        generated = distributed.all_reduce_sum(batch.response_mask.sum().item(), world)
+        trained = distributed.all_reduce_sum(batch.attention_mask.sum().item(), world) * args.ppo_epochs
         metrics.update(train, score_norm_mean=score_mean, score_norm_std=score_std)
         metrics.update(gen_s=t1 - t0, forward_s=t2 - t1, train_s=t3 - t2, gen_tokens_per_s=generated / (t1 - t0),
                        train_tokens_per_s=trained / (t3 - t2))
         log.log(iteration=it + 1, **metrics)
         bar.set_postfix(score=f"{metrics['score']:.3f}", kl=f"{metrics['kl_k1']:.3f}")
-        gold = f" gold {metrics['gold']:.3f}" if "gold" in metrics else ""
-        common.print0(f"it {it + 1}/{args.iterations} score {metrics['score']:.3f}{gold} kl {metrics['kl_k1']:.4f} "
-                      f"(k3 {metrics['kl_k3']:.4f}) ent {metrics['entropy']:.3f} len {metrics['response_len']:.1f} "
-                      f"eos {metrics['eos_rate']:.2f} clipfrac {metrics['clipfrac']:.3f} "
-                      f"approx_kl {metrics['approx_kl']:.4f} vloss {metrics['value_loss']:.4f} "
-                      f"ev {metrics['explained_var']:.2f} | gen {t1 - t0:.1f}s fwd {t2 - t1:.1f}s train {t3 - t2:.1f}s")
-        if args.sample_every > 0 and (it + 1) % args.sample_every == 0:
-            for i in range(0, len(mine), args.rollouts_per_prompt)[: args.samples_to_print]:
-                score, kl = exp["scores"][i].item(), exp["kl"][i].sum().item()
-                common.print0(f"  [{score:+.3f} score, {kl:.3f} kl, {score - args.kl_coef * kl:+.3f} total] "
-                              f"{batch.prompts[i]!r} -> {texts[i]!r}")
-        if args.save_every > 0 and (it + 1) % args.save_every == 0 and it + 1 < args.iterations:
+        print_iteration(it, args, metrics, exp, batch, texts, (t0, t1, t2, t3))
+        if common.due(args.save_every, it + 1, args.iterations):
             save(it + 1)
 
     # ---- save ----
     save(args.iterations)
     common.print0(f"saved {args.out} (policy) and {os.path.join(args.out, 'critic')} (critic)")
+
+
+def print_iteration(it: int, args: Args, metrics: dict[str, float], exp: dict[str, torch.Tensor], batch: Rollouts,
+                    texts: list[str], times: tuple[float, float, float, float]) -> None:
+    """One line of an iteration's metrics and, every --sample-every iterations, a few decoded rollouts with their
+    score, KL and total (rank 0 prints)."""
+    t0, t1, t2, t3 = times
+    gold = f" gold {metrics['gold']:.3f}" if "gold" in metrics else ""
+    common.print0(f"it {it + 1}/{args.iterations} score {metrics['score']:.3f}{gold} kl {metrics['kl_k1']:.4f} "
+                  f"(k3 {metrics['kl_k3']:.4f}) ent {metrics['entropy']:.3f} len {metrics['response_len']:.1f} "
+                  f"eos {metrics['eos_rate']:.2f} clipfrac {metrics['clipfrac']:.3f} "
+                  f"approx_kl {metrics['approx_kl']:.4f} vloss {metrics['value_loss']:.4f} "
+                  f"ev {metrics['explained_var']:.2f} | gen {t1 - t0:.1f}s fwd {t2 - t1:.1f}s train {t3 - t2:.1f}s")
+    if args.sample_every > 0 and (it + 1) % args.sample_every == 0:
+        for i in range(0, len(texts), args.rollouts_per_prompt)[: args.samples_to_print]:
+            score, kl = exp["scores"][i].item(), exp["kl"][i].sum().item()
+            common.print0(f"  [{score:+.3f} score, {kl:.3f} kl, {score - args.kl_coef * kl:+.3f} total] "
+                          f"{batch.prompts[i]!r} -> {texts[i]!r}")
 
 
 if __name__ == "__main__":

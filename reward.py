@@ -17,13 +17,12 @@ Paper defaults (Llama-2-7B): lr 5e-6, global batch 16 pairs, 1 epoch.
 Deliberate choices the paper leaves open
   1. Constant learning rate (no schedule is stated); AdamW betas (0.9, 0.95), no weight decay, gradient clip 1.0.
   2. Chosen and rejected responses go through the model in one forward pass (2n sequences), right-padded; the
-     score is read at the last non-pad token, which is the EOS appended to every response (common.encode).
+     score is read at the last non-pad token, which is the EOS appended to every response (data.encode).
   3. The head is initialised by transformers (normal, std = initializer_range) under the run's seed.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 
@@ -34,7 +33,12 @@ from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import common
+import data
+import distributed
+import testbed
 from common import arg, check
+from data import CHAT_TEMPLATE_HELP, CHAT_TEMPLATE_MODES, DATA_FORMAT_HELP, DATA_FORMATS
+from distributed import RESUME_HELP, SAVE_EVERY_HELP
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -42,35 +46,34 @@ from common import arg, check
 # ----------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Args:
-    model: str = arg("runs/testbed/sft", "initial model: the SFT checkpoint (a save_pretrained folder)")
+    model: str = arg("runs/testbed/sft", "initial model: the SFT checkpoint (a save_pretrained folder)", essential=True)
     train: str = arg("runs/testbed/data/pairs_train.jsonl", "preference pairs D, JSONL {prompt, chosen, rejected} "
-                                                            "or a public format (--data-format)")
+                                                            "or a public format (--data-format)", essential=True)
     test: str = arg("runs/testbed/data/pairs_test.jsonl", "held-out pairs for evaluation (empty string = none)")
-    data_format: str = arg("auto", common.DATA_FORMAT_HELP + " (for --train and --test)", choices=common.DATA_FORMATS)
+    data_format: str = arg("auto", DATA_FORMAT_HELP + " (for --train and --test)", choices=DATA_FORMATS,
+                           essential=True)
     preference: str = arg("safer", "PKU-SafeRLHF: chosen by safer_response_id or better_response_id",
-                          choices=["safer", "better"])
-    chat_template: str = arg("auto", common.CHAT_TEMPLATE_HELP, choices=common.CHAT_TEMPLATE_MODES)
+                          choices=["safer", "better"], essential=True)
+    chat_template: str = arg("auto", CHAT_TEMPLATE_HELP, choices=CHAT_TEMPLATE_MODES, essential=True)
     out: str = arg("runs/testbed/rm", "output folder: the RM checkpoint, metrics.jsonl, args.json")
-    lr: float = arg(5e-6, "learning rate (paper: 5e-6), constant")
+    lr: float = arg(5e-6, "learning rate (paper: 5e-6), constant", essential=True)
     epochs: float = arg(1.0, "passes over D (paper: 1)")
-    batch_size: int = arg(16, "global batch in pairs = micro-batch x accumulation x world size (paper: 16)")
+    batch_size: int = arg(16, "global batch in pairs = micro-batch x accumulation x world size (paper: 16)",
+                          essential=True)
     micro_batch_size: int = arg(8, "pairs per forward/backward on one process (2x sequences: chosen + rejected)")
-    max_len: int = arg(512, "maximum tokens of prompt + response; longer ones are truncated (see common.encode)")
-    grad_clip: float = arg(1.0, "clip the global gradient norm to this value (0 = off)")
-    seed: int = arg(0, "random seed (data order, head initialisation)")
-    bf16: bool = arg(False, "bf16 autocast for forward/backward (fp32 master weights); fp32 is the reference")
+    max_len: int = arg(512, "maximum tokens of prompt + response; longer ones are truncated (see data.encode)",
+                       essential=True)
+    grad_clip: float = arg(1.0, "clip the global gradient norm to this value (0 = off)", essential=True)
+    seed: int = arg(0, "random seed (data order, head initialisation)", essential=True)
+    bf16: bool = arg(False, "bf16 autocast for forward/backward (fp32 master weights); fp32 is the reference",
+                     essential=True)
     max_steps: int = arg(-1, "stop after this many optimiser steps (-1 = the whole epoch); for smoke tests")
     eval_every: int = arg(50, "evaluate on the test pairs every N steps (and at the end; 0 = only at the end)")
     eval_batch_size: int = arg(32, "pairs per forward pass during evaluation")
     log_every: int = arg(10, "print a metrics line every N steps")
     overwrite: bool = arg(False, "replace an existing output folder")
-    save_every: int = arg(0, common.SAVE_EVERY_HELP)
-    resume: bool = arg(False, common.RESUME_HELP)
-
-
-# --resume refuses a checkpoint written with other values of these (they change what the run computes)
-ESSENTIAL = ("model", "train", "data_format", "preference", "chat_template", "lr", "batch_size", "max_len",
-             "grad_clip", "seed", "bf16")
+    save_every: int = arg(0, SAVE_EVERY_HELP)
+    resume: bool = arg(False, RESUME_HELP)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -96,17 +99,17 @@ def pair_batch(tokenizer, pairs: list[dict], max_len: int,
     seqs, n_truncated = [], 0
     for key in ("chosen", "rejected"):
         for p in pairs:
-            ids, _, truncated = common.encode(tokenizer, p["prompt"], p[key], max_len, chat_template)
+            ids, _, truncated = data.encode(tokenizer, p["prompt"], p[key], max_len, chat_template)
             seqs.append(ids)
             n_truncated += truncated
-    ids, mask = common.pad_right(seqs, tokenizer.pad_token_id)
+    ids, mask = data.pad(seqs, tokenizer.pad_token_id)
     return ids, mask, n_truncated
 
 
 def check_reward_tokenizer(path: str, what: str = "--model"):
     """The checkpoint folder exists with weights, and its tokenizer has a PAD token distinct from EOS:
     transformers reads the score at the last token that is not pad, and the score belongs on the EOS."""
-    common.check_checkpoint(path, what)
+    distributed.check_checkpoint(path, what)
     tokenizer = AutoTokenizer.from_pretrained(path)
     check(tokenizer.eos_token_id is not None and tokenizer.pad_token_id is not None
           and tokenizer.pad_token_id != tokenizer.eos_token_id,
@@ -117,7 +120,7 @@ def check_reward_tokenizer(path: str, what: str = "--model"):
 def load_reward_model(path: str, world: int, device: torch.device, **overrides):
     """An RM (or an SFT checkpoint to start one from) as AutoModelForSequenceClassification with one output."""
     tokenizer = check_reward_tokenizer(path, "model")
-    model = common.load_model(AutoModelForSequenceClassification, path, world, device, num_labels=1,
+    model = distributed.load_model(AutoModelForSequenceClassification, path, world, device, num_labels=1,
                               pad_token_id=tokenizer.pad_token_id, **overrides)
     return model, tokenizer
 
@@ -136,8 +139,8 @@ def score_texts(model, tokenizer, prompts: list[str], responses: list[str], *, m
     scores = []
     for start in range(0, len(idx), chunk):
         mine = idx[start + rank * batch_size: start + (rank + 1) * batch_size]
-        seqs = [common.encode(tokenizer, prompts[i], responses[i], max_len, chat_template)[0] for i in mine]
-        ids, mask = common.pad_right(seqs, tokenizer.pad_token_id)
+        seqs = [data.encode(tokenizer, prompts[i], responses[i], max_len, chat_template)[0] for i in mine]
+        ids, mask = data.pad(seqs, tokenizer.pad_token_id)
         with common.autocast(device, bf16):
             r = rewards(model, ids.to(device), mask.to(device)).float()
         if world > 1:
@@ -145,27 +148,23 @@ def score_texts(model, tokenizer, prompts: list[str], responses: list[str], *, m
             dist.all_gather(parts, r)
             r = torch.cat(parts)
         scores.append(r.cpu())
-    if world > 1:
-        model.reshard()  # a no-grad forward leaves the FSDP2 root unsharded (DESIGN.md §7)
+    distributed.reshard(model)
     return torch.cat(scores)[:n]
 
 
 def evaluate(model, tokenizer, pairs: list[dict], *, max_len: int, world: int, rank: int, batch_size: int,
              bf16: bool = False, chat_template: str = "auto") -> dict[str, float]:
     """Accuracy on held-out pairs vs their (noisy) labels and, on the testbed, vs the hidden gold ordering."""
-    was_training = model.training
-    model.eval()
     prompts = [p["prompt"] for p in pairs]
-    r_w = score_texts(model, tokenizer, prompts, [p["chosen"] for p in pairs], max_len=max_len, world=world,
-                      rank=rank, batch_size=batch_size, bf16=bf16, chat_template=chat_template)
-    r_l = score_texts(model, tokenizer, prompts, [p["rejected"] for p in pairs], max_len=max_len, world=world,
-                      rank=rank, batch_size=batch_size, bf16=bf16, chat_template=chat_template)
-    model.train(was_training)
+    with common.eval_mode(model):
+        r_w, r_l = (score_texts(model, tokenizer, prompts, [p[key] for p in pairs], max_len=max_len, world=world,
+                                rank=rank, batch_size=batch_size, bf16=bf16, chat_template=chat_template)
+                    for key in ("chosen", "rejected"))
     out = {"acc": (r_w > r_l).float().mean().item(), "reward_chosen": r_w.mean().item(),
            "reward_rejected": r_l.mean().item(), "margin": (r_w - r_l).mean().item(),
            "loss": bradley_terry_loss(r_w, r_l).item()}
-    g_w = common.gold_scores(prompts, [p["chosen"] for p in pairs])
-    g_l = common.gold_scores(prompts, [p["rejected"] for p in pairs])
+    g_w = testbed.gold_scores(prompts, [p["chosen"] for p in pairs])
+    g_l = testbed.gold_scores(prompts, [p["rejected"] for p in pairs])
     if g_w is not None and g_l is not None:
         # agreement with the gold ordering, over the pairs whose gold scores differ
         gold_says = torch.tensor(g_w) - torch.tensor(g_l)
@@ -180,18 +179,15 @@ def evaluate(model, tokenizer, pairs: list[dict], *, max_len: int, world: int, r
 # ----------------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     args = common.parse_args(Args, argv)
-    rank, world, device = common.init_distributed()
+    rank, world, device = distributed.init_distributed()
     accum = common.split_batch(args.batch_size, args.micro_batch_size, world)
     # ---- inputs: every one is checked before the output folder is created, so a mistake leaves nothing behind ----
     check_reward_tokenizer(args.model)
-    pairs = common.read_pairs(args.train, args.data_format, args.preference)
-    test_pairs = common.read_pairs(args.test, args.data_format, args.preference) if args.test else []
-    steps_per_epoch = len(pairs) // args.batch_size
-    check(steps_per_epoch > 0, f"{args.train}: {len(pairs)} pairs, fewer than one batch of {args.batch_size}")
-    total_steps = math.floor(steps_per_epoch * args.epochs)
-    if args.max_steps > 0:
-        total_steps = min(total_steps, args.max_steps)
-    state = common.resume_state(args, ESSENTIAL) if args.resume else None  # None: start from scratch
+    pairs = data.read_pairs(args.train, args.data_format, args.preference)
+    test_pairs = data.read_pairs(args.test, args.data_format, args.preference) if args.test else []
+    _, total_steps = common.count_steps(len(pairs), args.batch_size, args.epochs, args.max_steps,
+                                        f"{args.train}: {len(pairs)} pairs")
+    state = distributed.resume_state(args) if args.resume else None  # None: start from scratch
     common.prepare_output(args.out, args.overwrite, args.resume, state)
     common.seed_everything(args.seed, 0)  # same head initialisation on every rank (rank 0's is broadcast anyway)
 
@@ -206,31 +202,29 @@ def main(argv: list[str] | None = None) -> None:
     def run_eval(step: int) -> None:
         if not test_pairs:
             return
-        m = evaluate(model, tokenizer, test_pairs, max_len=args.max_len, world=world, rank=rank,
-                     batch_size=args.eval_batch_size, bf16=args.bf16, chat_template=args.chat_template)
-        log.log(step=step, **{"eval_" + k: v for k, v in m.items()})
-        common.print0(f"eval @ {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
+        metrics = evaluate(model, tokenizer, test_pairs, max_len=args.max_len, world=world, rank=rank,
+                           batch_size=args.eval_batch_size, bf16=args.bf16, chat_template=args.chat_template)
+        log.log(step=step, **{"eval_" + k: v for k, v in metrics.items()})
+        common.print0(f"eval @ {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
     # ---- loop ----
-    data_gen = torch.Generator().manual_seed(args.seed)  # same on every rank: all ranks agree on the batch
-    order: list[int] = []
+    order = common.Shuffled(len(pairs), args.batch_size, args.seed, whole_batches=True)  # the same on every rank
     start, n_truncated = 0, 0
     if state:  # --resume: optimiser, RNG states, and the data order where the checkpoint left it
-        extra = common.restore_training_state(state, [(model, optimizer)], world, rank)
-        start, order, n_truncated = state["step"], extra["order"], extra["n_truncated"]
-        data_gen.set_state(extra["data_gen"])
+        extra = distributed.restore_training_state(state, [(model, optimizer)], world, rank, order=order)
+        start, n_truncated = state["step"], extra["n_truncated"]
 
-    def trainer_state(step: int, finished: bool = False) -> dict | None:  # what --resume needs (collective)
-        return common.training_state(step, [(model, optimizer)], world, log, finished, order=list(order),
-                                     data_gen=data_gen.get_state(), n_truncated=n_truncated)
+    def save(step: int, finished: bool = False) -> None:  # collective: every rank calls it
+        trainer_state = None
+        if args.save_every > 0:  # resumable checkpoints: also what --resume needs
+            trainer_state = distributed.training_state(step, [(model, optimizer)], world, log, finished, order=order,
+                                                       n_truncated=n_truncated)
+        distributed.save_model(model, tokenizer, args.out, world, args, trainer_state)
 
     bar = tqdm(range(start, total_steps), desc="reward", disable=not common.is_main())
     t0 = time.time()
     for step in bar:
-        if not order:
-            order = torch.randperm(len(pairs), generator=data_gen).tolist()[: steps_per_epoch * args.batch_size]
-        batch = [pairs[i] for i in order[: args.batch_size]]
-        del order[: args.batch_size]
+        batch = [pairs[i] for i in order.take()]
         mine = batch[rank * len(batch) // world: (rank + 1) * len(batch) // world]
         # Each micro-batch's loss is its share of the global mean: mean over its pairs x (its pairs / global pairs).
         # FSDP2 averages gradients over ranks, so x world turns that average back into the sum over ranks.
@@ -246,28 +240,27 @@ def main(argv: list[str] | None = None) -> None:
             (loss * len(part) / args.batch_size * world).backward()
             loss_sum += loss.item() * len(part)
             correct += (r_w > r_l).sum().item()
-        grad_norm = common.clip_grad_norm(model, args.grad_clip, f"reward step {step + 1}: gradient norm")
+        grad_norm = distributed.clip_grad_norm(model, args.grad_clip, f"reward step {step + 1}: gradient norm")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        loss = common.all_reduce_sum(loss_sum, world) / args.batch_size
+        loss = distributed.all_reduce_sum(loss_sum, world) / args.batch_size
         common.check_finite(loss, f"reward step {step + 1}: loss")
-        acc = common.all_reduce_sum(correct, world) / args.batch_size
+        acc = distributed.all_reduce_sum(correct, world) / args.batch_size
         log.log(step=step + 1, loss=loss, acc=acc, grad_norm=grad_norm,
                 pairs_per_s=(step + 1 - start) * args.batch_size / max(time.time() - t0, 1e-9))
         bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}")
         if (step + 1) % args.log_every == 0 or step + 1 == total_steps:
             common.print0(f"step {step + 1}/{total_steps} loss {loss:.4f} acc {acc:.3f} grad_norm {grad_norm:.3f}")
-        if args.eval_every > 0 and (step + 1) % args.eval_every == 0 and step + 1 < total_steps:
+        if common.due(args.eval_every, step + 1, total_steps):
             run_eval(step + 1)
-        if args.save_every > 0 and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
-            common.save_model(model, tokenizer, args.out, world, args, trainer_state(step + 1))
+        if common.due(args.save_every, step + 1, total_steps):
+            save(step + 1)
 
     run_eval(total_steps)
     if n_truncated:
         common.print0(f"note: {n_truncated} sequences were longer than --max-len {args.max_len} and were truncated")
-    common.save_model(model, tokenizer, args.out, world, args,
-                      trainer_state(total_steps, finished=True) if args.save_every > 0 else None)
+    save(total_steps, finished=True)
     common.print0(f"saved {args.out}")
 
 

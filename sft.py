@@ -1,6 +1,6 @@
 """Supervised fine-tuning (SFT): next-token loss on the response tokens of (prompt, response) demonstrations.
 
-The first stage of the pipeline (paper §"Experimental settings"; DESIGN.md §4): the policy that PPO starts from,
+The first stage of the pipeline (paper §"Experimental settings"; docs/design.md §6): the policy that PPO starts from,
 the reference policy of the KL term, and the backbone of the reward model all come from this checkpoint.
 
 Commands
@@ -22,7 +22,6 @@ Deliberate choices the paper leaves open
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 
@@ -32,7 +31,13 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import common
+import data
+import distributed
+import sampling
+import testbed
 from common import arg, check
+from data import CHAT_TEMPLATE_HELP, CHAT_TEMPLATE_MODES, DATA_FORMAT_HELP, DATA_FORMATS
+from distributed import RESUME_HELP, SAVE_EVERY_HELP
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -40,24 +45,31 @@ from common import arg, check
 # ----------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Args:
-    model: str = arg("runs/testbed/base_model", "base model: a save_pretrained folder (config, safetensors, tokenizer)")
+    model: str = arg("runs/testbed/base_model", "base model: a save_pretrained folder (config, safetensors, tokenizer)",
+                     essential=True)
     data: str = arg("runs/testbed/data/sft_train.jsonl", "demonstrations, JSONL records {prompt, response}, or a "
-                                                         "public format (--data-format): its preferred responses")
-    data_format: str = arg("auto", common.DATA_FORMAT_HELP + " (for --data)", choices=common.DATA_FORMATS)
+                                                         "public format (--data-format): its preferred responses",
+                    essential=True)
+    data_format: str = arg("auto", DATA_FORMAT_HELP + " (for --data)", choices=DATA_FORMATS, essential=True)
     preference: str = arg("safer", "PKU-SafeRLHF: the demonstration is the safer or the better response",
-                          choices=["safer", "better"])
-    chat_template: str = arg("auto", common.CHAT_TEMPLATE_HELP, choices=common.CHAT_TEMPLATE_MODES)
+                          choices=["safer", "better"], essential=True)
+    chat_template: str = arg("auto", CHAT_TEMPLATE_HELP, choices=CHAT_TEMPLATE_MODES, essential=True)
     out: str = arg("runs/testbed/sft", "output folder: the SFT checkpoint, metrics.jsonl, args.json")
-    lr: float = arg(2e-5, "peak learning rate (paper: 2e-5)")
-    epochs: float = arg(2.0, "passes over the data (paper: 2)")
-    warmup_epochs: float = arg(0.3, "linear warm-up length in epochs (paper: 0.3), then linear decay to 0")
-    batch_size: int = arg(32, "global batch size in examples = micro-batch x accumulation x world size (paper: 32)")
+    lr: float = arg(2e-5, "peak learning rate (paper: 2e-5)", essential=True)
+    epochs: float = arg(2.0, "passes over the data (paper: 2)", essential=True)
+    warmup_epochs: float = arg(0.3, "linear warm-up length in epochs (paper: 0.3), then linear decay to 0",
+                               essential=True)
+    batch_size: int = arg(32, "global batch size in examples = micro-batch x accumulation x world size (paper: 32)",
+                          essential=True)
     micro_batch_size: int = arg(8, "examples per forward/backward on one process")
-    max_len: int = arg(512, "maximum tokens of prompt + response; longer ones are truncated (see common.encode)")
-    grad_clip: float = arg(1.0, "clip the global gradient norm to this value (0 = off)")
-    seed: int = arg(0, "random seed (data order, initialisation)")
-    bf16: bool = arg(False, "bf16 autocast for forward/backward (fp32 master weights); fp32 is the reference")
-    max_steps: int = arg(-1, "stop after this many optimiser steps (-1 = run all epochs); for smoke tests")
+    max_len: int = arg(512, "maximum tokens of prompt + response; longer ones are truncated (see data.encode)",
+                       essential=True)
+    grad_clip: float = arg(1.0, "clip the global gradient norm to this value (0 = off)", essential=True)
+    seed: int = arg(0, "random seed (data order, initialisation)", essential=True)
+    bf16: bool = arg(False, "bf16 autocast for forward/backward (fp32 master weights); fp32 is the reference",
+                     essential=True)
+    max_steps: int = arg(-1, "stop after this many optimiser steps (-1 = run all epochs); for smoke tests",
+                         essential=True)
     log_every: int = arg(10, "print a metrics line every N steps")
     eval_prompts: str = arg("runs/testbed/data/eval_prompts.jsonl",
                             "prompts sampled after training to report EOS rate (and gold reward on the testbed); "
@@ -65,13 +77,8 @@ class Args:
     eval_samples: int = arg(64, "how many eval prompts to sample after training")
     max_new_tokens: int = arg(48, "maximum new tokens when sampling after training")
     overwrite: bool = arg(False, "replace an existing output folder")
-    save_every: int = arg(0, common.SAVE_EVERY_HELP)
-    resume: bool = arg(False, common.RESUME_HELP)
-
-
-# --resume refuses a checkpoint written with other values of these (they change what the run computes)
-ESSENTIAL = ("model", "data", "data_format", "preference", "chat_template", "lr", "epochs", "warmup_epochs",
-             "batch_size", "max_len", "grad_clip", "seed", "bf16", "max_steps")
+    save_every: int = arg(0, SAVE_EVERY_HELP)
+    resume: bool = arg(False, RESUME_HELP)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -108,62 +115,56 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     args = common.parse_args(Args, argv)
-    rank, world, device = common.init_distributed()
+    rank, world, device = distributed.init_distributed()
     accum = common.split_batch(args.batch_size, args.micro_batch_size, world)
     common.seed_everything(args.seed, rank)
 
     # ---- data: every rank reads the whole file and draws the same order; each takes its slice of a batch ----
     # Every input is checked before the output folder is created: a mistake leaves nothing behind.
-    common.check_checkpoint(args.model, "--model")
+    distributed.check_checkpoint(args.model, "--model")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     check(tokenizer.eos_token_id is not None and tokenizer.pad_token_id is not None,
           f"{args.model}: the tokenizer needs an EOS and a PAD token")
-    records = common.read_demonstrations(args.data, args.data_format, args.preference)
-    eval_prompts = common.read_prompts(args.eval_prompts)[: args.eval_samples] if args.eval_prompts else []
+    records = data.read_demonstrations(args.data, args.data_format, args.preference)
+    eval_prompts = data.read_prompts(args.eval_prompts)[: args.eval_samples] if args.eval_prompts else []
     examples, n_truncated = [], 0
     for r in records:
-        ids, n_prompt, truncated = common.encode(tokenizer, r["prompt"], r["response"], args.max_len,
-                                                 args.chat_template)
+        ids, n_prompt, truncated = data.encode(tokenizer, r["prompt"], r["response"], args.max_len, args.chat_template)
         examples.append((ids, sft_labels(ids, n_prompt)))
         n_truncated += truncated
-    steps_per_epoch = len(examples) // args.batch_size
-    check(steps_per_epoch > 0, f"{args.data}: {len(examples)} examples, fewer than one batch of {args.batch_size}")
-    total_steps = math.floor(steps_per_epoch * args.epochs)
-    if args.max_steps > 0:
-        total_steps = min(total_steps, args.max_steps)
+    steps_per_epoch, total_steps = common.count_steps(len(examples), args.batch_size, args.epochs, args.max_steps,
+                                                      f"{args.data}: {len(examples)} examples")
     warmup_steps = max(1, round(steps_per_epoch * args.warmup_epochs))
-    state = common.resume_state(args, ESSENTIAL) if args.resume else None  # None: start from scratch
+    state = distributed.resume_state(args) if args.resume else None  # None: start from scratch
     common.prepare_output(args.out, args.overwrite, args.resume, state)
     common.print0(f"sft: {len(examples)} examples ({n_truncated} truncated to {args.max_len} tokens), "
                   f"{total_steps} steps of {args.batch_size} = {args.micro_batch_size} x {accum} accumulation x "
                   f"{world} processes")
 
     # ---- model and optimiser ----
-    model = common.load_model(AutoModelForCausalLM, args.out if state else args.model, world, device)
+    model = distributed.load_model(AutoModelForCausalLM, args.out if state else args.model, world, device)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     log = common.MetricsLog(os.path.join(args.out, "metrics.jsonl"))
 
     # ---- loop ----
-    data_gen = torch.Generator().manual_seed(args.seed)  # same on every rank: all ranks agree on the batch
-    order: list[int] = []
+    order = common.Shuffled(len(examples), args.batch_size, args.seed, whole_batches=True)  # the same on every rank
     start = 0
     if state:  # --resume: optimiser, RNG states, and the data order where the checkpoint left it
-        extra = common.restore_training_state(state, [(model, optimizer)], world, rank)
-        start, order = state["step"], extra["order"]
-        data_gen.set_state(extra["data_gen"])
+        distributed.restore_training_state(state, [(model, optimizer)], world, rank, order=order)
+        start = state["step"]
 
-    def trainer_state(step: int, finished: bool = False) -> dict | None:  # what --resume needs (collective)
-        return common.training_state(step, [(model, optimizer)], world, log, finished, order=list(order),
-                                     data_gen=data_gen.get_state())
+    def save(step: int, finished: bool = False) -> None:  # collective: every rank calls it
+        trainer_state = None
+        if args.save_every > 0:  # resumable checkpoints: also what --resume needs
+            trainer_state = distributed.training_state(step, [(model, optimizer)], world, log, finished,
+                                                       order=order)
+        distributed.save_model(model, tokenizer, args.out, world, args, trainer_state)
 
     bar = tqdm(range(start, total_steps), desc="sft", disable=not common.is_main())
     t0, tokens_seen = time.time(), 0
     for step in bar:
-        if not order:
-            order = torch.randperm(len(examples), generator=data_gen).tolist()[: steps_per_epoch * args.batch_size]
-        batch = [examples[i] for i in order[: args.batch_size]]
-        del order[: args.batch_size]
+        batch = [examples[i] for i in order.take()]
         # Loss normalisation: the target is the mean NLL per response token of the whole global batch, so each
         # micro-batch contributes (its summed NLL) / (response tokens in the global batch). Every rank can count
         # those tokens itself because every rank holds the whole batch. FSDP2 *averages* gradients over ranks,
@@ -176,19 +177,19 @@ def main(argv: list[str] | None = None) -> None:
         nll = 0.0
         for micro in range(accum):
             part = mine[micro * args.micro_batch_size: (micro + 1) * args.micro_batch_size]
-            ids, mask = common.pad_right([x for x, _ in part], tokenizer.pad_token_id)
-            labels, _ = common.pad_right([y for _, y in part], tokenizer.pad_token_id, fill=-100)
+            ids, mask = data.pad([x for x, _ in part], tokenizer.pad_token_id)
+            labels, _ = data.pad([y for _, y in part], -100)
             ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
             with common.autocast(device, args.bf16):
                 logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (b, T, V)
             loss_sum = sft_loss_sum(logits, labels)
             (loss_sum * world / n_tokens).backward()
             nll += loss_sum.item()
-        grad_norm = common.clip_grad_norm(model, args.grad_clip, f"sft step {step + 1}: gradient norm")
+        grad_norm = distributed.clip_grad_norm(model, args.grad_clip, f"sft step {step + 1}: gradient norm")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        loss = common.all_reduce_sum(nll, world) / n_tokens
+        loss = distributed.all_reduce_sum(nll, world) / n_tokens
         common.check_finite(loss, f"sft step {step + 1}: loss")
         tokens_seen += sum(len(ids) for ids, _ in batch)
         metrics = dict(step=step + 1, loss=loss, lr=lr, grad_norm=grad_norm,
@@ -198,12 +199,11 @@ def main(argv: list[str] | None = None) -> None:
         if (step + 1) % args.log_every == 0 or step + 1 == total_steps:
             common.print0(f"step {step + 1}/{total_steps} loss {loss:.4f} lr {lr:.3e} grad_norm {grad_norm:.3f} "
                           f"tok/s {metrics['tokens_per_s']:.0f}")
-        if args.save_every > 0 and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
-            common.save_model(model, tokenizer, args.out, world, args, trainer_state(step + 1))
+        if common.due(args.save_every, step + 1, total_steps):
+            save(step + 1)
 
     # ---- save (with the trainer state when --save-every asked for resumable checkpoints) ----
-    common.save_model(model, tokenizer, args.out, world, args,
-                      trainer_state(total_steps, finished=True) if args.save_every > 0 else None)
+    save(total_steps, finished=True)
     common.print0(f"saved {args.out}")
 
     # ---- what the SFT model does: EOS rate, and gold reward on the testbed ----
@@ -217,11 +217,11 @@ def sample_report(model, tokenizer, args: Args, world: int, rank: int, prompts: 
     """Sample responses to held-out prompts (paper's PPO sampling settings) and report the share that end with
     EOS, their mean length and, on the testbed, their mean gold reward."""
     model.eval()
-    texts, ended = common.sample_texts(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, world=world,
-                                       rank=rank, chat_template=args.chat_template)
+    texts, ended = sampling.sample_texts(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, world=world,
+                                         rank=rank, chat_template=args.chat_template)
     report = {"eos_rate": sum(ended) / len(ended),
               "mean_response_words": sum(len(t.split()) for t in texts) / len(texts)}
-    gold = common.gold_scores(prompts, texts)
+    gold = testbed.gold_scores(prompts, texts)
     if gold is not None:
         report["gold_reward"] = sum(gold) / len(gold)
     return report

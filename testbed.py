@@ -87,7 +87,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 
-from common import UserError, arg, check, parse_args, run_main, save_args, write_jsonl
+from common import UserError, arg, check, parse_args, run_main, save_args
+from data import write_jsonl
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -416,6 +417,18 @@ def gold_reward(prompt: str, response: str) -> float | None:
     """Hidden gold reward of a response (higher is better; best responses score 2.8). None for a foreign prompt."""
     comps = gold_components(prompt, response)
     return None if comps is None else sum(comps.values())
+
+
+def gold_rewards(prompts: list[str], responses: list[str]) -> list[float | None]:
+    """`gold_reward` of each (prompt, response); None where the prompt is not the testbed's. The stages use it only
+    for reporting and evaluate.py as its `gold` judge; it never enters training."""
+    return [gold_reward(p, r) for p, r in zip(prompts, responses, strict=True)]
+
+
+def gold_scores(prompts: list[str], responses: list[str]) -> list[float] | None:
+    """`gold_rewards` when every prompt is the testbed's, else None (the data is not the testbed's: no report)."""
+    scores = gold_rewards(prompts, responses)
+    return None if any(s is None for s in scores) else scores
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-import common
+import data
 import evaluate
 from conftest import run_command
 
@@ -199,7 +199,7 @@ def test_two_processes_ask_the_judge_once_per_prompt(stub, world, tmp_path):
 
     args = evaluate.Args(seed=0)
     model, tokenizer = evaluate.load_rm(world.base_model, args, 1, torch.device("cpu"))
-    one = reward.evaluate(model, tokenizer, common.read_jsonl(world.pairs_test), max_len=args.max_len, world=1,
+    one = reward.evaluate(model, tokenizer, data.read_jsonl(world.pairs_test), max_len=args.max_len, world=1,
                           rank=0, batch_size=args.batch_size)
     two = results["reward_models"]["rm"]["test"]
     assert two["acc"] == one["acc"]

@@ -1,12 +1,13 @@
-"""Checkpoints written by `common.save_model` load with plain transformers and compute the same function, and the
-reward model's score is the linear head on the final hidden state of the EOS token (checked by hand)."""
+"""Checkpoints written by `distributed.save_model` load with plain transformers and compute the same function, and
+the reward model's score is the linear head on the final hidden state of the EOS token (checked by hand)."""
 import json
 import os
 
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-import common
+import data
+import distributed
 import reward
 
 CPU = torch.device("cpu")
@@ -14,11 +15,11 @@ CPU = torch.device("cpu")
 
 def batch(tokenizer, world, n=4, max_len=64):
     """n right-padded (prompt + response + EOS) sequences of different lengths from the world's pairs."""
-    pairs = common.read_jsonl(world.pairs_train)[:n]
-    seqs = [common.encode(tokenizer, p["prompt"], p["chosen"] if i % 2 else p["rejected"], max_len)[0]
+    pairs = data.read_jsonl(world.pairs_train)[:n]
+    seqs = [data.encode(tokenizer, p["prompt"], p["chosen"] if i % 2 else p["rejected"], max_len)[0]
             for i, p in enumerate(pairs)]
     assert len({len(s) for s in seqs}) > 1, "want sequences of different lengths, so padding matters"
-    ids, mask = common.pad_right(seqs, tokenizer.pad_token_id)
+    ids, mask = data.pad(seqs, tokenizer.pad_token_id)
     return seqs, ids, mask
 
 
@@ -32,12 +33,12 @@ def perturb_(model, seed=1):
 
 def test_causal_lm_save_then_plain_transformers_load_is_identical(world, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(world.base_model)
-    model = common.load_model(AutoModelForCausalLM, world.base_model, 1, CPU).eval()
+    model = distributed.load_model(AutoModelForCausalLM, world.base_model, 1, CPU).eval()
     perturb_(model)
     out = str(tmp_path / "ckpt")
     os.makedirs(out)
     (tmp_path / "ckpt" / "metrics.jsonl").write_text('{"step": 1}\n')  # a file of the run that is not the checkpoint
-    common.save_model(model, tokenizer, out, 1)
+    distributed.save_model(model, tokenizer, out, 1)
     loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     _, ids, mask = batch(tokenizer, world)
     with torch.no_grad():
@@ -54,7 +55,7 @@ def test_reward_model_save_load_and_pooling_by_hand(world, tmp_path):
     model.eval()
     perturb_(model)
     out = str(tmp_path / "rm")
-    common.save_model(model, tokenizer, out, 1)
+    distributed.save_model(model, tokenizer, out, 1)
     loaded = AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32).eval()
     assert loaded.config.num_labels == 1 and loaded.config.pad_token_id == tokenizer.pad_token_id
 
@@ -89,8 +90,8 @@ def test_save_model_writes_args_json(world, tmp_path):
 
     args = sft.Args(out=str(tmp_path / "x"), lr=1e-3)
     tokenizer = AutoTokenizer.from_pretrained(world.base_model)
-    model = common.load_model(AutoModelForCausalLM, world.base_model, 1, CPU)
-    common.save_model(model, tokenizer, args.out, 1, args)
+    model = distributed.load_model(AutoModelForCausalLM, world.base_model, 1, CPU)
+    distributed.save_model(model, tokenizer, args.out, 1, args)
     with open(os.path.join(args.out, "args.json")) as f:
         assert json.load(f)["lr"] == 1e-3
 
@@ -101,12 +102,12 @@ def test_save_keeps_a_nested_checkpoint(world, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(world.base_model)
     model = AutoModelForCausalLM.from_pretrained(world.base_model)
     out = str(tmp_path / "out")
-    common.save_model(model, tokenizer, out, world=1)
-    common.save_model(model, tokenizer, os.path.join(out, "critic"), world=1)
+    distributed.save_model(model, tokenizer, out, world=1)
+    distributed.save_model(model, tokenizer, os.path.join(out, "critic"), world=1)
     before = open(os.path.join(out, "critic", "model.safetensors"), "rb").read()
     with torch.no_grad():
         next(model.parameters()).add_(1.0)  # a different policy
-    common.save_model(model, tokenizer, out, world=1)
+    distributed.save_model(model, tokenizer, out, world=1)
     assert open(os.path.join(out, "critic", "model.safetensors"), "rb").read() == before
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert torch.equal(next(reloaded.parameters()), next(model.parameters()))

@@ -1,4 +1,5 @@
-"""common.py's distributed plumbing under torchrun (2 processes, FSDP2, gloo on CPU) against one process.
+"""The distributed plumbing (distributed.py, sampling.py) under torchrun (2 processes, FSDP2, gloo on CPU) against
+one process.
 
 This file runs itself under torchrun (`_distributed_checks`, rank 0 compares against plain transformers in the same
 process, so "equal" means bitwise): a world-2 `load_model` computes exactly what `from_pretrained` computes
@@ -19,7 +20,10 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import common
+import data
+import distributed
 import reward
+import sampling
 
 HERE = os.path.abspath(__file__)
 
@@ -34,8 +38,8 @@ def early_stopping_base(world, folder: str) -> str:
     stepping (synced_gpus) while the other still needs its collective forwards."""
     tokenizer = AutoTokenizer.from_pretrained(world.base_model)
     model = AutoModelForCausalLM.from_pretrained(world.base_model, dtype=torch.float32).eval()
-    prompts = [r["prompt"] for r in common.read_jsonl(world.eval_prompts)][:N_PROMPTS]
-    _, resp = common.generate(model, tokenizer, prompts, max_new_tokens=NEW_TOKENS, do_sample=False)
+    prompts = [r["prompt"] for r in data.read_jsonl(world.eval_prompts)][:N_PROMPTS]
+    _, resp = sampling.generate(model, tokenizer, prompts, max_new_tokens=NEW_TOKENS, do_sample=False)
     counts = torch.bincount(resp.flatten(), minlength=len(tokenizer))
     eos, w = tokenizer.eos_token_id, model.lm_head.weight
     for t in counts.argsort(descending=True).tolist()[:20]:
@@ -43,7 +47,7 @@ def early_stopping_base(world, folder: str) -> str:
             continue
         with torch.no_grad():
             w[eos] = w[t]
-        widths = [common.generate(model, tokenizer, prompts[k::2], max_new_tokens=NEW_TOKENS,
+        widths = [sampling.generate(model, tokenizer, prompts[k::2], max_new_tokens=NEW_TOKENS,
                                   do_sample=False)[1].shape[1] for k in range(2)]
         if widths[0] != widths[1]:
             model.save_pretrained(folder)
@@ -76,18 +80,18 @@ def test_distributed_plumbing_matches_one_process(world, run, tmp_path):
 # Run by torchrun: python -m torch.distributed.run --nproc_per_node=2 tests/test_foundation_fsdp.py BASE ...
 # ---------------------------------------------------------------------------------------------------------------
 def _distributed_checks(base: str, eval_prompts: str, pairs_test: str, ckpt: str, result: str) -> None:
-    rank, world, device = common.init_distributed()
+    rank, world, device = distributed.init_distributed()
     assert world == 2
     common.seed_everything(0, rank)
     tokenizer = AutoTokenizer.from_pretrained(base)
-    prompts = [r["prompt"] for r in common.read_jsonl(eval_prompts, ["prompt"])][:N_PROMPTS]
-    pairs = common.read_jsonl(pairs_test, ["prompt", "chosen", "rejected"])[:5]
-    seqs = [common.encode(tokenizer, p["prompt"], p["chosen"], 96)[0] for p in pairs]
-    ids, mask = common.pad_right(seqs, tokenizer.pad_token_id)
+    prompts = [r["prompt"] for r in data.read_jsonl(eval_prompts, ["prompt"])][:N_PROMPTS]
+    pairs = data.read_jsonl(pairs_test, ["prompt", "chosen", "rejected"])[:5]
+    seqs = [data.encode(tokenizer, p["prompt"], p["chosen"], 96)[0] for p in pairs]
+    ids, mask = data.pad(seqs, tokenizer.pad_token_id)
     r: dict = {}
 
     # 1. forward of the sharded model (same input on both ranks) vs the plain model
-    model = common.load_model(AutoModelForCausalLM, base, world, device).eval()
+    model = distributed.load_model(AutoModelForCausalLM, base, world, device).eval()
     plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval() if rank == 0 else None
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask).logits
@@ -100,19 +104,19 @@ def _distributed_checks(base: str, eval_prompts: str, pairs_test: str, ckpt: str
 
     # 2. greedy generation, prompts spread over ranks (each rank its own prompts, different stopping times)
     mine = prompts[rank::world]
-    _, resp = common.generate(model, tokenizer, mine, max_new_tokens=NEW_TOKENS, do_sample=False, world=world)
+    _, resp = sampling.generate(model, tokenizer, mine, max_new_tokens=NEW_TOKENS, do_sample=False, world=world)
     gathered = [None] * world
     dist.all_gather_object(gathered, resp.tolist())
     r["response_widths"] = [len(g[0]) for g in gathered]
-    texts, _ = common.sample_texts(model, tokenizer, prompts, max_new_tokens=NEW_TOKENS, world=world, rank=rank,
+    texts, _ = sampling.sample_texts(model, tokenizer, prompts, max_new_tokens=NEW_TOKENS, world=world, rank=rank,
                                    batch_size=2, do_sample=False)
     if rank == 0:
         ok = True
         for k in range(world):
-            _, ref = common.generate(plain, tokenizer, prompts[k::world], max_new_tokens=NEW_TOKENS, do_sample=False)
+            _, ref = sampling.generate(plain, tokenizer, prompts[k::world], max_new_tokens=NEW_TOKENS, do_sample=False)
             ok &= ref.tolist() == gathered[k]
         r["generate_equal"] = ok
-        ref_texts, _ = common.sample_texts(plain, tokenizer, prompts, max_new_tokens=NEW_TOKENS, world=1, rank=0,
+        ref_texts, _ = sampling.sample_texts(plain, tokenizer, prompts, max_new_tokens=NEW_TOKENS, world=1, rank=0,
                                            batch_size=2, do_sample=False)
         r["sample_texts_equal"] = ref_texts == texts
 
@@ -128,8 +132,8 @@ def _distributed_checks(base: str, eval_prompts: str, pairs_test: str, ckpt: str
                                      for n, p in plain.named_parameters())
 
     # 4. the gathered state dict and a save from two processes hold exactly the loaded parameters
-    state = common.full_state_dict(model, world)
-    common.save_model(model, tokenizer, ckpt, world)
+    state = distributed.full_state_dict(model, world)
+    distributed.save_model(model, tokenizer, ckpt, world)
     if rank == 0:
         ref = plain.state_dict()
         r["state_dict_equal"] = state.keys() == ref.keys() and all(torch.equal(state[k], ref[k]) for k in ref)

@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import common
+import data
 import reward
 import sft
 
@@ -82,7 +83,7 @@ def sft_runs(world, run, tmp_path_factory):
 
 def test_sft_logs_saves_and_reports(world, sft_runs):
     out, printed = sft_runs["one"], sft_runs["printed"]
-    records = common.read_jsonl(world.sft_train)
+    records = data.read_jsonl(world.sft_train)
     metrics = read_metrics(out)
     # one line per optimiser step, then the sample report
     steps, final = metrics[:-1], metrics[-1]
@@ -112,16 +113,16 @@ def test_sft_first_loss_by_transformers(world, sft_runs):
     # Step 1's loss = mean NLL per response token over the whole global batch (2 micro-batches of 4), at the
     # initial parameters. Independent computation: transformers' own causal-LM loss on the 8 sequences at once,
     # with the prompt and the padding labelled -100 (it shifts by one and averages over the labelled tokens).
-    records = common.read_jsonl(world.sft_train)
+    records = data.read_jsonl(world.sft_train)
     tokenizer = AutoTokenizer.from_pretrained(world.base_model)
     base = AutoModelForCausalLM.from_pretrained(world.base_model, dtype=torch.float32)
     seqs, labels = [], []
     for i in first_batch(len(records), 8):
-        ids, n_prompt, _ = common.encode(tokenizer, records[i]["prompt"], records[i]["response"], 96)
+        ids, n_prompt, _ = data.encode(tokenizer, records[i]["prompt"], records[i]["response"], 96)
         seqs.append(ids)
         labels.append([-100] * n_prompt + ids[n_prompt:])
-    ids, mask = common.pad_right(seqs, tokenizer.pad_token_id)
-    label_ids, _ = common.pad_right(labels, tokenizer.pad_token_id, fill=-100)
+    ids, mask = data.pad(seqs, tokenizer.pad_token_id)
+    label_ids, _ = data.pad(labels, -100)
     with torch.no_grad():
         expected = base(input_ids=ids, attention_mask=mask, labels=label_ids).loss.item()
     assert read_metrics(sft_runs["one"])[0]["loss"] == pytest.approx(expected, rel=1e-5)
@@ -169,14 +170,14 @@ def test_reward_first_loss_by_transformers(world, reward_runs):
     # Step 1's loss = Eq. (1) on the first 8 pairs at the initial parameters. Independent computation: a plain
     # AutoModelForSequenceClassification whose new head is drawn the way the stage draws it (seed 0, then
     # from_pretrained), each sequence scored alone (no padding), then -mean log sigmoid(r_w - r_l).
-    pairs = common.read_jsonl(world.pairs_train)
+    pairs = data.read_jsonl(world.pairs_train)
     tokenizer = AutoTokenizer.from_pretrained(world.base_model)
     common.seed_everything(0)
     rm = AutoModelForSequenceClassification.from_pretrained(world.base_model, dtype=torch.float32, num_labels=1,
                                                             pad_token_id=tokenizer.pad_token_id).eval()
 
     def r(prompt: str, response: str) -> float:
-        ids = common.encode(tokenizer, prompt, response, 96)[0]
+        ids = data.encode(tokenizer, prompt, response, 96)[0]
         with torch.no_grad():
             return rm(input_ids=torch.tensor([ids])).logits[0, 0].item()
 

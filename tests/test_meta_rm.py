@@ -149,7 +149,7 @@ def test_ascent_raises_J(rm_and_batches):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Second order vs central finite differences, float64, tiny GPT-2 (stays float64 end to end; DESIGN.md §7)
+# Second order vs central finite differences, float64, tiny GPT-2 (stays float64 end to end; docs/design.md §9)
 # ----------------------------------------------------------------------------------------------------------------
 def test_second_order_matches_finite_differences():
     torch.manual_seed(0)

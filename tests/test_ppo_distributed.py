@@ -47,14 +47,15 @@ def worker(folder: str, out_file: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import common
+    import distributed
     import ppo
     import reward
 
-    rank, world, device = common.init_distributed()
+    rank, world, device = distributed.init_distributed()
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(os.path.join(folder, "sft"))
-    policy = common.load_model(AutoModelForCausalLM, os.path.join(folder, "sft"), world, device)
-    ref = common.load_model(AutoModelForCausalLM, os.path.join(folder, "sft"), world, device)
+    policy = distributed.load_model(AutoModelForCausalLM, os.path.join(folder, "sft"), world, device)
+    ref = distributed.load_model(AutoModelForCausalLM, os.path.join(folder, "sft"), world, device)
     rm, _ = reward.load_reward_model(os.path.join(folder, "rm"), world, device)
     critic, _ = reward.load_reward_model(os.path.join(folder, "rm"), world, device)
     for m in (policy, ref, rm, critic):
@@ -76,8 +77,8 @@ def worker(folder: str, out_file: str) -> None:
         parts = [None] * world
         torch.distributed.all_gather_object(parts, advantages)
         advantages = torch.cat(parts)
-    policy_state = common.full_state_dict(policy, world)
-    critic_state = common.full_state_dict(critic, world)
+    policy_state = distributed.full_state_dict(policy, world)
+    critic_state = distributed.full_state_dict(critic, world)
     if common.is_main():
         torch.save(dict(policy=policy_state, critic=critic_state, metrics=metrics, advantages=advantages), out_file)
 

@@ -12,9 +12,10 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
 
-import common
+import data
 import ppo
 import reward
+import sampling
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -168,7 +169,7 @@ def test_logprobs_recomputed_equal_generation_scores_and_eos_truncation(tok):
                          max_new_tokens=10, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                          output_scores=True, return_dict_in_generate=True)
     P = enc.input_ids.shape[1]
-    response = common.truncate_at_eos(out.sequences[:, P:], tok.eos_token_id, tok.pad_token_id)
+    response = sampling.truncate_at_eos(out.sequences[:, P:], tok.eos_token_id, tok.pad_token_id)
     gen_logprobs = torch.stack([torch.log_softmax(s, -1) for s in out.scores], dim=1)  # (B, R, V)
     gen_logprobs = gen_logprobs.gather(-1, response.unsqueeze(-1)).squeeze(-1)          # (B, R)
 
@@ -176,14 +177,14 @@ def test_logprobs_recomputed_equal_generation_scores_and_eos_truncation(tok):
     responses = [r[: r.index(tok.eos_token_id) + 1] if tok.eos_token_id in r else r for r in response.tolist()]
     batch = ppo.collate(PROMPTS * 3, queries, responses, tok.pad_token_id, tok.eos_token_id)
     with torch.no_grad():
-        logprobs = ppo.logprobs_from_logits(ppo.response_logits(model, batch), batch.response, T)
+        logprobs, _ = ppo.logprobs_and_entropy(ppo.response_logits(model, batch), batch.response, T)
     mask = batch.response_mask.bool()
     assert mask.sum() > 30
     # float32: KV-cached decoding and one full forward sum in different orders; observed differences ~1e-6
     torch.testing.assert_close(logprobs[mask], gen_logprobs[:, : mask.shape[1]][mask], rtol=0, atol=1e-5)
     # without the division by T the log-probs would be clearly different
     with torch.no_grad():
-        untempered = ppo.logprobs_from_logits(ppo.response_logits(model, batch), batch.response, 1.0)
+        untempered, _ = ppo.logprobs_and_entropy(ppo.response_logits(model, batch), batch.response, 1.0)
     assert (untempered[mask] - gen_logprobs[:, : mask.shape[1]][mask]).abs().max() > 1e-2
 
     # truncation: the mask covers exactly the tokens up to and including the first EOS; nothing after it
@@ -199,7 +200,7 @@ def test_logprobs_recomputed_equal_generation_scores_and_eos_truncation(tok):
 
 
 def test_rollout_cuts_each_response_after_its_first_eos(tok):
-    # ppo.rollout (common.generate with the paper's sampling settings): every row's mask ends at its first EOS,
+    # ppo.rollout (sampling.generate with the paper's sampling settings): every row's mask ends at its first EOS,
     # the columns after it are PAD with mask 0, and rows without EOS run to max_new_tokens.
     torch.manual_seed(1)
     model = LlamaForCausalLM(tiny_config(tok)).eval()
@@ -230,8 +231,8 @@ def test_rm_score_in_ppo_layout_equals_reward_py(tok):
     rm = LlamaForSequenceClassification(tiny_config(tok, num_labels=1)).eval()
     rng = random.Random(0)
     responses = [" ".join(rng.choice(WORDS[2:]) for _ in range(rng.randint(1, 6))) for _ in PROMPTS]
-    seqs = [common.encode(tok, p, r, max_len=64)[0] for p, r in zip(PROMPTS, responses)]
-    ids, mask = common.pad_right(seqs, tok.pad_token_id)
+    seqs = [data.encode(tok, p, r, max_len=64)[0] for p, r in zip(PROMPTS, responses)]
+    ids, mask = data.pad(seqs, tok.pad_token_id)
     with torch.no_grad():
         expected = reward.rewards(rm, ids, mask)
     queries = [tok(p).input_ids for p in PROMPTS]

@@ -1,7 +1,8 @@
-"""Readers of the paper's data sets (common.load_data) on fixture files written in the public formats (DESIGN.md §6).
+"""Readers of the paper's data sets (data.load_data) on fixture files written in the public formats
+(docs/design.md §8).
 
 tests/fixtures/ holds one small file per format, with invented texts; every expected record below is written out by
-hand from those files (the conversion rules are in common.load_data's docstring). Also: malformed records name
+hand from those files (the conversion rules are in data.load_data's docstring). Also: malformed records name
 file:line, identical-response pairs are dropped and counted, auto-detection picks the reader, .jsonl.gz and .json
 (array) variants read the same, the testbed's plain files come back exactly as read_jsonl returns them, and the chat
 template turns HH turns into messages (the testbed tokenizer, which has none, is untouched).
@@ -13,6 +14,7 @@ import os
 import pytest
 
 import common
+import data
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 H, A = "\n\nHuman:", "\n\nAssistant:"
@@ -23,7 +25,7 @@ def fixture(name: str) -> str:
 
 
 def load(name: str, kind: str, data_format: str = "auto", preference: str = "safer"):
-    return common.load_data(fixture(name), kind, data_format, preference, verbose=False)
+    return data.load_data(fixture(name), kind, data_format, preference, verbose=False)
 
 
 # ---- Anthropic HH-RLHF ------------------------------------------------------------------------------------------
@@ -50,7 +52,7 @@ def test_hh_demonstrations_and_prompts():
     assert demos[0] == {"prompt": HH_PAIRS[0]["prompt"], "response": HH_PAIRS[0]["chosen"]}
     assert demos[2] == {"prompt": f"{H} Say hi.{A}", "response": " Hi!"}  # the chosen side of every record
     assert len(demos) == 4
-    prompts = common.read_prompts(fixture("hh.jsonl"))
+    prompts = data.read_prompts(fixture("hh.jsonl"))
     assert prompts == [HH_PAIRS[0]["prompt"], HH_PAIRS[1]["prompt"], f"{H} Say hi.{A}", f"{H} Name a prime.{A}"]
 
 
@@ -65,7 +67,7 @@ def test_gz_and_json_array_variants_read_the_same(tmp_path):
     with gzip.open(array_gz, "wt") as f:
         f.write(array.read_text())
     for path in (gz, array, array_gz):
-        assert common.read_pairs(str(path)) == HH_PAIRS
+        assert data.read_pairs(str(path)) == HH_PAIRS
 
 
 # ---- OpenAI summarize_from_feedback ------------------------------------------------------------------------------
@@ -89,8 +91,8 @@ def test_tldr_comparisons_pairs():
 
 
 def test_tldr_prompts_deduplicated_and_filtered_demonstrations():
-    assert common.read_prompts(fixture("tldr_comparisons.json")) == [TLDR_CAT, TLDR_HEAT]  # post aaa twice
-    demos = common.read_demonstrations(fixture("tldr_filtered.jsonl"))
+    assert data.read_prompts(fixture("tldr_comparisons.json")) == [TLDR_CAT, TLDR_HEAT]  # post aaa twice
+    demos = data.read_demonstrations(fixture("tldr_filtered.jsonl"))
     assert demos == [{"prompt": "SUBREDDIT: r/running\nTITLE: First 10k\nPOST: Ran my first 10k today without "
                                 "stopping.\nTL;DR:", "response": " finished a 10k"}]
 
@@ -118,8 +120,8 @@ def test_oasst1_pairs_are_ranked_siblings():
 
 
 def test_oasst1_prompts_are_root_prompter_messages_and_demos_the_best_reply():
-    assert common.read_prompts(fixture("oasst1_messages.jsonl")) == [P1, f"{H} Wie spät ist es?{A}"]
-    demos = common.read_demonstrations(fixture("oasst1_messages.jsonl"))
+    assert data.read_prompts(fixture("oasst1_messages.jsonl")) == [P1, f"{H} Wie spät ist es?{A}"]
+    demos = data.read_demonstrations(fixture("oasst1_messages.jsonl"))
     assert [d["response"] for d in demos] == [" The Moon's gravity pulls the oceans into two bulges.",
                                               " The Earth is pulled away from the far-side water.",
                                               " Das weiß ich nicht."]
@@ -153,17 +155,17 @@ def test_pku_prompts_deduplicated():
 
 # ---- plain JSONL and auto-detection -----------------------------------------------------------------------------
 def test_plain_files_read_exactly_as_read_jsonl(world):
-    assert common.read_pairs(world.pairs_train) == common.read_jsonl(world.pairs_train,
+    assert data.read_pairs(world.pairs_train) == data.read_jsonl(world.pairs_train,
                                                                       ["prompt", "chosen", "rejected"])
-    assert common.read_demonstrations(world.sft_train) == common.read_jsonl(world.sft_train, ["prompt", "response"])
-    assert common.read_prompts(world.rl_prompts) == [r["prompt"] for r in common.read_jsonl(world.rl_prompts)]
+    assert data.read_demonstrations(world.sft_train) == data.read_jsonl(world.sft_train, ["prompt", "response"])
+    assert data.read_prompts(world.rl_prompts) == [r["prompt"] for r in data.read_jsonl(world.rl_prompts)]
 
 
 def test_plain_identical_pairs_dropped_and_counted(tmp_path, capsys):
     path = tmp_path / "pairs.jsonl"
     path.write_text('{"prompt": "p", "chosen": " a", "rejected": " b"}\n'
                     '{"prompt": "q", "chosen": " c", "rejected": " c"}\n')
-    assert common.read_pairs(str(path)) == [{"prompt": "p", "chosen": " a", "rejected": " b"}]
+    assert data.read_pairs(str(path)) == [{"prompt": "p", "chosen": " a", "rejected": " b"}]
     assert capsys.readouterr().out.strip() == f"{path}: plain format, 1 pairs; dropped 1 (identical responses)"
 
 
@@ -171,12 +173,12 @@ def test_plain_identical_pairs_dropped_and_counted(tmp_path, capsys):
                                        ("tldr_filtered.jsonl", "tldr"), ("oasst1_messages.jsonl", "oasst1"),
                                        ("pku.jsonl", "pku")])
 def test_auto_detection(name, fmt):
-    assert common.detect_format(fixture(name), 1, json.loads(open(fixture(name)).readline())) == fmt
+    assert data.detect_format(fixture(name), 1, json.loads(open(fixture(name)).readline())) == fmt
 
 
 def test_forced_format_that_does_not_fit_names_file_and_line():
     with pytest.raises(common.UserError, match=r"pku.jsonl:1: missing field 'chosen'"):
-        common.read_pairs(fixture("pku.jsonl"), "hh")
+        data.read_pairs(fixture("pku.jsonl"), "hh")
 
 
 # ---- malformed records -> one UserError naming file:line ------------------------------------------------------------
@@ -219,7 +221,7 @@ def test_malformed_records_name_file_and_line(tmp_path, name, lines, kind, messa
     path = tmp_path / name
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(common.UserError) as e:
-        common.load_data(str(path), kind)
+        data.load_data(str(path), kind)
     assert str(e.value).startswith(str(path)) and message in str(e.value), str(e.value)
 
 
@@ -227,17 +229,17 @@ def test_all_pairs_dropped_is_an_error(tmp_path):
     path = tmp_path / "same.jsonl"
     path.write_text(json.dumps({"chosen": f"{H} a{A} b", "rejected": f"{H} a{A} b"}) + "\n")
     with pytest.raises(common.UserError, match=r"no pairs in this hh file \(1 \(identical responses\)\)"):
-        common.read_pairs(str(path))
+        data.read_pairs(str(path))
 
 
 # ---- chat template ----------------------------------------------------------------------------------------------
 def test_hh_turns_become_chat_messages():
     prompt = f"{H} What rhymes with orange?{A} Almost nothing.{H} Use it in a line.{A}"
-    assert common.chat_messages(prompt) == [{"role": "user", "content": "What rhymes with orange?"},
+    assert data.chat_messages(prompt) == [{"role": "user", "content": "What rhymes with orange?"},
                                             {"role": "assistant", "content": "Almost nothing."},
                                             {"role": "user", "content": "Use it in a line."}]
-    assert common.chat_messages("SUBREDDIT: r/x\nTL;DR:") == [{"role": "user", "content": "SUBREDDIT: r/x\nTL;DR:"}]
-    assert common.is_conversation(prompt) and not common.is_conversation("SUBREDDIT: r/x\nTL;DR:")
+    assert data.chat_messages("SUBREDDIT: r/x\nTL;DR:") == [{"role": "user", "content": "SUBREDDIT: r/x\nTL;DR:"}]
+    assert data.is_conversation(prompt) and not data.is_conversation("SUBREDDIT: r/x\nTL;DR:")
 
 
 class TemplateTokenizer:
@@ -255,15 +257,15 @@ class TemplateTokenizer:
 
 def test_encode_with_a_chat_template():
     tok = TemplateTokenizer()
-    ids, n_prompt, truncated = common.encode(tok, f"{H} Hi{A}", " Yo", 100)
+    ids, n_prompt, truncated = data.encode(tok, f"{H} Hi{A}", " Yo", 100)
     # template text, no BOS (the template holds its specials); the response loses its HH leading space; then EOS
     assert ids == [ord(c) for c in "<user>Hi<assistant>"] + [ord("Y"), ord("o"), 0]
     assert n_prompt == len("<user>Hi<assistant>") and not truncated
     # off: the text as it is, with the BOS, and the response keeps its space
-    assert common.encode(tok, f"{H} Hi{A}", " Yo", 100, "off")[0] == [1] + [ord(c) for c in f"{H} Hi{A} Yo"] + [0]
+    assert data.encode(tok, f"{H} Hi{A}", " Yo", 100, "off")[0] == [1] + [ord(c) for c in f"{H} Hi{A} Yo"] + [0]
     # auto leaves non-conversations alone; on makes them one user turn
-    assert common.prompt_ids(tok, "TL;DR:") == [1] + [ord(c) for c in "TL;DR:"]
-    assert common.prompt_ids(tok, "TL;DR:", "on") == [ord(c) for c in "<user>TL;DR:<assistant>"]
+    assert data.prompt_ids(tok, "TL;DR:") == [1] + [ord(c) for c in "TL;DR:"]
+    assert data.prompt_ids(tok, "TL;DR:", "on") == [ord(c) for c in "<user>TL;DR:<assistant>"]
 
 
 def test_testbed_tokenizer_is_untouched_by_auto(world):
@@ -271,9 +273,9 @@ def test_testbed_tokenizer_is_untouched_by_auto(world):
 
     tok = AutoTokenizer.from_pretrained(world.base_model)
     assert not tok.chat_template
-    for r in common.read_pairs(world.pairs_test)[:20]:
+    for r in data.read_pairs(world.pairs_test)[:20]:
         p = tok(r["prompt"]).input_ids
-        assert common.encode(tok, r["prompt"], r["chosen"], 512) == (
+        assert data.encode(tok, r["prompt"], r["chosen"], 512) == (
             p + tok(r["chosen"], add_special_tokens=False).input_ids + [tok.eos_token_id], len(p), False)
     with pytest.raises(common.UserError, match="--chat-template on: the tokenizer has no chat template"):
-        common.prompt_ids(tok, "x", "on")
+        data.prompt_ids(tok, "x", "on")

@@ -1,15 +1,16 @@
 """Reliability (issue 8): exact resume, crash-safe checkpoints, the NaN guard.
 
 Resume. Each stage runs 4 optimiser steps twice with --save-every 2: straight through, and "crashed" — the test-only
-hook METARM_TEST_DIE_AFTER_SAVES=1 makes the process SIGKILL itself right after its first checkpoint (step 2, as a
-preempted job would die), then the same command with --resume runs steps 3-4. fp32 on CPU is deterministic, and the
-checkpoint holds everything the remaining steps read (weights, optimiser moments, data order and generator, RNG
-states), so the two final models must be bit-identical (torch.equal) and the metrics lines identical except the
-wall-clock ones (throughput, seconds per step).
+runner `tests/helpers/run_with_hooks.py --die-after-saves 1` makes the process SIGKILL itself right after its first
+checkpoint (step 2, as a preempted job would die), then the same command with --resume runs steps 3-4. fp32 on CPU is
+deterministic, and the checkpoint holds everything the remaining steps read (weights, optimiser moments, data order
+and generator, RNG states), so the two final models must be bit-identical (torch.equal) and the metrics lines
+identical except the wall-clock ones (throughput, seconds per step).
 
-Crash in mid-save. METARM_TEST_SLOW_SAVE makes common.save_model print a marker and sleep after writing the temporary
-folder, before the rename; the test SIGKILLs the process at the second save's marker. The first checkpoint must
-still be complete, load with transformers, and equal what the first save wrote; --resume then finishes the run.
+Crash in mid-save. `run_with_hooks.py --slow-save 2` makes every save print a marker and sleep after writing the
+temporary folder, before the rename (distributed.move_into_place); the test SIGKILLs the process at the second
+save's marker. The first checkpoint must still be complete, load with transformers, and equal what the first save
+wrote; --resume then finishes the run.
 
 The runs are subprocesses (the kills need them), launched two at a time.
 """
@@ -51,9 +52,12 @@ def command(args: list[str], nproc: int = 1) -> list[str]:
             *args]
 
 
-def run_env(args: list[str], nproc: int = 1, **env: str) -> tuple[int, str, str]:
-    """run_command with extra environment variables (the test-only hooks), for this one process only."""
-    p = subprocess.run(command(args, nproc), cwd=REPO, env={**subprocess_env(), **env}, capture_output=True,
+HOOKS = os.path.join("tests", "helpers", "run_with_hooks.py")  # runs a stage with the test-only failure hooks
+
+
+def run_hooked(hooks: list[str], args: list[str], nproc: int = 1) -> tuple[int, str, str]:
+    """Like run_command, for `run_with_hooks.py HOOKS... SCRIPT FLAGS...` (the stage with test-only hooks)."""
+    p = subprocess.run(command([HOOKS, *hooks, *args], nproc), cwd=REPO, env=subprocess_env(), capture_output=True,
                        text=True, timeout=300)
     return p.returncode, p.stdout, p.stderr
 
@@ -92,8 +96,8 @@ def straight_and_resumed(script: str, flags: list[str], root: str, nproc: int = 
     straight, resumed = os.path.join(root, "straight"), os.path.join(root, "resumed")
 
     def crashed_then_resumed() -> str:
-        rc, out, err = run_env([script, *flags, "--out", resumed], nproc,
-                               METARM_TEST_DIE_AFTER_SAVES=str(die_after_saves))
+        rc, out, err = run_hooked(["--die-after-saves", str(die_after_saves)], [script, *flags, "--out", resumed],
+                                  nproc)
         assert rc != 0, "the test hook should have killed the run after its first checkpoint"
         assert torch.load(os.path.join(resumed, "trainer_state.pt"), weights_only=False)["step"] == 2
         rc, out, err = run_command([script, *flags, "--out", resumed, "--resume"], nproc=nproc)
@@ -166,8 +170,8 @@ def test_sigkill_during_save_keeps_the_previous_checkpoint(world, meta_set, tmp_
     out = str(tmp_path / "rm")
     flags = [*stage_flags("reward.py", world, meta_set), "--out", out]
     log = open(tmp_path / "stderr.txt", "w")
-    p = subprocess.Popen(command(["reward.py", *flags]), cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True,
-                         env={**subprocess_env(), "METARM_TEST_SLOW_SAVE": "2"})
+    p = subprocess.Popen(command([HOOKS, "--slow-save", "2", "reward.py", *flags]), cwd=REPO, stdout=subprocess.PIPE,
+                         stderr=log, text=True, env=subprocess_env())
     markers = 0
     for line in p.stdout:
         if line.startswith("test hook:"):
@@ -196,13 +200,13 @@ def test_sigkill_during_save_keeps_the_previous_checkpoint(world, meta_set, tmp_
 
 def test_save_killed_between_the_renames_is_recovered(world, tmp_path):
     # The one moment when FOLDER does not exist: save_model has moved the old checkpoint to FOLDER.old and not yet
-    # renamed FOLDER.tmp into place. --resume (common.recover_save) moves FOLDER.old back.
-    import common
+    # renamed FOLDER.tmp into place. --resume (distributed.recover_save) moves FOLDER.old back.
+    import distributed
 
     out = str(tmp_path / "rm")
     shutil.copytree(world.base_model, out + ".old")
     os.makedirs(out + ".tmp")  # half-written new checkpoint
-    common.recover_save(out)
+    distributed.recover_save(out)
     assert sorted(os.listdir(out)) == sorted(os.listdir(world.base_model))
     assert not os.path.exists(out + ".old") and not os.path.exists(out + ".tmp")
 

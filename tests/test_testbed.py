@@ -11,7 +11,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import testbed  # noqa: E402
-from common import UserError, encode  # noqa: E402
+from common import UserError  # noqa: E402
+from data import encode  # noqa: E402
 from testbed import best_response, format_prompt, gold_components, gold_reward  # noqa: E402
 
 

@@ -1,0 +1,366 @@
+"""Processes, FSDP2 and checkpoints: one code path for `python stage.py` and `torchrun --nproc_per_node=N stage.py`.
+
+Nothing in here is part of the method. What each part answers:
+
+- `init_distributed`  how a stage finds out whether it runs alone or under torchrun (gloo on CPU, nccl on CUDA)
+- `all_reduce_mean`, `all_reduce_sum`, `clip_grad_norm`, `global_norm`: numbers over all processes
+- `load_model`, `shard`  Hugging Face `save_pretrained` folders in, FSDP2 (`fully_shard` per decoder layer, then the
+                 root) when world size > 1; rank 0 reads the weights and broadcasts them (docs/design.md §9)
+- `save_model`   a crash-safe checkpoint out (written under FOLDER.tmp, then renamed into place), loadable with
+                 transformers alone
+- `training_state`, `resume_state`, `restore_training_state`, `recover_save`: --save-every / --resume, bit for bit
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from common import (MetricsLog, NothingToDo, UserError, check, check_finite, essential_fields, is_main, print0,
+                    save_args)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Processes: `python stage.py` (world size 1) and `torchrun --nproc_per_node=N stage.py` share one code path.
+# ---------------------------------------------------------------------------------------------------------------
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Start the process group when launched by torchrun; return (rank, world_size, device).
+
+    The backend follows the device: nccl for CUDA, gloo for CPU. Without torchrun nothing is initialised and the
+    stage runs as a plain single process.
+    """
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device
+                                if device.type == "cuda" else None)
+    return rank, world, device
+
+
+def all_reduce_mean(values: dict[str, float], world: int) -> dict[str, float]:
+    """Average a dict of python floats across ranks (for printing metrics that each rank computed on its share)."""
+    if world == 1:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: v / world for k, v in zip(values, t.tolist())}
+
+
+def all_reduce_sum(x: float, world: int) -> float:
+    """Sum a python float over ranks."""
+    if world == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float, what: str = "gradient norm") -> float:
+    """Clip the global gradient norm (over all ranks under FSDP2) and return the norm before clipping; a non-finite
+    norm stops the stage (`what` names it in the message, e.g. "sft step 12: gradient norm")."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
+        norm = norm.full_tensor()
+    norm = norm.item()
+    check_finite(norm, what)
+    return norm
+
+
+def reshard(*models: torch.nn.Module) -> None:
+    """Free the gathered parameters of FSDP2 roots after no-grad forwards: FSDP2 leaves a root unsharded after its
+    forward, expecting the backward that a no-grad forward never runs (docs/design.md §9). No-op on plain modules."""
+    for model in models:
+        if hasattr(model, "reshard"):
+            model.reshard()
+
+
+def global_norm(tensors: list[torch.Tensor]) -> float:
+    """‖(t_1, …, t_N)‖₂ over all processes (tensors may be FSDP2 shards: each process squares its own part)."""
+    sq = sum((t.to_local() if hasattr(t, "to_local") else t).double().pow(2).sum() for t in tensors)
+    if dist.is_initialized() and any(hasattr(t, "to_local") for t in tensors):
+        dist.all_reduce(sq)
+    return math.sqrt(float(sq))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models and checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+def check_checkpoint(path: str, what: str = "checkpoint") -> None:
+    """A model folder must hold config.json and weights; otherwise one clear line (a missing or half-written save)."""
+    if not os.path.isdir(path):
+        raise UserError(f"{path}: no such {what} folder")
+    names = os.listdir(path)
+    if "config.json" not in names:
+        raise UserError(f"{path}: not a model folder (no config.json)")
+    if not any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in names):
+        raise UserError(f"{path}: no *.safetensors weights (half-written or not a save_pretrained folder)")
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks of a Hugging Face model: the modules whose class is listed in `_no_split_modules`
+    (LlamaDecoderLayer, GPT2Block, ...). Each becomes its own FSDP2 unit."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def shard(model: torch.nn.Module, world: int) -> torch.nn.Module:
+    """FSDP2: `fully_shard` every decoder layer, then the root. At world size 1 the model stays a plain module."""
+    if world == 1:
+        return model
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in decoder_layers(model):
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def load_model(cls: Any, path: str, world: int, device: torch.device, **overrides: Any) -> torch.nn.Module:
+    """Load a `save_pretrained` folder as `cls` (AutoModelForCausalLM, AutoModelForSequenceClassification, ...).
+
+    World size 1: plain `from_pretrained`. World size > 1 (FSDP2): every rank builds the model on the meta device
+    (no memory), shards it and allocates only its shard; rank 0 alone reads the weights from disk and broadcasts
+    them (`broadcast_from_rank0`), so a 7B model is never held in full by more than one process. Buffers that are
+    not saved (Llama's rotary `inv_freq`) are garbage after `to_empty`, so rank 0 broadcasts those too.
+    `overrides` go to the config (e.g. num_labels=1, attn_implementation="eager").
+    """
+    check_checkpoint(path)
+    from transformers import AutoConfig
+
+    if world == 1:
+        return cls.from_pretrained(path, dtype=torch.float32, **overrides).to(device)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    config = AutoConfig.from_pretrained(path, **{k: v for k, v in overrides.items() if k != "attn_implementation"})
+    if "attn_implementation" in overrides:
+        config._attn_implementation = overrides["attn_implementation"]
+    with torch.device("meta"):
+        model = cls.from_config(config, dtype=torch.float32)
+    shard(model, world)
+    model.to_empty(device=device)
+    full = cls.from_pretrained(path, dtype=torch.float32, **overrides) if dist.get_rank() == 0 else None
+    set_model_state_dict(model, full.state_dict() if full is not None else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    full_buffers = dict(full.named_buffers()) if full is not None else {}
+    for name, buf in model.named_buffers():
+        if full is not None:
+            buf.copy_(full_buffers[name])
+        dist.broadcast(buf, src=0)
+    del full
+    return model
+
+
+def full_state_dict(model: torch.nn.Module, world: int) -> dict[str, torch.Tensor]:
+    """The whole state dict on CPU: on rank 0 (gathered from the shards under FSDP2); `{}` on the other ranks."""
+    if world == 1:
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_model(model: torch.nn.Module, tokenizer: Any, folder: str, world: int, args: Any = None,
+               trainer_state: dict | None = None) -> None:
+    """Save a checkpoint that `from_pretrained` loads with transformers alone: config, safetensors, tokenizer,
+    the run's args.json and, for `--resume`, `trainer_state` (from `training_state`) as trainer_state.pt. All ranks
+    must call it (gathering the shards is collective); rank 0 writes.
+
+    The folder is written under a temporary name, flushed to disk and renamed into place (`move_into_place`), so a
+    crash in the middle of a save leaves the previous checkpoint untouched (and the trainer state always belongs to
+    the weights beside it). A plain copy of the model class is built on the meta device and given the gathered
+    tensors, so the saved config names the plain architecture (not the FSDP wrapper).
+    """
+    state = full_state_dict(model, world)
+    if is_main():
+        with torch.device("meta"):
+            plain = _unwrapped_class(model)(model.config)
+        plain.load_state_dict(state, assign=True, strict=False)  # strict=False: a tied lm_head may be absent
+        if getattr(model.config, "tie_word_embeddings", False):
+            plain.tie_weights()
+        missing = [n for n, p in plain.named_parameters() if p.is_meta]
+        assert not missing, f"save_model: no weights gathered for {missing}"  # would be saved as garbage
+        tmp = folder.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if args is not None:
+            save_args(args, tmp)
+        if trainer_state is not None:
+            torch.save(trainer_state, os.path.join(tmp, TRAINER_STATE))
+        _carry_over(folder, tmp)
+        _fsync_folder(tmp)
+        move_into_place(tmp, folder)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _carry_over(folder: str, tmp: str) -> None:
+    """Copy into the new checkpoint what the old folder holds beside its checkpoint (metrics.jsonl, ppo's critic/,
+    ...), but never its trainer state: it would not match the new weights."""
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        src, dst = os.path.join(folder, name), os.path.join(tmp, name)
+        if os.path.exists(dst) or name == TRAINER_STATE:
+            continue
+        if os.path.isfile(src):
+            shutil.copy2(src, dst)
+        elif os.path.isdir(src):  # a nested checkpoint: hard links, so a 7B critic costs no copy and no disk
+            shutil.copytree(src, dst, copy_function=os.link)
+
+
+def move_into_place(tmp: str, folder: str) -> None:
+    """Replace `folder` by the complete folder `tmp`: two renames. Between them the previous checkpoint is
+    FOLDER.old and FOLDER does not exist (`recover_save` moves it back after a crash there)."""
+    old = folder.rstrip("/") + ".old"
+    if os.path.exists(folder):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_folder(folder: str) -> None:
+    """Flush every file of `folder` to disk before it is renamed into place (a rename can reach the disk before the
+    data it names; after a power loss the checkpoint would then be there but empty)."""
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _unwrapped_class(model: torch.nn.Module) -> type:
+    """FSDP2 swaps a module's class for a subclass named FSDP<Name>; return the original Hugging Face class."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resuming (--save-every N, --resume): everything a run needs to continue bit for bit from a checkpoint. The trainer
+# state is one file inside the checkpoint folder, so the atomic rename of `save_model` covers it with the weights.
+# ---------------------------------------------------------------------------------------------------------------
+TRAINER_STATE = "trainer_state.pt"
+SAVE_EVERY_HELP = ("every N optimiser steps, save a resumable checkpoint into --out (weights, optimiser, data order, "
+                   "RNG states; continue with --resume); 0 = only the final model, which is then not resumable")
+RESUME_HELP = ("continue the run in --out from its latest --save-every checkpoint (the same essential flags are "
+               "required); a folder without one starts from scratch")
+
+
+def training_state(step: int, optimizers: list[tuple[torch.nn.Module, torch.optim.Optimizer]], world: int,
+                   metrics: MetricsLog, finished: bool = False, **extra: Any) -> dict | None:
+    """The trainer state after `step` optimiser steps: each optimiser's full state (gathered from the FSDP2 shards),
+    the RNG states of every rank (python, numpy, torch, CUDA), how many metrics lines were written, and the stage's
+    `extra` values (its data order, counters); an extra value with a `state_dict()` (a `common.Shuffled`) is saved
+    as that. Collective (every rank calls it); rank 0 gets it, others None."""
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    rngs = [rng]
+    if world > 1:
+        rngs = [None] * world if is_main() else None
+        dist.gather_object(rng, rngs, dst=0)
+    # a finished run is never continued, so its final save skips the optimiser state (as large as 2 models for Adam)
+    optimizer_states = [] if finished else [_optimizer_state(model, opt, world) for model, opt in optimizers]
+    if not is_main():
+        return None
+    lines = 0
+    if os.path.exists(metrics.path):
+        with open(metrics.path) as f:
+            lines = sum(1 for _ in f)
+    extra = {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in extra.items()}
+    return dict(step=step, finished=finished, optimizers=optimizer_states, rng=rngs, metrics_lines=lines,
+                extra=extra)
+
+
+def _optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, world: int) -> dict:
+    if world == 1:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def resume_state(args: Any) -> dict | None:
+    """For --resume: the trainer state of the checkpoint in args.out, or None when it holds no checkpoint yet (the
+    run then starts from scratch). Refuses a checkpoint written with other values of the essential fields of `args`
+    (`arg(..., essential=True)`: data, model, batch, learning rate, seed, ...: anything that changes the result) and
+    one saved without --save-every (no trainer state).
+    A finished run (its final save) raises `NothingToDo`. Call before `prepare_output`."""
+    folder = args.out
+    recover_save(folder)
+    path = os.path.join(folder, TRAINER_STATE)
+    if not os.path.exists(path):
+        check(not os.path.exists(os.path.join(folder, "config.json")),
+              f"{folder}: --resume: this checkpoint has no {TRAINER_STATE} (it was saved without --save-every); "
+              "pass --overwrite to start again")
+        print0(f"--resume: no checkpoint in {folder} yet, starting from scratch")
+        return None
+    with open(os.path.join(folder, "args.json")) as f:
+        saved = json.load(f)
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(args, k)!r}" for k in essential_fields(args)
+               if saved.get(k) != getattr(args, k)]
+    check(not changed, f"{folder}: --resume with different settings than the checkpoint ({'; '.join(changed)}); "
+                       "use the same flags, or --overwrite / another --out for a new run")
+    state = torch.load(path, weights_only=False, mmap=True)  # our own file (it holds numpy/python RNG states)
+    if state["finished"]:
+        raise NothingToDo(f"--resume: {folder} is a finished run ({state['step']} steps); nothing to do")
+    print0(f"--resume: continuing {folder} after step {state['step']}")
+    return state
+
+
+def restore_training_state(state: dict, optimizers: list[tuple[torch.nn.Module, torch.optim.Optimizer]],
+                           world: int, rank: int, **stateful: Any) -> dict:
+    """Put the optimisers, this rank's RNG states and every `stateful` object (by the name `training_state` saved it
+    under: `order=...`) back as `training_state` saved them; return the stage's `extra` values. Call after every
+    model is built (building a model draws random numbers). At another world size the data order still resumes
+    exactly, but the per-rank RNG streams cannot, so they are left as seeded (a note)."""
+    for name, obj in stateful.items():
+        obj.load_state_dict(state["extra"][name])
+    for (model, opt), saved in zip(optimizers, state["optimizers"]):
+        if world == 1:
+            opt.load_state_dict(saved)
+        else:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(model, opt, saved, options=StateDictOptions(full_state_dict=True))
+    if len(state["rng"]) == world:
+        rng = state["rng"][rank]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    else:
+        print0(f"note: the checkpoint was written by {len(state['rng'])} processes, this run has {world}: random "
+               "streams (sampling) are not those of the interrupted run; data order and optimiser are")
+    return state["extra"]
+
+
+def recover_save(folder: str) -> None:
+    """A save killed between its two renames (see `save_model`) leaves the previous checkpoint as FOLDER.old and no
+    FOLDER: move it back. A leftover FOLDER.tmp is an incomplete save and is removed."""
+    if is_main():
+        old, tmp = folder.rstrip("/") + ".old", folder.rstrip("/") + ".tmp"
+        if not os.path.exists(folder) and os.path.isdir(old):
+            os.replace(old, folder)
+            print0(f"note: an interrupted save left the previous checkpoint in {old}; moved it back to {folder}")
+        shutil.rmtree(tmp, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+
+
