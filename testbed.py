@@ -510,12 +510,37 @@ def sample_pairs(rng: random.Random, n: int, families: tuple[str, ...], tau: flo
             continue
         a = sample_response(prompt, rng, pair_style(rng.random()))
         b = sample_response(prompt, rng, pair_style(rng.random()))
-        ga, gb = gold_reward(prompt, a), gold_reward(prompt, b)
-        if a == b or ga == gb:
-            continue
-        a_wins = rng.random() < sigmoid((ga - gb) / tau)
-        chosen, rejected = (a, b) if a_wins else (b, a)
-        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        pair = bradley_terry_label(prompt, a, b, tau, rng)
+        if pair is not None:
+            pairs.append(pair)
+    return pairs
+
+
+def bradley_terry_label(prompt: str, a: str, b: str, tau: float, rng: random.Random) -> dict | None:
+    """The testbed's annotator: {prompt, chosen, rejected} with a preferred to b with probability
+    sigmoid((gold_a - gold_b) / tau) (one draw from `rng`), or None — no draw — when the two responses are identical
+    or equally good (no preference to express). Used for the preference pairs D and for the oracle arm's fresh
+    labels, so both come from the same annotator."""
+    ga, gb = gold_reward(prompt, a), gold_reward(prompt, b)
+    if a == b or ga == gb:
+        return None
+    a_wins = rng.random() < sigmoid((ga - gb) / tau)
+    chosen, rejected = (a, b) if a_wins else (b, a)
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def label_meta_set(items: list[dict], tau: float, seed: int) -> list[dict]:
+    """Fresh preference pairs from a meta set S {prompt, responses[k]}: every two responses of a prompt (C(k, 2)
+    pairs, in order i < j), labelled by `bradley_terry_label` with a `random.Random(seed)`; pairs without a
+    preference are left out. The oracle arm of the study: the labels MetaRM does without."""
+    rng = random.Random(seed)
+    pairs = []
+    for it in items:
+        for i in range(len(it["responses"])):
+            for j in range(i + 1, len(it["responses"])):
+                pair = bradley_terry_label(it["prompt"], it["responses"][i], it["responses"][j], tau, rng)
+                if pair is not None:
+                    pairs.append(pair)
     return pairs
 
 

@@ -277,3 +277,29 @@ def test_refuses_a_folder_holding_something_else(tmp_path):
     (junk / "tb" / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="not a testbed"):
         generate(str(junk), *small)
+
+
+def test_oracle_labels_use_the_testbeds_annotator():
+    # label_meta_set labels every two responses of a prompt with bradley_terry_label, the function sample_pairs
+    # labels D with: the same seed gives the same labels, a pair of equal gold gets none, and the share of pairs
+    # where the better response is chosen follows sigmoid(gap / tau).
+    import random
+
+    import testbed
+
+    prompt = "\n\nHuman: What is 3 plus 5?\n\nAssistant:"
+    good, bad = " Sure! 3 plus 5 is 8.", " 3 plus 5 is 9."        # gold 2.8 and 0.5: gap 2.3
+    items = [{"prompt": prompt, "responses": [good, bad, good]}] * 2000
+    a = testbed.label_meta_set(items, 1.0, seed=7)
+    assert a == testbed.label_meta_set(items, 1.0, seed=7) and a != testbed.label_meta_set(items, 1.0, seed=8)
+    # per item: (good, bad), (good, good) equal -> no pair, (bad, good): 2 pairs per item
+    assert len(a) == 4000
+    share = sum(p["chosen"] == good for p in a) / len(a)
+    expected = testbed.sigmoid(2.3 / 1.0)                         # 0.909
+    assert abs(share - expected) < 3 * (expected * (1 - expected) / len(a)) ** 0.5 + 1e-9
+    # the same draw as D's annotator: one rng.random() per labelled pair, compared with the sigmoid
+    rng, twin = random.Random(3), random.Random(3)
+    pair = testbed.bradley_terry_label(prompt, bad, good, 1.0, rng)
+    assert pair == ({"prompt": prompt, "chosen": bad, "rejected": good} if twin.random() < testbed.sigmoid(-2.3)
+                    else {"prompt": prompt, "chosen": good, "rejected": bad})
+    assert testbed.bradley_terry_label(prompt, good, good, 1.0, rng) is None
