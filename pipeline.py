@@ -76,7 +76,7 @@ TESTBED = {
             "80", "--sample-every", "0", "--save-every", "0", "--eval-every", "10", "--eval-samples", "4"],
     "dpo": [],
     "evaluate": ["--max-new-tokens", "32", "--max-len", "64"],
-    "best_of_n": ["--n", "64", "--max-new-tokens", "32", "--max-len", "64"],
+    "best_of_n": ["--samples", "64", "--max-new-tokens", "32", "--max-len", "64"],
 }
 # --toy: sizes for a smoke run of every stage in a few minutes (tests); the numbers mean nothing there.
 TOY = {
@@ -89,7 +89,7 @@ TOY = {
             "--micro-batch-size", "16", "--eval-every", "1", "--eval-samples", "1"],
     "dpo": ["--max-steps", "2"],
     "evaluate": ["--max-new-tokens", "8"],
-    "best_of_n": ["--n", "4", "--max-new-tokens", "8"],
+    "best_of_n": ["--samples", "4", "--max-new-tokens", "8"],
 }
 ARMS = ("vanilla", "metarm", "eta0", "oracle", "dpo")
 
@@ -121,6 +121,8 @@ class Args:
     eta: float = arg(-1.0, "η of the meta step; -1 = the testbed value in TESTBED (0.3)")
     ood: bool = arg(False, "build S from the OOD prompts instead of the RL prompts (paper's OOD experiment)")
     toy: bool = arg(False, "tiny data and step counts: a smoke run of every stage (numbers mean nothing)")
+    stage_flags: str = arg("", "extra flags per stage after TESTBED's (later flags win), e.g. \"ppo: --kl-coef 0.02 "
+                               "--iterations 160; testbed: --errors subtle\" (how docs/calibration.md's runs were made)")
     save_every: int = arg(0, "sft, reward, meta_rm and ppo save a resumable checkpoint every N steps (ppo: "
                              "iterations), and a rerun continues an interrupted one from it (--resume); 0 = an "
                              "interrupted stage starts over")
@@ -151,12 +153,17 @@ def per_process(flags: list[str], nproc: int) -> list[str]:
 
 
 def stage_flags(args: Args) -> dict[str, list[str]]:
-    """TESTBED (+ TOY with --toy), split over --nproc processes, with --eta applied."""
+    """TESTBED (+ TOY with --toy), split over --nproc processes, with --eta and --stage-flags applied."""
     hp = {stage: per_process(flags + (TOY.get(stage, []) if args.toy else []), args.nproc)
           for stage, flags in TESTBED.items()}
     hp["testbed"] = TOY["testbed"] if args.toy else []
     if args.eta >= 0:
         hp["meta_rm"] += ["--eta", str(args.eta)]
+    for part in filter(str.strip, args.stage_flags.split(";")):
+        stage, sep, flags = part.partition(":")
+        check(sep == ":" and stage.strip() in hp, f"--stage-flags {part.strip()!r}: expected 'stage: --flag value', "
+                                                  f"stage one of {', '.join(hp)}")
+        hp[stage.strip()] += shlex.split(flags)
     return hp
 
 

@@ -44,7 +44,7 @@ def test_run_on_the_world(world, tmp_path, run):
                         "--max-len", "64"])
     assert rc == 0, err[-2000:]
     rc, out, err = run(["best_of_n.py", "--policy", world.base_model, "--rm", rm, "--prompts", world.eval_prompts,
-                        "--n", "8", "--max-prompts", "4", "--max-new-tokens", "6", "--out", str(tmp_path / "bon")])
+                        "--samples", "8", "--max-prompts", "4", "--max-new-tokens", "6", "--out", str(tmp_path / "bon")])
     assert rc == 0, err[-2000:]
     res = json.load(open(os.path.join(tmp_path, "bon", "results.json")))
     assert res["n"] == [1, 2, 4, 8] and res["prompts"] == 4

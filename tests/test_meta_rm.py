@@ -290,6 +290,26 @@ def test_order_two_differs_from_order_one(world, meta_inputs):
     assert max((one[k] - two[k]).abs().max().item() for k in one) > 1e-6
 
 
+def test_eta_zero_run_is_one_more_vanilla_epoch(world, meta_inputs):
+    # The study's η = 0 control trains with reward.py instead of meta_rm.py --eta 0 (a third of the cost): the same
+    # pairs in the same order (both draw it with common.Shuffled from --seed), the same AdamW, the same clip, and at
+    # η = 0 meta_gradient's θ' is θ + 0 = θ exactly - so the two runs must end with bit-identical weights.
+    root = meta_inputs
+    flags = ["--model", f"{root}/rm", "--train", world.pairs_train, "--test", "", "--max-steps", "3", "--batch-size",
+             "4", "--micro-batch-size", "4", "--lr", "1e-3", "--seed", "5"]
+    rc, out, err = run_command(["meta_rm.py", *flags, "--meta", f"{root}/S.jsonl", "--meta-heldout", "",
+                                "--meta-batch-size", "4", "--eta", "0", "--out", f"{root}/eta0_meta"])
+    assert rc == 0, err
+    rc, out, err = run_command(["reward.py", *flags, "--out", f"{root}/eta0_vanilla"])
+    assert rc == 0, err
+    meta, vanilla = load_file(f"{root}/eta0_meta/model.safetensors"), load_file(f"{root}/eta0_vanilla/model.safetensors")
+    assert meta.keys() == vanilla.keys()
+    for key in meta:
+        assert torch.equal(meta[key], vanilla[key]), key
+    start = load_file(f"{root}/rm/model.safetensors")
+    assert any(not torch.equal(meta[k], start[k]) for k in meta)  # three steps did move the weights
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The meta data set S
 # ----------------------------------------------------------------------------------------------------------------

@@ -168,7 +168,9 @@ def agreement_check(pairs, tau):
 def test_label_agreement_matches_the_noise_level(tb):
     root, stats = tb
     expected, realised = agreement_check(read(root, "pairs_train"), tau=1.0)
-    assert 0.70 <= expected <= 0.76  # the default tau is calibrated to human-like annotator agreement
+    # the default tau gives human-like annotator agreement: 70-80 % (Coste et al. 2024 flip 25 % of their labels;
+    # with --errors visible the gold gaps of the pairs are larger than with subtle errors: 0.77 against 0.74)
+    assert 0.70 <= expected <= 0.80
     assert stats["label_agreement_with_gold"]["pairs_train"] == realised
     for tau, lo, hi in ((0.3, 0.84, 0.93), (3.0, 0.55, 0.65)):  # less noise -> more agreement, and vice versa
         pairs = testbed.sample_pairs(random.Random(tau), 2000, testbed.IN_DISTRIBUTION, tau, set())
@@ -303,3 +305,19 @@ def test_oracle_labels_use_the_testbeds_annotator():
     assert pair == ({"prompt": prompt, "chosen": bad, "rejected": good} if twin.random() < testbed.sigmoid(-2.3)
                     else {"prompt": prompt, "chosen": good, "rejected": bad})
     assert testbed.bradley_terry_label(prompt, good, good, 1.0, rng) is None
+
+
+def test_visible_errors_show_in_the_words():
+    # --errors visible: every wrong answer of repeat / sort / reverse / add holds a word that is not in the correct
+    # answer (another word, a foreign letter or list item, an echoed operand); subtle errors may be the right words
+    # in the wrong order or count (sort "d b f" for "b d f")
+    rng = random.Random(0)
+    for fam in ("repeat", "sort", "reverse", "add"):
+        f = testbed.FAMILIES[fam]
+        for _ in range(200):
+            p = f.sample(rng)
+            right, wrong = f.solve(p), f.visible(p, rng)
+            assert wrong != right and set(wrong) - set(right), (fam, p, wrong)
+    p = {"letters": "d b f"}
+    subtle = {testbed.FAMILIES["sort"].corrupt(p, random.Random(i)) for i in range(50)}
+    assert any(set(w) == {"b", "d", "f"} for w in subtle)  # an order error: no foreign word
