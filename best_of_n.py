@@ -52,7 +52,8 @@ class Args:
     data_format: str = arg("auto", DATA_FORMAT_HELP + " (for --prompts)", choices=DATA_FORMATS)
     chat_template: str = arg("auto", CHAT_TEMPLATE_HELP, choices=CHAT_TEMPLATE_MODES)
     out: str = arg("runs/testbed/bon", "output folder: results.json, args.json")
-    n: int = arg(64, "samples per prompt N; results for n = 1, 2, 4, ... up to N")
+    samples: int = arg(64, "samples per prompt N; results for n = 1, 2, 4, ... up to N (not --n: torchrun would "
+                           "take that for an abbreviation of its own --nnodes)")
     max_prompts: int = arg(-1, "use only the first N prompts (-1 = all)")
     temperature: float = arg(0.8, "sampling temperature (PPO's, paper: 0.8)")
     top_p: float = arg(0.9, "nucleus sampling mass (paper: 0.9)")
@@ -85,7 +86,7 @@ def kl_best_of_n(n: int) -> float:
 def main(argv: list[str] | None = None) -> None:
     args = common.parse_args(Args, argv)
     rank, world, device = distributed.init_distributed()
-    check(args.n >= 1, "--n must be >= 1")
+    check(args.samples >= 1, "--samples must be >= 1")
     distributed.check_checkpoint(args.policy, "--policy")
     reward.check_reward_tokenizer(args.rm, "--rm")
     prompts = data.read_prompts(args.prompts, args.data_format)
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.policy)
     policy = distributed.load_model(AutoModelForCausalLM, args.policy, world, device)
     policy.eval()
-    repeated = [p for p in prompts for _ in range(args.n)]  # prompt-major: row i * N + j is sample j of prompt i
+    repeated = [p for p in prompts for _ in range(args.samples)]  # prompt-major: row i·N + j: sample j of prompt i
     with common.autocast(device, args.bf16):
         texts, _ = sampling.sample_texts(policy, tokenizer, repeated, max_new_tokens=args.max_new_tokens, world=world,
                                          rank=rank, batch_size=args.batch_size, temperature=args.temperature,
@@ -113,11 +114,11 @@ def main(argv: list[str] | None = None) -> None:
     proxy = reward.score_texts(rm, rm_tokenizer, repeated, texts, max_len=args.max_len, world=world, rank=rank,
                                batch_size=args.batch_size, bf16=args.bf16, chat_template=args.chat_template)
     gold = torch.tensor(testbed.gold_scores(repeated, texts), dtype=torch.float64)
-    proxy, gold = proxy.view(len(prompts), args.n), gold.view(len(prompts), args.n)
+    proxy, gold = proxy.view(len(prompts), args.samples), gold.view(len(prompts), args.samples)
 
     # ---- the curve ----
-    ns = [2 ** i for i in range(int(math.log2(args.n)) + 1)]
-    ns += [args.n] if ns[-1] != args.n else []
+    ns = [2 ** i for i in range(int(math.log2(args.samples)) + 1)]
+    ns += [args.samples] if ns[-1] != args.samples else []
     results: dict[str, list[float]] = {"n": ns, "gold": [], "proxy": [], "kl": [], "sqrt_kl": []}
     for n in ns:
         g, r = expected_best_of_n(proxy, gold, n)
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     if common.is_main():
         common.save_args(args, args.out)
         with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump({**results, "prompts": len(prompts), "samples_per_prompt": args.n}, f, indent=2)
+            json.dump({**results, "prompts": len(prompts), "samples_per_prompt": args.samples}, f, indent=2)
     common.print0(f"wrote {args.out}/results.json")
 
 
