@@ -40,12 +40,14 @@ import dataclasses
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import common
-from common import arg, check
+from common import arg, non_negative, or_sentinel, positive
 
 # Hyper-parameters of the testbed run (tiny Llama, ~1M parameters, trained from random initialisation). Sequences
 # are short (prompt <= 20, response <= 26 tokens), hence --max-len 64 and 32 new tokens.
@@ -83,22 +85,25 @@ TOY = {
 @dataclasses.dataclass
 class Args:
     out: str = arg("runs/pipeline", "output folder: one sub-folder per stage, report.md, results.json, figures")
-    rounds: int = arg(3, "MetaRM rounds after round 0 (paper: 4 for dialogue, 5 for summarisation)")
-    nproc: int = arg(1, "processes per stage (torchrun --nproc_per_node); 1 = plain python")
+    rounds: int = arg(3, "MetaRM rounds after round 0 (paper: 4 for dialogue, 5 for summarisation)", valid=non_negative)
+    nproc: int = arg(1, "processes per stage (torchrun --nproc_per_node); 1 = plain python", valid=positive)
     model_size: str = arg("tiny", "testbed model size (tiny ~1M, small ~5M, medium ~28M parameters)",
                           choices=["tiny", "small", "medium"])
-    seed: int = arg(0, "seed of the testbed and of every stage")
+    seed: int = arg(0, "seed of the testbed and of every stage", valid=common.seed)
+    threads: int = arg(0, "--threads of every stage (0 = each stage's own auto rule, see its --help)",
+                       valid=non_negative)
     rm_init: str = arg("previous", "round r's MetaRM starts from RM_{r-1} (previous) or from SFT (sft)",
                        choices=["previous", "sft"])
     ppo_init: str = arg("sft", "round r's PPO starts from SFT (sft) or from π_{r-1} (previous)",
                         choices=["previous", "sft"])
     meta_order: int = arg(1, "MetaRM gradient: 1 = first order (paper), 2 = exact", choices=[1, 2])
-    eta: float = arg(-1.0, "η of the meta step; -1 = the testbed value in TESTBED (0.3)")
+    eta: float = arg(-1.0, "η of the meta step; -1 = the testbed value in TESTBED (0.3)",
+                     valid=or_sentinel(-1, "the testbed value", non_negative))
     ood: bool = arg(False, "build S from the OOD prompts instead of the RL prompts (paper's OOD experiment)")
     toy: bool = arg(False, "tiny data and step counts: a smoke run of every stage (numbers mean nothing)")
     save_every: int = arg(0, "sft, reward, meta_rm and ppo save a resumable checkpoint every N steps (ppo: "
                              "iterations), and a rerun continues an interrupted one from it (--resume); 0 = an "
-                             "interrupted stage starts over")
+                             "interrupted stage starts over", valid=non_negative)
 
 
 def per_process(flags: list[str], nproc: int) -> list[str]:
@@ -122,11 +127,16 @@ def run_stage(args: Args, name: str, script: str, flags: list[str]) -> None:
     # An unfinished stage starts over (--overwrite), or continues from its last checkpoint (--resume)
     resumable = args.save_every > 0 and script in ("sft.py", "reward.py", "meta_rm.py", "ppo.py")
     again = ["--save-every", str(args.save_every), "--resume"] if resumable else ["--overwrite"]
+    again += ["--threads", str(args.threads)] if args.threads > 0 else []
     cmd = launcher + [script, *flags, *again]
     shown = ["python", *cmd[1:]] if len(launcher) == 1 else ["torchrun", *cmd[3:]]  # what a user would type
     print(f"\n== {name}\n$ {shlex.join(shown)}", flush=True)
     t0 = time.time()
-    rc = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__))).returncode
+    rc = wait_passing_on_signals(subprocess.Popen(cmd, cwd=os.path.dirname(os.path.abspath(__file__))))
+    if rc - 128 in (signal.SIGINT, signal.SIGTERM):  # the stage stopped itself (and saved, with --save-every)
+        raise common.Interrupted(rc - 128, f"pipeline: stage {name} was stopped by {signal.Signals(rc - 128).name}; "
+                                           "run the same command again to continue"
+                                 + (" from its last checkpoint" if resumable else ""))
     if rc != 0:
         raise common.UserError(f"stage {name} failed (exit status {rc}); run the same command again to resume there")
     os.makedirs(os.path.dirname(marker), exist_ok=True)
@@ -135,12 +145,27 @@ def run_stage(args: Args, name: str, script: str, flags: list[str]) -> None:
     print(f"== {name}: {time.time() - t0:.0f} s", flush=True)
 
 
+def wait_passing_on_signals(proc: subprocess.Popen) -> int:
+    """Wait for a stage's process and return its exit status. A SIGTERM sent to the pipeline (a cluster's preemption)
+    is passed on to the stage, which stops at its next step boundary (after a resumable checkpoint with
+    --save-every); SIGINT is not passed on: Ctrl-C reaches the stage from the terminal already, and a second one
+    would cut torchrun's own shutdown short. Either way the pipeline waits for the stage instead of dying first."""
+    if threading.current_thread() is not threading.main_thread():
+        return proc.wait()
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, lambda signum, frame: None),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))}
+    try:
+        return proc.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = common.parse_args(Args, argv)
-    check(args.rounds >= 0, "--rounds must be >= 0")
-    check(args.nproc >= 1, "--nproc must be >= 1")
     t_start = time.time()
     out = os.path.abspath(args.out)
+    common.lock_output(out)  # one live pipeline per folder (each stage also locks its own)
     os.makedirs(out, exist_ok=True)
     common.save_args(args, out)
     hp = {stage: per_process(list(flags) + (TOY.get(stage, []) if args.toy else []), args.nproc)
@@ -181,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
         run_stage(args, f"round{r}/meta_rm", "meta_rm.py", [
             "--model", rm_start, *pairs, "--meta", os.path.join(meta_set, "meta_train.jsonl"), "--meta-heldout",
             os.path.join(meta_set, "meta_heldout.jsonl"), "--out", rms[-1], "--meta-order", str(args.meta_order),
-            "--seed", str(args.seed + r), *hp["meta_rm"]])
+            "--seed", str(args.seed + r), *(["--fresh-head"] if rm_start == sft else []), *hp["meta_rm"]])
         policies.append(os.path.join(rdir, "ppo"))
         init = chain if args.ppo_init == "previous" else sft
         run_stage(args, f"round{r}/ppo", "ppo.py", ["--rm", rms[-1], "--policy", init, "--out", policies[-1],
