@@ -7,6 +7,9 @@ rewards of the k samples. A held-out part of the prompts is kept apart for the r
 Output, in --out:
     meta_train.jsonl    {prompt, responses: [k strings]}    the S that meta_rm.py trains with
     meta_heldout.jsonl  {prompt, responses: [k strings]}    held-out prompts (disjoint), for evaluation only
+    oracle_pairs.jsonl  {prompt, chosen, rejected}           with --oracle-pairs (testbed only): the train prompts'
+                                                             responses, two by two, labelled by the testbed's
+                                                             annotator (testbed.label_meta_set)
 
 Commands
     python meta_data.py                                           # the testbed's SFT policy, 1 process
@@ -55,8 +58,13 @@ class Args:
     repetition_penalty: float = arg(1.1, "repetition penalty (paper's PPO sampling: 1.1)", valid=positive)
     max_new_tokens: int = arg(48, "maximum new tokens per response", valid=positive)
     batch_size: int = arg(64, "sequences per generate call on one process (prompts x k)", valid=positive)
-    seed: int = arg(0, "random seed (held-out split, sampling)", valid=common.seed)
+    seed: int = arg(0, "random seed (held-out split, sampling, the oracle's labels)", valid=common.seed)
     threads: int = arg(0, common.THREADS_HELP, valid=non_negative)
+    oracle_pairs: bool = arg(False, "testbed only: also write oracle_pairs.jsonl, every two responses of each "
+                                    "meta_train prompt labelled by the testbed's Bradley-Terry annotator (the "
+                                    "study's oracle arm: fresh labels on the current policy's samples)")
+    oracle_tau: float = arg(1.0, "τ of that annotator, P(a > b) = sigmoid((gold_a - gold_b) / τ); use the "
+                                 "testbed's --label-noise", valid=positive)
     overwrite: bool = arg(False, "replace existing output files")
 
 
@@ -72,6 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_prompts > 0:
         prompts = prompts[: args.max_prompts]
     check(0 <= args.heldout < len(prompts), f"--heldout {args.heldout} must be below the {len(prompts)} prompts")
+    check(not args.oracle_pairs or all(testbed.parse_prompt(p) is not None for p in prompts),
+          f"--oracle-pairs: {args.prompts} holds prompts that are not the testbed's (the oracle needs its gold reward)")
+    check(args.oracle_tau > 0, "--oracle-tau must be positive")
     common.prepare_output(args.out, args.overwrite)
     common.seed_everything(args.seed, rank)
 
@@ -102,6 +113,11 @@ def main(argv: list[str] | None = None) -> None:
                          [r for i, r in enumerate(records) if i not in heldout])
         data.write_jsonl(os.path.join(args.out, "meta_heldout.jsonl"),
                          [r for i, r in enumerate(records) if i in heldout])
+        if args.oracle_pairs:
+            oracle = testbed.label_meta_set([r for i, r in enumerate(records) if i not in heldout], args.oracle_tau,
+                                            args.seed)
+            data.write_jsonl(os.path.join(args.out, "oracle_pairs.jsonl"), oracle)
+            common.print0(f"wrote {len(oracle)} gold-labelled pairs to {args.out}/oracle_pairs.jsonl")
         common.save_args(args, args.out)
         distinct = sum(len(set(r["responses"])) for r in records) / len(records)
         common.print0(f"wrote {len(records) - len(heldout)} train + {len(heldout)} held-out prompts x k = {args.k} "

@@ -133,7 +133,9 @@ class Args:
                           valid=non_negative)
     eval_batch_size: int = arg(32, "sequences per forward pass during evaluation", valid=positive)
     log_every: int = arg(10, "print a metrics line every N steps", valid=positive)
-    log_adapted_every: int = arg(1, "measure J(θ') (one extra forward of X_s) every N steps; 0 = never",
+    log_adapted_every: int = arg(1, "measure J(θ') (one extra forward of X_s) every N steps; 0 = never. The "
+                                    "functional route also logs J of standardised rewards, the reward scale and "
+                                    "cos(∇L(θ'), ∇L(θ)) (mechanism_stats; one more forward/backward of X_t)",
                                  valid=non_negative)
     overwrite: bool = arg(False, "replace an existing output folder")
     save_every: int = arg(0, SAVE_EVERY_HELP, valid=non_negative)
@@ -203,7 +205,8 @@ def meta_gradient(model: torch.nn.Module, params: dict[str, torch.Tensor], buffe
     names, theta = list(params), list(params.values())
 
     # Alg.1 l.4: J_θ(X_s) at θ_t
-    J = difference_loss(r(params, meta).view(-1, k))  # (m, k) -> scalar
+    r_meta = r(params, meta)                          # (m·k,)
+    J = difference_loss(r_meta.view(-1, k))           # (m, k) -> scalar
 
     # Alg.1 l.5: θ' = θ + η ∇θ J(X_s)   (meta-process: ASCENT, hence the plus sign)
     # First order: the ascent direction is a constant (no graph), so dθ'/dθ = I and the gradient that l.7 takes at
@@ -225,9 +228,41 @@ def meta_gradient(model: torch.nn.Module, params: dict[str, torch.Tensor], buffe
     stats = {"L_adapted": L.item(), "J": J.item(), "acc_adapted": (r_pairs[:n] > r_pairs[n:]).float().mean().item(),
              "step_norm": ascent_size * grad_J_norm, "grad_J_norm": grad_J_norm}  # step_norm = ‖θ' − θ‖
     if measure_adapted:
-        with torch.no_grad():
-            stats["J_adapted"] = difference_loss(r(adapted, meta).view(-1, k)).item()
+        stats.update(mechanism_stats(r, params, adapted, pairs, meta, k, r_meta, grads))
     return list(grads), stats
+
+
+def standardised(x: torch.Tensor) -> torch.Tensor:
+    """(x − mean) / std over all entries (population std): rewards on a scale-free footing."""
+    return (x - x.mean()) / x.std(unbiased=False).clamp(min=1e-12)
+
+
+def mechanism_stats(r: Callable, params: dict[str, torch.Tensor], adapted: dict[str, torch.Tensor], pairs: Batch,
+                    meta: Batch, k: int, r_meta: torch.Tensor, grads: tuple[torch.Tensor, ...]) -> dict[str, float]:
+    """What the meta step did, beyond "J went up" (logged every --log-adapted-every steps; one extra forward and
+    backward of X_t at θ and one forward of X_s at θ').
+
+    Eq. (2) rewards a larger reward *scale* as much as a better *separation*: σ(|Δr|) grows when every reward is
+    multiplied by 2, although the ranking is unchanged, and PPO's score normalisation cancels the scale again. So:
+      J_adapted                 J at θ' (the ascent should raise it)
+      J_std, J_std_adapted      J of the standardised rewards at θ and θ': rises only if the separation improved
+      reward_std_S, _D          the reward scale: std of r over the X_s responses and over the X_t sequences at θ
+      cos_grad                  cos(∇L(θ'), ∇L(θ)): 1 means the look-ahead changed nothing about the update
+    """
+    theta = list(params.values())
+    with torch.no_grad():
+        r_meta_adapted = r(adapted, meta)
+    r_pairs = r(params, pairs)                                           # (2n,) at θ
+    n = r_pairs.shape[0] // 2
+    grads_at_theta = torch.autograd.grad(reward.bradley_terry_loss(r_pairs[:n], r_pairs[n:]), theta)
+    dot = sum((a.double() * b.double()).sum() for a, b in zip(grads, grads_at_theta))
+    norms = (sum((a.double() ** 2).sum() for a in grads) * sum((b.double() ** 2).sum() for b in grads_at_theta))
+    return {"J_adapted": difference_loss(r_meta_adapted.view(-1, k)).item(),
+            "J_std": difference_loss(standardised(r_meta.detach()).view(-1, k)).item(),
+            "J_std_adapted": difference_loss(standardised(r_meta_adapted).view(-1, k)).item(),
+            "reward_std_S": r_meta.detach().std(unbiased=False).item(),
+            "reward_std_D": r_pairs.detach().std(unbiased=False).item(),
+            "cos_grad": (dot / norms.sqrt().clamp(min=1e-300)).item()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -265,7 +300,9 @@ def meta_gradient_gathered(model: torch.nn.Module, twin: torch.nn.Module, pairs:
     for (name, p), g in zip(sharded.items(), grads):
         g = DTensor.from_local(g, p.device_mesh, [Partial("avg")]).redistribute(p.device_mesh, [Shard(0)])
         p.grad = g
-    local = {key: v for key, v in stats.items() if key in ("L_adapted", "acc_adapted", "J", "J_adapted")}
+    local = {key: v for key, v in stats.items() if key in ("L_adapted", "acc_adapted", "J", "J_adapted", "J_std",
+                                                            "J_std_adapted", "reward_std_S", "reward_std_D",
+                                                            "cos_grad")}
     stats.update(distributed.all_reduce_mean(local, world))  # each process measured its own share; report the mean
     return stats
 

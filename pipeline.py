@@ -1,43 +1,50 @@
-"""The paper's procedure end to end, in rounds (docs/design.md §4), on the built-in testbed by default.
+"""The study: the paper's rounds procedure (docs/design.md §4) for every arm and several seeds, on the testbed.
 
-    testbed ─ SFT ─ RM₀ (vanilla, Eq. 1) ─ PPO₀ ("vanilla PPO")                                          round 0
-                 └ for r = 1 … R:  S_r ← k = 5 samples per prompt from π_{r−1} (π₀ of this chain = SFT)
-                                   RM_r ← MetaRM (Algorithm 1) on the ORIGINAL pairs D with S_r           round r
-                                   π_r  ← PPO with RM_r
-    evaluate: π_r vs SFT and vs vanilla PPO (gold judge), RM accuracy per round (ID and OOD), reward-gap
-              histograms of every RM on held-out samples of the last policy, diversity → report.md
+One world (testbed + SFT model, shared), then for every seed s, with the stages run as subprocesses:
 
-Every stage is its own script, run as a subprocess (`python stage.py` or `torchrun --nproc_per_node=N stage.py`),
-so what the pipeline does is exactly what a user would type; each command is printed before it runs.
-A finished stage leaves a marker in OUT/.done/; running the same command again skips finished stages, so a crash
-costs only the stage it interrupted.
+    RM₀ ← reward.py on D                                                        vanilla RM (Eq. 1), seed s
+    vanilla   π ← PPO with RM₀                                                   "vanilla PPO"
+    metarm    for r = 1 … R: S_r ← k samples per prompt from π_{r−1} (π₀ = SFT)
+                             RM_r ← MetaRM (Algorithm 1) on D with S_r, from RM_{r−1}
+                             π_r  ← PPO with RM_r
+    eta0      the same rounds with the ascent off (η = 0): RM_r ← one more epoch on D (reward.py, the same pair
+              order as meta_rm.py; η = 0 makes Algorithm 1 exactly that) — separates "the meta step" from
+              "one more epoch of RM training", which the paper's tables confound
+    oracle    the same rounds with labels: every two responses of S_r (sampled from the oracle chain's own π_{r−1})
+              labelled by the testbed's annotator, RM_r ← one epoch on D ∪ those pairs, from RM_{r−1}: the
+              fresh-labels upper bound MetaRM tries to approach without labels
+    dpo       DPO on D from the SFT model (no reward model)
+    evaluation  every policy vs SFT (gold judge, greedy, held-out prompts); the gold-vs-√KL curve of every PPO run
+              (ppo.py --eval-prompts); RM accuracy (ID / OOD) and reward gaps of every RM; best-of-n under RM₀
+
+and `report.py` turns the folder into report.md / results.json / figures with intervals over seeds. Within a seed
+every arm's PPO runs use the same seed, so arm − vanilla differences are paired.
+
+Every stage is the command a user would type (printed before it runs; its output goes to OUT/logs/). Up to --jobs
+stages run at once, each with --threads threads, so the cores are never oversubscribed. A finished stage leaves a
+marker in OUT/.done/: running the same command again skips it, so a crash costs only the stages in flight.
 
 Commands
-    python pipeline.py                               # the default: 3 MetaRM rounds on the tiny testbed, 1 process
-    python pipeline.py --nproc 2                     # every stage under torchrun with 2 processes (FSDP2)
-    python pipeline.py --ood                         # S built from OOD prompts (the paper's OOD experiment)
-    python pipeline.py --toy --rounds 1 --out runs/toy   # a seconds-long smoke run (tests)
+    python pipeline.py                         # the default: 3 seeds, vanilla / MetaRM / η = 0, 2 rounds (~10 min)
+    python pipeline.py --study                 # the full study: 5 seeds, every arm, 3 rounds
+    python pipeline.py --eta-sweep 0,0.03,0.1,0.3,1 --arms vanilla,metarm --rounds 1 --out runs/eta_sweep
+    python pipeline.py --nproc 2 --jobs 1      # every stage under torchrun with 2 processes (FSDP2)
+    python pipeline.py --toy --seeds 2 --out runs/toy  # a smoke run of every stage (numbers mean nothing)
 
 Choices the paper leaves open (flags; defaults in brackets)
-  1. --rm-init [previous]: round r's MetaRM starts from RM_{r−1} (round 1: the vanilla RM), so the RM keeps adapting
-     to each new policy; `sft` starts every round from the SFT model with a fresh head.
-  2. --ppo-init [sft]: every round's PPO starts from the SFT model with that round's RM, the same budget as vanilla
-     PPO, so "round r vs vanilla PPO" compares reward models and nothing else; `previous` continues from π_{r−1}
-     (on the testbed that stacks 40 more PPO iterations per round, and the stacked policy over-optimises: a run with
-     `previous` had gold 1.54 / 0.84 / 0.89 for rounds 1–3 against SFT's 1.54). S_r is still sampled from the
-     previous round's policy, so the RM of round r meets the distribution PPO drifted to. The KL reference is
-     always the SFT model.
-  3. Round 1 samples S from the SFT model, later rounds from the previous round's policy (docs/design.md §4), at
-     temperature 1.0 (PPO samples at 0.8) so the k samples differ.
-  4. The testbed's tiny model needs larger learning rates than the paper's 7B values, and a larger ascent step η
-     (with η = 5e-6 the meta step moves θ by ~1e-6 and MetaRM collapses to vanilla training); the values are in
-     TESTBED below, each with its reason. Only the paper's structure (1 epoch on D per RM, k = 5, n = m = 16,
-     β = 0.05, clip 0.8, GAE 0.95/1) is kept as is.
+  1. --rm-init [previous]: round r's RM starts from RM_{r−1} (round 1: RM₀), so the RM keeps adapting to each new
+     policy; `sft` starts every round from the SFT model with a fresh head.
+  2. --ppo-init [sft]: every round's PPO starts from the SFT model with that round's RM and the same budget as
+     vanilla PPO, so "round r vs vanilla PPO" compares reward models and nothing else; `previous` continues from
+     π_{r−1}. S_r is sampled from the previous round's policy either way. The KL reference is always SFT.
+  3. Round 1 samples S from the SFT model, later rounds from the previous round's policy, at temperature 1.0 (PPO
+     samples at 0.8) so the k samples differ.
+  4. The testbed's tiny model needs other learning rates and a larger ascent step η than the paper's 7B values
+     (TESTBED below, each with its reason; docs/calibration.md says how the testbed's knobs were chosen).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shlex
 import signal
@@ -45,54 +52,74 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Callable
 
 import common
-from common import arg, non_negative, or_sentinel, positive
+import report
+from common import Valid, arg, check, non_negative, or_sentinel, positive
 
-# Hyper-parameters of the testbed run (tiny Llama, ~1M parameters, trained from random initialisation). Sequences
-# are short (prompt <= 20, response <= 26 tokens), hence --max-len 64 and 32 new tokens.
+# Hyper-parameters of the testbed (tiny Llama, ~1M parameters, trained from random initialisation); sequences are
+# short (prompt <= 20, response <= 31 tokens), hence --max-len 64 and 32 new tokens.
 TESTBED = {
-    # from scratch, the paper's 2e-5 learns nothing in 500 steps; 3e-3 reaches EOS rate 1.0 and gold ≈ 1.6
+    # from scratch, the paper's 2e-5 learns nothing in 500 steps; 3e-3 reaches EOS rate 1.0
     "sft": ["--lr", "3e-3", "--max-len", "64", "--micro-batch-size", "32"],
-    # the paper's 5e-6 barely moves a fresh head on a 1M model in 250 steps
-    "reward": ["--lr", "3e-4", "--max-len", "64", "--micro-batch-size", "16"],
+    # the paper's 5e-6 barely moves a fresh head on a 1M model in one epoch; 1e-3 and 3e-3 were worse than 3e-4
+    # (docs/calibration.md)
+    "reward": ["--lr", "3e-4", "--max-len", "64", "--micro-batch-size", "16", "--eval-every", "0"],
     # S: 256 prompts (192 train + 64 held out) x k = 5; each meta step draws m = 16 of them
     "meta_data": ["--max-prompts", "256", "--heldout", "64", "--max-new-tokens", "32"],
-    # α as reward.py; η = 0.3 makes ‖θ' − θ‖ = η‖∇J‖ ≈ 0.1, the size of one Adam step of the RM (lr 3e-4 over ~1M
-    # coordinates moves θ by ~0.3); with the paper's 5e-6 the step is ~1e-6 and J(θ') − J(θ) ≈ 1e-6 (no meta step).
-    # Chosen from that scale argument, not tuned on the evaluation prompts.
-    "meta_rm": ["--lr", "3e-4", "--eta", "0.3", "--max-len", "64", "--log-adapted-every", "10"],
-    # 64 rollouts per iteration (16 prompts x 4), 2 epochs of 2 mini-batches; 40 iterations is where the vanilla
-    # RM's score keeps rising while the gold reward has started to fall (over-optimisation)
+    # α as reward.py; η = 0.3 makes ‖θ' − θ‖ = η‖∇J‖ ≈ 0.1, the size of one Adam step of the RM; with the paper's
+    # 5e-6 the step is ~1e-6 and the meta step does nothing. Chosen from that scale argument, not tuned.
+    "meta_rm": ["--lr", "3e-4", "--eta", "0.3", "--max-len", "64", "--log-adapted-every", "10", "--eval-every", "0"],
+    # 64 rollouts per iteration (16 prompts x 4), 2 epochs of 2 mini-batches; the held-out curve every 10
+    # iterations (100 prompts x 4 samples)
     "ppo": ["--policy-lr", "1e-4", "--critic-lr", "1e-4", "--rollouts-per-prompt", "4", "--prompts-per-iteration",
             "16", "--mini-batch-size", "32", "--micro-batch-size", "32", "--max-new-tokens", "32", "--iterations",
-            "40", "--sample-every", "0", "--save-every", "0"],
+            "80", "--sample-every", "0", "--save-every", "0", "--eval-every", "10", "--eval-samples", "4"],
+    "dpo": [],
     "evaluate": ["--max-new-tokens", "32", "--max-len", "64"],
+    "best_of_n": ["--samples", "64", "--max-new-tokens", "32", "--max-len", "64"],
 }
-# --toy: sizes for a smoke run of the whole pipeline in about a minute (tests); numbers mean nothing there.
+# --toy: sizes for a smoke run of every stage in a few minutes (tests); the numbers mean nothing there.
 TOY = {
     "testbed": ["--n-sft", "256", "--n-pairs-train", "64", "--n-pairs-test", "32", "--n-rl-prompts", "64",
                 "--n-eval-prompts", "8", "--n-ood-prompts", "32", "--n-ood-pairs-test", "16"],
     "sft": ["--epochs", "1", "--eval-samples", "8", "--max-new-tokens", "8"],
     "meta_data": ["--max-prompts", "24", "--heldout", "8", "--max-new-tokens", "8", "--k", "3"],
-    "meta_rm": ["--eval-every", "0"],
+    "meta_rm": [],
     "ppo": ["--iterations", "2", "--prompts-per-iteration", "4", "--max-new-tokens", "8", "--mini-batch-size", "16",
-            "--micro-batch-size", "16"],
+            "--micro-batch-size", "16", "--eval-every", "1", "--eval-samples", "1"],
+    "dpo": ["--max-steps", "2"],
     "evaluate": ["--max-new-tokens", "8"],
+    "best_of_n": ["--samples", "4", "--max-new-tokens", "8"],
 }
+ARMS = ("vanilla", "metarm", "eta0", "oracle", "dpo")
+SEEDS = Valid("an integer in [1, 12] (report.py's exact bootstrap enumerates the resamples)",
+              lambda x: isinstance(x, int) and 1 <= x <= 12, (0, 13))
 
 
 @dataclasses.dataclass
 class Args:
-    out: str = arg("runs/pipeline", "output folder: one sub-folder per stage, report.md, results.json, figures")
-    rounds: int = arg(3, "MetaRM rounds after round 0 (paper: 4 for dialogue, 5 for summarisation)", valid=non_negative)
+    out: str = arg("runs/pipeline", "output folder: testbed/, sft/, seed<s>/…, logs/, report.md, results.json, "
+                                    "figures/")
+    seeds: int = arg(3, "seeds 0 … N−1; each seed has its own RMs, meta sets and PPO runs (the world and the SFT "
+                        "model are shared)", valid=SEEDS)
+    arms: str = arg("vanilla,metarm,eta0", "comma-separated arms: " + ", ".join(ARMS) + " (vanilla is always run: "
+                    "it is the baseline of every comparison)")
+    rounds: int = arg(2, "MetaRM rounds after the vanilla RM (paper: 4 for dialogue, 5 for summarisation)",
+                      valid=non_negative)
+    study: bool = arg(False, "the full study: --seeds 5 --arms " + ",".join(ARMS) + " --rounds 3 (flags given "
+                             "explicitly still win)")
+    eta_sweep: str = arg("", "comma-separated η values: round-1 MetaRM from RM₀ with each η, then PPO (its own "
+                             "figure); empty = none")
+    jobs: int = arg(0, "stages run at once; 0 = the cores this process may use // (--threads x --nproc)",
+                    valid=non_negative)
+    threads: int = arg(1, "intra-op threads per stage process (OMP_NUM_THREADS)", valid=positive)
     nproc: int = arg(1, "processes per stage (torchrun --nproc_per_node); 1 = plain python", valid=positive)
     model_size: str = arg("tiny", "testbed model size (tiny ~1M, small ~5M, medium ~28M parameters)",
                           choices=["tiny", "small", "medium"])
-    seed: int = arg(0, "seed of the testbed and of every stage", valid=common.seed)
-    threads: int = arg(0, "--threads of every stage (0 = each stage's own auto rule, see its --help)",
-                       valid=non_negative)
-    rm_init: str = arg("previous", "round r's MetaRM starts from RM_{r-1} (previous) or from SFT (sft)",
+    world_seed: int = arg(0, "seed of the testbed and of the SFT model, shared by all seeds", valid=common.seed)
+    rm_init: str = arg("previous", "round r's RM starts from RM_{r-1} (previous) or from SFT (sft)",
                        choices=["previous", "sft"])
     ppo_init: str = arg("sft", "round r's PPO starts from SFT (sft) or from π_{r-1} (previous)",
                         choices=["previous", "sft"])
@@ -101,9 +128,25 @@ class Args:
                      valid=or_sentinel(-1, "the testbed value", non_negative))
     ood: bool = arg(False, "build S from the OOD prompts instead of the RL prompts (paper's OOD experiment)")
     toy: bool = arg(False, "tiny data and step counts: a smoke run of every stage (numbers mean nothing)")
+    stage_flags: str = arg("", "extra flags per stage after TESTBED's (later flags win), e.g. \"ppo: --kl-coef 0.02 "
+                               "--iterations 160; testbed: --errors subtle\" (how docs/calibration.md's runs were made)")
     save_every: int = arg(0, "sft, reward, meta_rm and ppo save a resumable checkpoint every N steps (ppo: "
                              "iterations), and a rerun continues an interrupted one from it (--resume); 0 = an "
                              "interrupted stage starts over", valid=non_negative)
+
+
+STUDY_DEFAULTS = {"seeds": 5, "arms": ",".join(ARMS), "rounds": 3}
+
+
+@dataclasses.dataclass
+class Task:
+    """One stage run: `script flags` under OUT/logs/<name>.log, after every task in `deps` finished. `prepare`, if
+    given, runs in this process just before the stage starts (e.g. to concatenate two data files)."""
+    name: str
+    script: str
+    flags: list[str]
+    deps: list[str]
+    prepare: Callable[[], None] | None = None
 
 
 def per_process(flags: list[str], nproc: int) -> list[str]:
@@ -116,189 +159,288 @@ def per_process(flags: list[str], nproc: int) -> list[str]:
     return flags
 
 
-def run_stage(args: Args, name: str, script: str, flags: list[str]) -> None:
-    """Run one stage as a subprocess unless its .done marker exists; stop the pipeline if it fails."""
-    marker = os.path.join(args.out, ".done", name)
-    if os.path.exists(marker):
-        print(f"== {name}: done already (remove {marker} to run it again)", flush=True)
-        return
-    launcher = [sys.executable] if args.nproc == 1 or script == "testbed.py" else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
-    # An unfinished stage starts over (--overwrite), or continues from its last checkpoint (--resume)
-    resumable = args.save_every > 0 and script in ("sft.py", "reward.py", "meta_rm.py", "ppo.py")
-    again = ["--save-every", str(args.save_every), "--resume"] if resumable else ["--overwrite"]
-    again += ["--threads", str(args.threads)] if args.threads > 0 else []
-    cmd = launcher + [script, *flags, *again]
-    shown = ["python", *cmd[1:]] if len(launcher) == 1 else ["torchrun", *cmd[3:]]  # what a user would type
-    print(f"\n== {name}\n$ {shlex.join(shown)}", flush=True)
-    t0 = time.time()
-    rc = wait_passing_on_signals(subprocess.Popen(cmd, cwd=os.path.dirname(os.path.abspath(__file__))))
-    if rc - 128 in (signal.SIGINT, signal.SIGTERM):  # the stage stopped itself (and saved, with --save-every)
-        raise common.Interrupted(rc - 128, f"pipeline: stage {name} was stopped by {signal.Signals(rc - 128).name}; "
-                                           "run the same command again to continue"
-                                 + (" from its last checkpoint" if resumable else ""))
-    if rc != 0:
-        raise common.UserError(f"stage {name} failed (exit status {rc}); run the same command again to resume there")
-    os.makedirs(os.path.dirname(marker), exist_ok=True)
-    with open(marker, "w") as f:
-        json.dump({"seconds": time.time() - t0}, f)
-    print(f"== {name}: {time.time() - t0:.0f} s", flush=True)
-
-
-def wait_passing_on_signals(proc: subprocess.Popen) -> int:
-    """Wait for a stage's process and return its exit status. A SIGTERM sent to the pipeline (a cluster's preemption)
-    is passed on to the stage, which stops at its next step boundary (after a resumable checkpoint with
-    --save-every); SIGINT is not passed on: Ctrl-C reaches the stage from the terminal already, and a second one
-    would cut torchrun's own shutdown short. Either way the pipeline waits for the stage instead of dying first."""
-    if threading.current_thread() is not threading.main_thread():
-        return proc.wait()
-    previous = {signal.SIGINT: signal.signal(signal.SIGINT, lambda signum, frame: None),
-                signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))}
-    try:
-        return proc.wait()
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = common.parse_args(Args, argv)
-    t_start = time.time()
-    out = os.path.abspath(args.out)
-    common.lock_output(out)  # one live pipeline per folder (each stage also locks its own)
-    os.makedirs(out, exist_ok=True)
-    common.save_args(args, out)
-    hp = {stage: per_process(list(flags) + (TOY.get(stage, []) if args.toy else []), args.nproc)
+def stage_flags(args: Args) -> dict[str, list[str]]:
+    """TESTBED (+ TOY with --toy), split over --nproc processes, with --eta and --stage-flags applied."""
+    hp = {stage: per_process(flags + (TOY.get(stage, []) if args.toy else []), args.nproc)
           for stage, flags in TESTBED.items()}
     hp["testbed"] = TOY["testbed"] if args.toy else []
     if args.eta >= 0:
         hp["meta_rm"] += ["--eta", str(args.eta)]
-    tb = os.path.join(out, "testbed")
-    data = os.path.join(tb, "data")
-    sft = os.path.join(out, "sft")
-
-    # ---- round 0: testbed -> SFT -> vanilla RM -> vanilla PPO ----
-    run_stage(args, "testbed", "testbed.py", ["--out", tb, "--seed", str(args.seed), "--model-size", args.model_size,
-                                              *hp["testbed"]])
-    run_stage(args, "sft", "sft.py", ["--model", os.path.join(tb, "base_model"), "--data",
-                                      os.path.join(data, "sft_train.jsonl"), "--eval-prompts",
-                                      os.path.join(data, "eval_prompts.jsonl"), "--out", sft, "--seed",
-                                      str(args.seed), *hp["sft"]])
-    pairs = ["--train", os.path.join(data, "pairs_train.jsonl"), "--test", os.path.join(data, "pairs_test.jsonl")]
-    rms, policies = [os.path.join(out, "round0", "rm")], [os.path.join(out, "round0", "ppo")]
-    run_stage(args, "round0/rm", "reward.py", ["--model", sft, *pairs, "--out", rms[0], "--seed", str(args.seed),
-                                               *hp["reward"]])
-    ppo_common = ["--sft", sft, "--prompts", os.path.join(data, "rl_prompts.jsonl"), "--seed", str(args.seed),
-                  *hp["ppo"]]
-    run_stage(args, "round0/ppo", "ppo.py", ["--rm", rms[0], "--out", policies[0], *ppo_common])
-
-    # ---- rounds 1..R: S_r from the latest policy -> MetaRM on D -> PPO ----
-    chain = sft  # the latest policy of the MetaRM chain: SFT before round 1
-    meta_prompts = os.path.join(data, "ood_prompts.jsonl" if args.ood else "rl_prompts.jsonl")
-    for r in range(1, args.rounds + 1):
-        rdir = os.path.join(out, f"round{r}")
-        meta_set = os.path.join(rdir, "meta_set")
-        run_stage(args, f"round{r}/meta_set", "meta_data.py", ["--policy", chain, "--prompts", meta_prompts,
-                                                                "--out", meta_set, "--seed", str(args.seed + r),
-                                                                *hp["meta_data"]])
-        rm_start = rms[-1] if args.rm_init == "previous" else sft
-        rms.append(os.path.join(rdir, "rm"))
-        run_stage(args, f"round{r}/meta_rm", "meta_rm.py", [
-            "--model", rm_start, *pairs, "--meta", os.path.join(meta_set, "meta_train.jsonl"), "--meta-heldout",
-            os.path.join(meta_set, "meta_heldout.jsonl"), "--out", rms[-1], "--meta-order", str(args.meta_order),
-            "--seed", str(args.seed + r), *(["--fresh-head"] if rm_start == sft else []), *hp["meta_rm"]])
-        policies.append(os.path.join(rdir, "ppo"))
-        init = chain if args.ppo_init == "previous" else sft
-        run_stage(args, f"round{r}/ppo", "ppo.py", ["--rm", rms[-1], "--policy", init, "--out", policies[-1],
-                                                     *ppo_common])
-        chain = policies[-1]
-
-    # ---- evaluation ----
-    results = evaluate_all(args, out, data, sft, rms, policies, hp["evaluate"])
-    results["wall_seconds"] = time.time() - t_start
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    report = write_report(args, out, results)
-    print(f"\n{report}\nwrote {out}/report.md and {out}/results.json ({results['wall_seconds'] / 60:.1f} min)")
+    for part in filter(str.strip, args.stage_flags.split(";")):
+        stage, sep, flags = part.partition(":")
+        check(sep == ":" and stage.strip() in hp, f"--stage-flags {part.strip()!r}: expected 'stage: --flag value', "
+                                                  f"stage one of {', '.join(hp)}")
+        hp[stage.strip()] += shlex.split(flags)
+    return hp
 
 
-def evaluate_all(args: Args, out: str, data: str, sft: str, rms: list[str], policies: list[str],
-                 flags: list[str]) -> dict:
-    """Run evaluate.py for every comparison of the paper's tables and figures; collect their results.json."""
-    ev = os.path.join(out, "eval")
-    common_flags = ["--prompts", os.path.join(data, "eval_prompts.jsonl"), "--pairs-test", "", "--ood-pairs-test",
-                    "", "--judge", "gold", *flags]
-    results: dict = {"vs_sft": {}, "vs_vanilla": {}}
-    for r, policy in enumerate(policies):
-        name = "vanilla PPO" if r == 0 else f"MetaRM round {r}"
-        folder = os.path.join(ev, f"round{r}_vs_sft")
-        run_stage(args, f"eval/round{r}_vs_sft", "evaluate.py", [
-            "--policy-a", policy, "--policy-b", sft, "--name-a", name, "--name-b", "SFT", "--out", folder,
-            *common_flags])
-        results["vs_sft"][name] = load_results(folder)
-        if r > 0:
-            folder = os.path.join(ev, f"round{r}_vs_vanilla")
-            run_stage(args, f"eval/round{r}_vs_vanilla", "evaluate.py", [
-                "--policy-a", policy, "--policy-b", policies[0], "--name-a", name, "--name-b", "vanilla PPO",
-                "--out", folder, *common_flags])
-            results["vs_vanilla"][name] = load_results(folder)
-    # reward models side by side: accuracy (ID and OOD), gaps on held-out samples of the last policy, curves
-    rm_names = ["vanilla"] + [f"metarm_r{r}" for r in range(1, len(rms))]
-    gap_set = os.path.join(out, f"round{len(rms) - 1}", "meta_set", "meta_heldout.jsonl")
-    folder = os.path.join(ev, "rms")
-    run_stage(args, "eval/rms", "evaluate.py", [
-        "--rms", ",".join(f"{n}={p}" for n, p in zip(rm_names, rms)),
-        "--pairs-test", os.path.join(data, "pairs_test.jsonl"), "--ood-pairs-test",
-        os.path.join(data, "ood_pairs_test.jsonl"),
-        *(["--gap-set", gap_set] if os.path.exists(gap_set) else ["--gap-policy", policies[-1]]),
-        "--rm-metrics", ",".join(f"{n}={p}/metrics.jsonl" for n, p in zip(rm_names, rms)),
-        "--ppo-metrics", ",".join(f"round{r}={p}/metrics.jsonl" for r, p in enumerate(policies)),
-        "--diff-checkpoints", ",".join([f"sft={sft}"] + [f"round{r}={p}" for r, p in enumerate(policies)]),
-        "--prompts", os.path.join(data, "eval_prompts.jsonl"), "--out", folder, *flags])
-    results["rms"] = load_results(folder)
-    return results
+# ----------------------------------------------------------------------------------------------------------------
+# The plan: every stage of every seed and arm, with its dependencies
+# ----------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class World:
+    """The shared paths."""
+    out: str
+    data: str
+    base_model: str
+    sft: str
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.data, f"{name}.jsonl")
 
 
-def load_results(folder: str) -> dict:
-    with open(os.path.join(folder, "results.json")) as f:
-        return json.load(f)
+def plan(args: Args, hp: dict[str, list[str]], arms: list[str], sweep: list[float]) -> list[Task]:
+    out = os.path.abspath(args.out)
+    w = World(out, os.path.join(out, "testbed", "data"), os.path.join(out, "testbed", "base_model"),
+              os.path.join(out, "sft"))
+    tasks = [Task("testbed", "testbed.py", ["--out", os.path.join(out, "testbed"), "--seed", str(args.world_seed),
+                                            "--model-size", args.model_size, *hp["testbed"]], []),
+             Task("sft", "sft.py", ["--model", w.base_model, "--data", w.file("sft_train"), "--eval-prompts",
+                                    w.file("eval_prompts"), "--out", w.sft, "--seed", str(args.world_seed),
+                                    *hp["sft"]], ["testbed"])]
+    for s in range(args.seeds):
+        tasks += seed_tasks(args, hp, w, s, arms, sweep)
+    return tasks
 
 
-def write_report(args: Args, out: str, results: dict) -> str:
-    """report.md in the paper's shapes: Table 1 (vs SFT per round), Table 2 (vs vanilla PPO), RM accuracy (Fig. 4's
-    claim), reward-gap histogram (Fig. 5), with links to the figures evaluate.py drew."""
-    lines = [f"# MetaRM on the testbed: {args.rounds} rounds ({'OOD' if args.ood else 'in-distribution'} S)", "",
-             f"Wall time {results['wall_seconds'] / 60:.1f} min, {args.nproc} process(es), model {args.model_size}, "
-             f"seed {args.seed}, meta order {args.meta_order}.", "",
-             "## Table 1 shape: each policy vs SFT (gold judge, greedy responses, held-out prompts)", "",
-             "| policy | win % | tie % | lose % | gold (policy) | gold (SFT) |", "|---|---|---|---|---|---|"]
-    for name, res in results["vs_sft"].items():
-        w = res["win_tie_lose"]
-        lines.append(f"| {name} | {w['win_pct']:.0f} | {w['tie_pct']:.0f} | {w['lose_pct']:.0f} | "
-                     f"{w['gold_mean_a']:.3f} | {w['gold_mean_b']:.3f} |")
-    lines += ["", "## Table 2 shape: MetaRM rounds vs vanilla PPO (gold judge)", "",
-              "| policy | win % | tie % | lose % |", "|---|---|---|---|"]
-    for name, res in results["vs_vanilla"].items():
-        w = res["win_tie_lose"]
-        lines.append(f"| {name} | {w['win_pct']:.0f} | {w['tie_pct']:.0f} | {w['lose_pct']:.0f} |")
-    lines += ["", "## Reward models: accuracy on held-out pairs (Fig. 4's claim) and reward gaps (Fig. 5)", "",
-              "| RM | acc (labels) | acc (gold order) | OOD acc (labels) | OOD acc (gold) | gap mean (raw) | "
-              "normalised gaps < 0.2 | J (Eq. 2) |", "|---|---|---|---|---|---|---|---|"]
-    for name, res in results["rms"]["reward_models"].items():
-        idd, ood, gaps = res["test"], res["ood_test"], res["gaps"]
-        lines.append(f"| {name} | {idd['acc']:.3f} | {idd['acc_gold']:.3f} | {ood['acc']:.3f} | {ood['acc_gold']:.3f} | "
-                     f"{gaps['gap_mean']:.4f} | {gaps['normalised_below_0.2']:.2f} | {gaps['J']:.4f} |")
-    lines += ["", "Variance of r(x, s1) − r(x, s2) over the policies (Fig. 1), per RM:", "",
-              "| RM | " + " | ".join(next(iter(results["rms"]["reward_models"].values()))["diff12_var"]) + " |",
-              "|---|" + "---|" * len(next(iter(results["rms"]["reward_models"].values()))["diff12_var"])]
-    for name, res in results["rms"]["reward_models"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{v:.4f}" for v in res["diff12_var"].values()) + " |")
-    lines += ["", "Figures: [reward gaps](eval/rms/reward_gaps.png), [RM accuracy](eval/rms/rm_accuracy.png), "
-                  "[PPO rewards](eval/rms/ppo_rewards.png), [Fig. 1 variance](eval/rms/diff_variance.png)", ""]
-    text = "\n".join(lines)
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(text)
-    return text
+def seed_tasks(args: Args, hp: dict[str, list[str]], w: World, s: int, arms: list[str],
+               sweep: list[float]) -> list[Task]:
+    """The stages of one seed (see the module docstring). Task names are paths under OUT: seed<s>/<arm>/…"""
+    root = f"seed{s}"
+    at = lambda name: os.path.join(w.out, name)  # noqa: E731  (a task's output folder is OUT/<task name>)
+    pairs = ["--test", w.file("pairs_test")]
+    meta_prompts = w.file("ood_prompts" if args.ood else "rl_prompts")
+    tasks = [Task(f"{root}/rm0", "reward.py", ["--model", w.sft, "--train", w.file("pairs_train"), *pairs, "--out",
+                                               at(f"{root}/rm0"), "--seed", str(s), *hp["reward"]], ["sft"])]
+
+    def ppo(name: str, rm: str, deps: list[str], init: str | None = None) -> None:
+        tasks.append(Task(name, "ppo.py", ["--sft", w.sft, "--policy", init or w.sft, "--rm", at(rm), "--prompts",
+                                           w.file("rl_prompts"), "--eval-prompts", w.file("eval_prompts"), "--out",
+                                           at(name), "--seed", str(s), *hp["ppo"]], [rm, *deps]))
+
+    def meta_set(name: str, policy: str, deps: list[str], r: int) -> None:
+        tasks.append(Task(name, "meta_data.py", ["--policy", policy, "--prompts", meta_prompts, "--out", at(name),
+                                                 "--seed", str(100 * s + r), "--oracle-pairs", *hp["meta_data"]],
+                          deps))
+
+    ppo(f"{root}/vanilla/ppo", f"{root}/rm0", [])
+    for arm in [a for a in arms if a in ("metarm", "eta0", "oracle")]:
+        rm_prev, policy_prev = f"{root}/rm0", None
+        for r in range(1, args.rounds + 1):
+            base = f"{root}/{arm}/round{r}"
+            # S_r: round 1 samples the SFT model (one S shared by the arms); later rounds the chain's own policy
+            S = f"{root}/S1" if r == 1 else (f"{root}/metarm/round{r}/S" if arm in ("metarm", "eta0") else f"{base}/S")
+            if r == 1 and not any(t.name == S for t in tasks):
+                meta_set(S, w.sft, ["sft"], 1)
+            elif r > 1 and arm != "eta0":
+                meta_set(S, at(policy_prev), [policy_prev], r)
+            start = rm_prev if args.rm_init == "previous" else "sft"
+            deps = [S, start] if start != "sft" else [S, "sft"]
+            rm_from = at(start) if start != "sft" else w.sft
+            if arm == "metarm":
+                tasks.append(Task(f"{base}/rm", "meta_rm.py", [
+                    "--model", rm_from, "--train", w.file("pairs_train"), *pairs, "--meta", f"{at(S)}/meta_train.jsonl",
+                    "--meta-heldout", f"{at(S)}/meta_heldout.jsonl", "--out", at(f"{base}/rm"), "--meta-order",
+                    str(args.meta_order), "--seed", str(100 * s + r), *hp["meta_rm"],
+                    *(["--fresh-head"] if start == "sft" else [])], deps))  # an RM from SFT, on purpose
+            elif arm == "eta0":  # the same epoch over D in the same order as meta_rm.py, without the ascent
+                deps = [d for d in deps if d != S]
+                tasks.append(Task(f"{base}/rm", "reward.py", [
+                    "--model", rm_from, "--train", w.file("pairs_train"), *pairs, "--out", at(f"{base}/rm"),
+                    "--seed", str(100 * s + r), *hp["reward"]], deps))
+            else:  # oracle: D plus the fresh gold labels of S_r
+                train = at(f"{base}/train_pairs.jsonl")
+                tasks.append(Task(f"{base}/rm", "reward.py", [
+                    "--model", rm_from, "--train", train, *pairs, "--out", at(f"{base}/rm"), "--seed",
+                    str(100 * s + r), *hp["reward"]], deps,
+                    prepare=concatenate(train, [w.file("pairs_train"), f"{at(S)}/oracle_pairs.jsonl"])))
+            init = at(policy_prev) if args.ppo_init == "previous" and policy_prev else None
+            ppo(f"{base}/ppo", f"{base}/rm", [policy_prev] if init else [], init)
+            rm_prev, policy_prev = f"{base}/rm", f"{base}/ppo"
+    for eta in sweep:
+        base = f"{root}/sweep/eta{eta:g}"
+        if not any(t.name == f"{root}/S1" for t in tasks):
+            meta_set(f"{root}/S1", w.sft, ["sft"], 1)
+        tasks.append(Task(f"{base}/rm", "meta_rm.py", [
+            "--model", at(f"{root}/rm0"), "--train", w.file("pairs_train"), *pairs, "--meta",
+            f"{at(root)}/S1/meta_train.jsonl", "--meta-heldout", f"{at(root)}/S1/meta_heldout.jsonl", "--out",
+            at(f"{base}/rm"), "--meta-order", str(args.meta_order), "--seed", str(100 * s + 1), *hp["meta_rm"],
+            "--eta", f"{eta:g}"], [f"{root}/S1", f"{root}/rm0"]))
+        ppo(f"{base}/ppo", f"{base}/rm", [])
+    if "dpo" in arms:
+        tasks.append(Task(f"{root}/dpo", "dpo.py", ["--model", w.sft, "--train", w.file("pairs_train"), *pairs,
+                                                    "--out", at(f"{root}/dpo"), "--seed", str(s), *hp["dpo"]],
+                          ["sft"]))
+    return tasks + evaluation_tasks(hp, w, s, tasks)
+
+
+def evaluation_tasks(hp: dict[str, list[str]], w: World, s: int, tasks: list[Task]) -> list[Task]:
+    """Every policy of the seed vs SFT (gold judge, greedy); every RM side by side; best-of-n under RM₀."""
+    root, at = f"seed{s}", lambda name: os.path.join(w.out, name)  # noqa: E731
+    out: list[Task] = []
+    policies = [t.name for t in tasks if t.script in ("ppo.py", "dpo.py")]
+    for policy in policies:
+        out.append(Task(f"{root}/eval/{report.policy_key(policy)}", "evaluate.py", [
+            "--policy-a", at(policy), "--policy-b", w.sft, "--name-a", report.policy_key(policy), "--name-b", "sft",
+            "--prompts", w.file("eval_prompts"), "--pairs-test", "", "--ood-pairs-test", "", "--judge", "gold",
+            "--out", at(f"{root}/eval/{report.policy_key(policy)}"), *hp["evaluate"]], [policy]))
+    rms = [t.name for t in tasks if t.name.endswith("/rm") or t.name.endswith("/rm0")]
+    # the reward gaps (Fig. 5) on held-out samples of the latest MetaRM policy, else of the SFT model
+    meta_sets = [t.name for t in tasks if t.script == "meta_data.py"]
+    gap_set = next((n for n in reversed(meta_sets) if "/metarm/" in n), meta_sets[0] if meta_sets else None)
+    out.append(Task(f"{root}/eval/rms", "evaluate.py", [
+        "--rms", ",".join(f"{report.rm_key(rm)}={at(rm)}" for rm in rms), "--pairs-test", w.file("pairs_test"),
+        "--ood-pairs-test", w.file("ood_pairs_test"), "--prompts", w.file("eval_prompts"),
+        *(["--gap-set", f"{at(gap_set)}/meta_heldout.jsonl"] if gap_set else []), "--out", at(f"{root}/eval/rms"),
+        *hp["evaluate"]], rms + ([gap_set] if gap_set else [])))
+    out.append(Task(f"{root}/best_of_n", "best_of_n.py", ["--policy", w.sft, "--rm", at(f"{root}/rm0"), "--prompts",
+                                                          w.file("eval_prompts"), "--out", at(f"{root}/best_of_n"),
+                                                          "--seed", str(s), *hp["best_of_n"]], [f"{root}/rm0"]))
+    return out
+
+
+def concatenate(path: str, sources: list[str]) -> Callable[[], None]:
+    """A `prepare` step: write the lines of `sources` one after the other into `path` (atomically)."""
+    def write() -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            for src in sources:
+                with open(src) as g:
+                    f.writelines(line if line.endswith("\n") else line + "\n" for line in g if line.strip())
+        os.replace(path + ".tmp", path)
+    return write
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running the plan: up to --jobs stages at once, each a subprocess with --threads threads
+# ----------------------------------------------------------------------------------------------------------------
+def command(args: Args, task: Task) -> tuple[list[str], str]:
+    """(the argv to run, the command as a user would type it)."""
+    script_flags = [task.script, *task.flags, *resume_flags(args, task.script)]
+    if args.nproc == 1 or task.script == "testbed.py":
+        return [sys.executable, *script_flags], shlex.join(["python", *script_flags])
+    launcher = ["--standalone", f"--nproc_per_node={args.nproc}"]
+    return ([sys.executable, "-m", "torch.distributed.run", *launcher, *script_flags],
+            shlex.join(["torchrun", *launcher, *script_flags]))
+
+
+def resume_flags(args: Args, script: str) -> list[str]:
+    """An unfinished stage starts over (--overwrite), or continues from its last checkpoint (--resume)."""
+    if args.save_every > 0 and script in ("sft.py", "reward.py", "meta_rm.py", "ppo.py", "dpo.py"):
+        return ["--save-every", str(args.save_every), "--resume"]
+    return ["--overwrite"]
+
+
+def run_tasks(args: Args, tasks: list[Task], jobs: int) -> dict[str, tuple[str, float]]:
+    """Run every task whose dependencies are done and whose marker is missing, at most `jobs` at a time; return
+    {task: (script, seconds)} of the tasks run now. A failed task stops the launching of new ones (those in flight finish)."""
+    out = os.path.abspath(args.out)
+    marker = lambda t: os.path.join(out, ".done", t.name)  # noqa: E731
+    done = {t.name for t in tasks if os.path.exists(marker(t))}
+    todo = [t for t in tasks if t.name not in done]
+    if len(done):
+        print(f"== {len(done)} of {len(tasks)} stages done already (markers in {out}/.done/)", flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
+    running: dict[str, tuple[subprocess.Popen, float, object]] = {}
+    seconds: dict[str, tuple[str, float]] = {}
+    script_of = {t.name: t.script for t in tasks}
+    failed: list[str] = []
+    stopping, restore_signals = pass_signals_on(running)
+    while (todo and not failed and not stopping) or running:
+        for t in [t for t in todo if all(d in done for d in t.deps)][: max(0, jobs - len(running))]:
+            if failed or stopping:
+                break
+            todo.remove(t)
+            if t.prepare:
+                t.prepare()
+            argv, shown = command(args, t)
+            log_path = os.path.join(out, "logs", t.name.replace("/", "__") + ".log")
+            os.makedirs(os.path.dirname(log_path), exist_ok=True)
+            log = open(log_path, "w")
+            print(f"[{len(done) + len(running) + 1}/{len(tasks)}] {t.name}\n$ {shown}", flush=True)
+            running[t.name] = (subprocess.Popen(argv, cwd=os.path.dirname(os.path.abspath(__file__)), env=env,
+                                                stdout=log, stderr=subprocess.STDOUT), time.time(), log)
+        time.sleep(0.1)
+        for name, (proc, t0, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[name]
+            seconds[name] = (script_of[name], time.time() - t0)
+            if proc.returncode != 0:
+                failed.append(name)
+                print(f"!! {name} failed (exit status {proc.returncode}); its output: {log.name}", flush=True)
+                continue
+            done.add(name)
+            os.makedirs(os.path.dirname(os.path.join(out, ".done", name)), exist_ok=True)
+            with open(os.path.join(out, ".done", name), "w") as f:
+                f.write(f"{seconds[name][1]:.1f}\n")
+            print(f"   {name}: {seconds[name][1]:.0f} s", flush=True)
+    restore_signals()
+    if stopping:
+        raise common.Interrupted(stopping[0], f"pipeline: stopped by {signal.Signals(stopping[0]).name}; the stages "
+                                              "that were running stopped too (with --save-every after a resumable "
+                                              "checkpoint): run the same command again to continue")
+    if failed:
+        raise common.UserError(f"stage {failed[0]} failed (log: {out}/logs/{failed[0].replace('/', '__')}.log); run "
+                               "the same command again to continue from there")
+    return seconds
+
+
+def pass_signals_on(running: dict[str, tuple[subprocess.Popen, float, object]]) -> tuple[list[int], Callable]:
+    """While the stages run: a SIGTERM sent to the pipeline (a cluster's preemption) is passed on to every running
+    stage, which stops at its next step boundary (after a resumable checkpoint with --save-every); SIGINT is not
+    passed on (Ctrl-C reaches the stages from the terminal already, and a second one would cut torchrun's own
+    shutdown short). Either way nothing new is started and the pipeline waits for the running stages instead of
+    dying first. Returns the list the signals are recorded in (empty: none) and the function that puts the previous
+    handlers back."""
+    stopping: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        stopping.append(signum)
+        if signum == signal.SIGTERM:
+            for proc, _, _ in running.values():
+                proc.send_signal(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        return stopping, lambda: None
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
+    return stopping, lambda: [signal.signal(signum, h) for signum, h in previous.items()]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = common.parse_args(Args, argv)
+    given = set(argv if argv is not None else sys.argv[1:])
+    if args.study:  # the full study, except where a flag was given explicitly
+        for key, value in STUDY_DEFAULTS.items():
+            if "--" + key not in given:
+                setattr(args, key, value)
+    arms = ["vanilla"] + [a.strip() for a in args.arms.split(",") if a.strip() and a.strip() != "vanilla"]
+    check(all(a in ARMS for a in arms), f"--arms {args.arms}: each must be one of {', '.join(ARMS)}")
+    check("dpo" not in arms or os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), "dpo.py")),
+          "--arms dpo: this checkout has no dpo.py")
+    try:
+        sweep = [float(x) for x in args.eta_sweep.split(",") if x.strip()]
+    except ValueError:
+        raise common.UserError(f"--eta-sweep {args.eta_sweep}: expected comma-separated numbers") from None
+    check(all(x >= 0 for x in sweep), "--eta-sweep values must be >= 0")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    jobs = args.jobs or max(1, cores // (args.threads * args.nproc))
+    t_start = time.time()
+    common.lock_output(args.out)  # one live pipeline per folder (each stage also locks its own)
+    os.makedirs(args.out, exist_ok=True)
+    common.save_args(args, args.out)
+    tasks = plan(args, stage_flags(args), arms, sweep)
+    print(f"pipeline: {len(tasks)} stages ({args.seeds} seeds, arms {', '.join(arms)}, {args.rounds} rounds"
+          f"{', η sweep ' + args.eta_sweep if sweep else ''}); {jobs} at a time x {args.threads} thread(s) x "
+          f"{args.nproc} process(es) on {cores} cores", flush=True)
+    seconds = run_tasks(args, tasks, jobs)
+    text = report.write(os.path.abspath(args.out), seeds=list(range(args.seeds)), arms=arms, rounds=args.rounds,
+                        sweep=sweep, wall_seconds=time.time() - t_start, stage_seconds=seconds,
+                        settings={"jobs": jobs, "threads": args.threads, "nproc": args.nproc,
+                                  "model_size": args.model_size, "meta_order": args.meta_order, "ood": args.ood,
+                                  "toy": args.toy, "rm_init": args.rm_init, "ppo_init": args.ppo_init})
+    print(f"\n{text}\nwrote {args.out}/report.md, results.json and figures/ ({(time.time() - t_start) / 60:.1f} min)")
 
 
 if __name__ == "__main__":

@@ -151,6 +151,12 @@ class Args:
                             "log-probs of steps 3 and 6 differ by rounding, so the ratio is not 1 at the start)",
                      essential=True)
     threads: int = arg(0, common.THREADS_HELP, valid=non_negative)
+    eval_prompts: str = arg("", "held-out prompts, JSONL {prompt}: every --eval-every iterations (and before the "
+                                "first and after the last) the policy is sampled on them and the gold reward (on the "
+                                "testbed), the RM's score and KL(π‖π_SFT) are logged — the over-optimisation curve; "
+                                "empty = off")
+    eval_every: int = arg(10, "iterations between held-out evaluations (with --eval-prompts)", valid=positive)
+    eval_samples: int = arg(2, "responses sampled per held-out prompt at each evaluation", valid=positive)
     sample_every: int = arg(10, "print a few decoded rollouts with score, KL and total every N iterations (0 = never)",
                             valid=non_negative)
     samples_to_print: int = arg(3, "how many rollouts to print (each from a different prompt)", valid=non_negative)
@@ -463,6 +469,72 @@ def ppo_update(policy, critic, policy_opt, critic_opt, batch: Rollouts, exp: dic
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Held-out evaluation: gold reward, proxy score and KL(π‖π_SFT) on fixed prompts (the over-optimisation curve)
+# ----------------------------------------------------------------------------------------------------------------
+def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(π(·|ctx) ‖ π_ref(·|ctx)) at every position, exactly over the vocabulary, for π = softmax(logits / T) and
+    π_ref = softmax(ref_logits / T): (B, R, V), (B, R, V) -> (B, R).
+
+    Summed over the tokens of a response sampled from π, it is an unbiased estimate of the sequence-level
+    KL(π(·|x) ‖ π_ref(·|x)) (the chain rule: the sequence KL is the expected sum of the per-step KLs along π's own
+    samples), with less variance than the sampled log-ratio log π(y) − log π_ref(y) that step 4 uses."""
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    logq = torch.log_softmax(ref_logits / temperature, dim=-1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+@torch.no_grad()
+def evaluate_policy(policy, ref, rm, tokenizer, prompts: list[str], args: Args, world: int, rank: int,
+                    device: torch.device) -> dict[str, float]:
+    """Sample --eval-samples responses per held-out prompt with the rollouts' sampler (T, top-p, repetition
+    penalty: what the policy actually answers) and return the means over all of them: gold reward (testbed
+    prompts only), the RM's raw score, KL(π_T‖π_ref,T) per response (token_kl summed over the response) and its
+    square root, response length, EOS rate.
+
+    The KL is that of the temperature-scaled models (the distributions of PPO's log-probs and KL penalty), taken
+    along the sampled responses. Top-p cuts the tails, so the responses are not drawn from π_T exactly and the sum
+    is a (slightly) biased estimate of the sequence KL; plain temperature sampling would remove the bias but would
+    score the policy on tail tokens that PPO never samples and never trains (on the testbed its gold is ~0.7 lower).
+
+    Gao et al. (2022) plot gold reward against d = √KL; `eval_sqrt_kl` is √ of the mean KL (the d of the policy),
+    not the mean of per-response roots. Prompts are dealt to ranks in turn; a tail that does not fill every rank
+    is left out so that all ranks run the same number of collective forward passes."""
+    n = len(prompts) // world * world
+    mine = [p for p in prompts[:n][rank::world] for _ in range(args.eval_samples)]
+    sums = dict(gold=0.0, score=0.0, kl=0.0, response_len=0.0, eos_rate=0.0, count=0.0)
+    has_gold = True
+    for start in range(0, len(mine), args.generation_batch_size):
+        chunk = mine[start: start + args.generation_batch_size]
+        with common.autocast(device, args.bf16):
+            q, r = sampling.generate(policy, tokenizer, chunk, max_new_tokens=args.max_new_tokens,
+                                     temperature=args.temperature, top_p=args.top_p,
+                                     repetition_penalty=args.repetition_penalty, world=world,
+                                     chat_template=args.chat_template)
+        queries = [[t for t in row if t != tokenizer.pad_token_id] for row in q.tolist()]
+        responses = [row[: row.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in row else row
+                     for row in r.tolist()]
+        batch = collate(chunk, queries, responses, tokenizer.pad_token_id, tokenizer.eos_token_id)
+        for m_start in range(0, len(chunk), args.micro_batch_size):
+            part = batch.rows(slice(m_start, m_start + args.micro_batch_size))
+            mask = part.response_mask.float()
+            kl = token_kl(response_logits(policy, part, args.bf16), response_logits(ref, part, args.bf16),
+                          args.temperature).cpu()
+            sums["kl"] += (kl * mask).sum().item()
+            sums["score"] += rm_scores(rm, part, args.bf16).sum().item()
+            gold = testbed.gold_scores(part.prompts, response_texts(part, tokenizer))
+            has_gold = has_gold and gold is not None
+            sums["gold"] += sum(gold) if gold is not None else 0.0
+            sums["response_len"] += mask.sum().item()
+            sums["eos_rate"] += part.ended.float().sum().item()
+            sums["count"] += len(part.prompts)
+    distributed.reshard(policy, ref, rm)
+    totals = {k: distributed.all_reduce_sum(v, world) for k, v in sums.items()}
+    out = {f"eval_{k}": totals[k] / totals["count"] for k in sums if k != "count" and (k != "gold" or has_gold)}
+    out["eval_sqrt_kl"] = max(out["eval_kl"], 0.0) ** 0.5
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Reporting
 # ----------------------------------------------------------------------------------------------------------------
 def response_texts(batch: Rollouts, tokenizer) -> list[str]:
@@ -531,6 +603,9 @@ def main(argv: list[str] | None = None) -> None:
     check(tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id,
           f"{args.sft}: the tokenizer needs a PAD token distinct from EOS (responses are cut at the first EOS)")
     prompts = data.read_prompts(args.prompts, args.data_format)
+    eval_prompts = data.read_prompts(args.eval_prompts, args.data_format) if args.eval_prompts else []
+    check(not eval_prompts or len(eval_prompts) >= world,
+          f"{args.eval_prompts}: {len(eval_prompts)} prompts, fewer than the {world} processes")
     state = distributed.resume_state(args) if args.resume else None  # None: start from scratch
     critic_path = os.path.join(args.out, "critic")
     if state:  # the critic is saved just before the policy: a crash between the two saves leaves them apart
@@ -579,6 +654,19 @@ def main(argv: list[str] | None = None) -> None:
                                                        order=prompt_order, score_mean=score_mean, score_std=score_std)
         distributed.save_model(policy, tokenizer, args.out, world, args, trainer_state)
 
+    def held_out_eval(iteration: int) -> None:
+        """The over-optimisation curve: one evaluate_policy line in metrics.jsonl. It samples from its own random
+        stream (seeded by --seed, the iteration and the rank), so the training run is the same with or without it."""
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(args.seed * 100_003 + iteration * 101 + rank)
+            metrics = evaluate_policy(policy, ref, rm, tokenizer, eval_prompts, args, world, rank, device)
+        log.log(iteration=iteration, **metrics)
+        gold = f"gold {metrics['eval_gold']:.3f}, " if "eval_gold" in metrics else ""
+        common.print0(f"eval @ {iteration}: {gold}score {metrics['eval_score']:.3f}, KL {metrics['eval_kl']:.3f} "
+                      f"(sqrt {metrics['eval_sqrt_kl']:.3f}) on {len(eval_prompts)} held-out prompts")
+
+    if eval_prompts and start == 0:
+        held_out_eval(0)
     preemption = common.Preemption(args.save_every > 0, "ppo", args.out, distributed.NOT_RESUMABLE, unit="iteration")
     bar = common.progress(range(start, args.iterations), desc="ppo")
     for it in bar:
@@ -611,6 +699,8 @@ def main(argv: list[str] | None = None) -> None:
         log.log(iteration=it + 1, **metrics)
         bar.set_postfix(score=f"{metrics['score']:.3f}", kl=f"{metrics['kl_k1']:.3f}")
         print_iteration(it, args, metrics, exp, batch, texts, (t0, t1, t2, t3))
+        if eval_prompts and (common.due(args.eval_every, it + 1, args.iterations) or it + 1 == args.iterations):
+            held_out_eval(it + 1)
         stop = preemption.requested(world, it + 1, args.iterations)  # SIGINT / SIGTERM (collective)
         if common.due(args.save_every, it + 1, args.iterations) or stop:
             save(it + 1)

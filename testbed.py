@@ -76,6 +76,7 @@ Deliberate choices:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -112,6 +113,12 @@ class Args:
     label_noise: float = arg(1.0, "tau of the Bradley-Terry annotator P(a > b) = sigmoid((gold_a - gold_b) / tau); "
                                   "1.0 gives ~73%% agreement with the gold ordering, like human annotators",
                                   valid=positive)
+    errors: str = arg("visible", "what wrong answers look like: visible = a word that should not be there (another "
+                             "word repeated, a letter or list item not in the question, an operand for a sum), which "
+                             "a small RM can learn to see; subtle = also right items in the wrong order or count and "
+                             "off-by-one sums (the first testbed's world; docs/calibration.md compares them). Lookup "
+                             "answers (a wrong colour) and the OOD families are the same in both",
+                      choices=("visible", "subtle"))
     vocab_size: int = arg(1000, "target vocabulary of the byte-level BPE tokenizer (fewer if the corpus runs out "
                                 "of merges)", valid=at_least(300, "256 bytes + specials + merges"))
     model_size: str = arg("tiny", "base model size: tiny ~1.1M params, small ~6M, medium ~29M",
@@ -172,8 +179,9 @@ class Family:
     keys: Callable[[dict], tuple]                      # params -> key items a relevant answer mentions
     sentence: Callable[[dict, tuple], str]             # (params, answer words) -> the answer as a full sentence
     bare: Callable[[tuple], str]                       # answer words -> the answer alone
-    corrupt: Callable[[dict, random.Random], tuple]    # (params, rng) -> a wrong answer's words
+    corrupt: Callable[[dict, random.Random], tuple]    # (params, rng) -> a wrong answer's words ("subtle" errors)
     domain: frozenset                                  # words that could be an answer of this family
+    visible: Callable[[dict, random.Random], tuple] | None = None  # a wrong answer that shows in its words
 
 
 def _shuffled_other(rng: random.Random, items: list, forbidden: list) -> list:
@@ -196,6 +204,10 @@ def _corrupt_repeat(p, rng):
     return (rng.choice([w for w in WORDS if w != p["word"]]),) * n
 
 
+def _visible_repeat(p, rng):
+    return (rng.choice([w for w in WORDS if w != p["word"]]),) * int(p["n"])  # another word, the right count
+
+
 def _solve_sort(p):
     ls = p["letters"].split(" ")
     return tuple(sorted(ls)) if all(c in LETTERS for c in ls) and len(set(ls)) == len(ls) >= 3 else None
@@ -210,6 +222,13 @@ def _corrupt_sort(p, rng):
     return tuple(out)
 
 
+def _visible_sort(p, rng):
+    ls = p["letters"].split(" ")
+    out = sorted(ls)
+    out[rng.randrange(len(out))] = rng.choice([c for c in LETTERS if c not in ls])  # a letter not in the question
+    return tuple(out)
+
+
 def _solve_reverse(p):
     items = p["items"].split(", ")
     return tuple(reversed(items)) if all(w in WORDS for w in items) and len(set(items)) == len(items) >= 3 else None
@@ -220,6 +239,13 @@ def _corrupt_reverse(p, rng):
     if rng.random() < 0.5:
         return tuple(items)  # the original order
     return tuple(_shuffled_other(rng, items, items[::-1]))
+
+
+def _visible_reverse(p, rng):
+    items = p["items"].split(", ")
+    out = items[::-1]
+    out[rng.randrange(len(out))] = rng.choice([w for w in WORDS if w not in items])  # a word not in the question
+    return tuple(out)
 
 
 def _solve_add(p):
@@ -242,19 +268,19 @@ FAMILIES = {f.name: f for f in (
         sample=lambda rng: {"word": rng.choice(WORDS), "n": str(rng.randint(2, 4))},
         solve=_solve_repeat, keys=lambda p: (p["word"],),
         sentence=lambda p, ans: " ".join(ans), bare=lambda ans: " ".join(ans),
-        corrupt=_corrupt_repeat, domain=frozenset(WORDS)),
+        corrupt=_corrupt_repeat, domain=frozenset(WORDS), visible=_visible_repeat),
     Family(
         "sort", False, ("Sort the letters {letters}.", "Put these letters in order: {letters}."),
         sample=lambda rng: {"letters": " ".join(rng.sample(LETTERS, rng.randint(3, 4)))},
         solve=_solve_sort, keys=lambda p: tuple(p["letters"].split(" ")),
         sentence=lambda p, ans: " ".join(ans), bare=lambda ans: " ".join(ans),
-        corrupt=_corrupt_sort, domain=frozenset(LETTERS)),
+        corrupt=_corrupt_sort, domain=frozenset(LETTERS), visible=_visible_sort),
     Family(
         "reverse", False, ("Reverse the list: {items}.", "Say these words backwards: {items}."),
         sample=lambda rng: {"items": ", ".join(rng.sample(WORDS, 3))},
         solve=_solve_reverse, keys=lambda p: tuple(p["items"].split(", ")),
         sentence=lambda p, ans: ", ".join(ans), bare=lambda ans: ", ".join(ans),
-        corrupt=_corrupt_reverse, domain=frozenset(WORDS)),
+        corrupt=_corrupt_reverse, domain=frozenset(WORDS), visible=_visible_reverse),
     Family(
         "lookup", False, ("What colour is the {obj}?", "Tell me the colour of the {obj}."),
         sample=lambda rng: {"obj": rng.choice(sorted(OBJECT_COLOUR))},
@@ -268,7 +294,8 @@ FAMILIES = {f.name: f for f in (
         sample=lambda rng: {"a": str(rng.randint(1, 9)), "b": str(rng.randint(1, 9))},
         solve=_solve_add, keys=lambda p: (p["a"], p["b"]),
         sentence=lambda p, ans: f"{p['a']} plus {p['b']} is {ans[0]}.", bare=lambda ans: ans[0],
-        corrupt=_corrupt_add, domain=NUMBERS),
+        corrupt=_corrupt_add, domain=NUMBERS,
+        visible=lambda p, rng: (rng.choice((p["a"], p["b"])),)),  # an operand echoed (never the sum: no 0)
     Family(
         "count", True, ("How many words are in '{words}'?", "Count the words in: {words}."),
         sample=lambda rng: {"words": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 5)))},
@@ -455,25 +482,29 @@ class Style:
     p_closing: float           # one closing line ("Hope this helps.")
     p_closing_many: float      # two closing lines (rambling)
     p_repeat: float            # the answer said twice (repetition)
+    errors: str = "visible"    # wrong answers: "visible" (a word of the answer that should not be there, where the
+                               # family has such an error) or "subtle" (also right items in the wrong order / count,
+                               # off-by-one sums)
 
 
 SFT_STYLE = Style(p_correct=0.6, p_sentence=0.4, p_answer_is=0.2, p_courtesy=0.3, p_courtesy_many=0.0,
                   p_closing=0.25, p_closing_many=0.02, p_repeat=0.05)
 
 
-def pair_style(q: float) -> Style:
+def pair_style(q: float, errors: str = "visible") -> Style:
     """Preference-pair responses: a quality level q in [0, 1] drawn per response moves every knob together, so in
     the pairs the surface features (courtesy, closing line, full sentence) go with correctness."""
     return Style(p_correct=0.2 + 0.7 * q, p_sentence=0.2 + 0.6 * q, p_answer_is=0.2, p_courtesy=0.15 + 0.5 * q,
                  p_courtesy_many=0.04, p_closing=0.05 + 0.55 * q, p_closing_many=0.05 * (1 - q),
-                 p_repeat=0.15 * (1 - q))
+                 p_repeat=0.15 * (1 - q), errors=errors)
 
 
 def sample_response(prompt: str, rng: random.Random, style: Style) -> str:
     """One response to a testbed prompt: [courtesy] answer [answer again] [closing line(s)], leading space."""
     task = parse_prompt(prompt)
     fam, p = FAMILIES[task.family], task.p
-    answer = task.answer if rng.random() < style.p_correct else fam.corrupt(p, rng)
+    wrong = fam.visible if style.errors == "visible" and fam.visible else fam.corrupt
+    answer = task.answer if rng.random() < style.p_correct else wrong(p, rng)
     u = rng.random()
     if u < style.p_sentence:
         core = fam.sentence(p, answer)
@@ -505,7 +536,7 @@ def sigmoid(x: float) -> float:
 
 
 def sample_pairs(rng: random.Random, n: int, families: tuple[str, ...], tau: float,
-                 exclude: set[str]) -> list[dict]:
+                 exclude: set[str], errors: str = "visible") -> list[dict]:
     """n preference pairs; the label is a noisy Bradley–Terry draw on the gold scores:
     P(a chosen over b) = sigmoid((gold_a - gold_b) / tau). Identical responses and equal gold are skipped."""
     pairs = []
@@ -513,14 +544,39 @@ def sample_pairs(rng: random.Random, n: int, families: tuple[str, ...], tau: flo
         prompt = sample_prompt(rng, families)
         if prompt in exclude:
             continue
-        a = sample_response(prompt, rng, pair_style(rng.random()))
-        b = sample_response(prompt, rng, pair_style(rng.random()))
-        ga, gb = gold_reward(prompt, a), gold_reward(prompt, b)
-        if a == b or ga == gb:
-            continue
-        a_wins = rng.random() < sigmoid((ga - gb) / tau)
-        chosen, rejected = (a, b) if a_wins else (b, a)
-        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        a = sample_response(prompt, rng, pair_style(rng.random(), errors))
+        b = sample_response(prompt, rng, pair_style(rng.random(), errors))
+        pair = bradley_terry_label(prompt, a, b, tau, rng)
+        if pair is not None:
+            pairs.append(pair)
+    return pairs
+
+
+def bradley_terry_label(prompt: str, a: str, b: str, tau: float, rng: random.Random) -> dict | None:
+    """The testbed's annotator: {prompt, chosen, rejected} with a preferred to b with probability
+    sigmoid((gold_a - gold_b) / tau) (one draw from `rng`), or None — no draw — when the two responses are identical
+    or equally good (no preference to express). Used for the preference pairs D and for the oracle arm's fresh
+    labels, so both come from the same annotator."""
+    ga, gb = gold_reward(prompt, a), gold_reward(prompt, b)
+    if a == b or ga == gb:
+        return None
+    a_wins = rng.random() < sigmoid((ga - gb) / tau)
+    chosen, rejected = (a, b) if a_wins else (b, a)
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def label_meta_set(items: list[dict], tau: float, seed: int) -> list[dict]:
+    """Fresh preference pairs from a meta set S {prompt, responses[k]}: every two responses of a prompt (C(k, 2)
+    pairs, in order i < j), labelled by `bradley_terry_label` with a `random.Random(seed)`; pairs without a
+    preference are left out. The oracle arm of the study: the labels MetaRM does without."""
+    rng = random.Random(seed)
+    pairs = []
+    for it in items:
+        for i in range(len(it["responses"])):
+            for j in range(i + 1, len(it["responses"])):
+                pair = bradley_terry_label(it["prompt"], it["responses"][i], it["responses"][j], tau, rng)
+                if pair is not None:
+                    pairs.append(pair)
     return pairs
 
 
@@ -615,7 +671,7 @@ def build_model(size: str, tokenizer, seed: int):
 # Main
 # ---------------------------------------------------------------------------------------------------------------
 CONTENT_ARGS = ("seed", "n_sft", "n_pairs_train", "n_pairs_test", "n_rl_prompts", "n_eval_prompts", "n_ood_prompts",
-                "n_ood_pairs_test", "label_noise", "vocab_size", "model_size")
+                "n_ood_pairs_test", "label_noise", "errors", "vocab_size", "model_size")
 
 
 def _prepare_out(args: Args) -> None:
@@ -669,16 +725,18 @@ def main(argv: list[str] | None = None) -> dict:
     eval_prompts = sample_eval_prompts(rng_for(1), args.n_eval_prompts)
     held_out = set(eval_prompts)
     rng = rng_for(2)
+    sft_style = dataclasses.replace(SFT_STYLE, errors=args.errors)
     sft = []
     while len(sft) < args.n_sft:
         prompt = sample_prompt(rng, IN_DISTRIBUTION)
         if prompt not in held_out:
-            sft.append({"prompt": prompt, "response": sample_response(prompt, rng, SFT_STYLE)})
-    pairs_train = sample_pairs(rng_for(3), args.n_pairs_train, IN_DISTRIBUTION, args.label_noise, held_out)
-    pairs_test = sample_pairs(rng_for(4), args.n_pairs_test, IN_DISTRIBUTION, args.label_noise, held_out)
+            sft.append({"prompt": prompt, "response": sample_response(prompt, rng, sft_style)})
+    pairs_train = sample_pairs(rng_for(3), args.n_pairs_train, IN_DISTRIBUTION, args.label_noise, held_out,
+                               args.errors)
+    pairs_test = sample_pairs(rng_for(4), args.n_pairs_test, IN_DISTRIBUTION, args.label_noise, held_out, args.errors)
     rl_prompts = sample_unique_prompts(rng_for(5), args.n_rl_prompts, IN_DISTRIBUTION, held_out)
     ood_prompts = sample_unique_prompts(rng_for(6), args.n_ood_prompts, OOD, set())
-    ood_pairs = sample_pairs(rng_for(7), args.n_ood_pairs_test, OOD, args.label_noise, set())
+    ood_pairs = sample_pairs(rng_for(7), args.n_ood_pairs_test, OOD, args.label_noise, set(), args.errors)
 
     data = os.path.join(args.out, "data")
     files = {"sft_train": sft, "pairs_train": pairs_train, "pairs_test": pairs_test,

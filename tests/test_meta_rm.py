@@ -150,6 +150,41 @@ def test_ascent_raises_J(rm_and_batches):
     assert stats["step_norm"] == pytest.approx(0.05 * stats["grad_J_norm"])
 
 
+def test_mechanism_stats_against_independent_computations(rm_and_batches):
+    # reward scale and standardised J recomputed from the model's own forward (reward.rewards), cos of the two
+    # gradients from reward.py's vanilla gradient; at η = 0, θ' = θ, so cos is 1 and every "adapted" value
+    # equals its value at θ
+    model, X_t, X_s = rm_and_batches
+    params = dict(model.named_parameters())
+    grads, stats = meta_rm.meta_gradient(model, params, dict(model.named_buffers()), X_t, X_s, k=3, eta=0.05,
+                                         order=1, measure_adapted=True)
+    with torch.no_grad():
+        r_s, r_d = reward.rewards(model, *X_s), reward.rewards(model, *X_t)
+    assert stats["reward_std_S"] == pytest.approx(r_s.std(unbiased=False).item(), rel=1e-5)
+    assert stats["reward_std_D"] == pytest.approx(r_d.std(unbiased=False).item(), rel=1e-5)
+    z = ((r_s - r_s.mean()) / r_s.std(unbiased=False)).view(3, 3)
+    assert stats["J_std"] == pytest.approx(meta_rm.difference_loss(z).item(), rel=1e-5)
+    r = reward.rewards(model, *X_t)
+    vanilla = torch.autograd.grad(reward.bradley_terry_loss(r[:4], r[4:]), list(model.parameters()))
+    dot = sum((a * b).sum() for a, b in zip(grads, vanilla))
+    cos = dot / (sum((a * a).sum() for a in grads) * sum((b * b).sum() for b in vanilla)).sqrt()
+    assert stats["cos_grad"] == pytest.approx(cos.item(), rel=1e-5) and stats["cos_grad"] < 1.0
+    _, still = meta_rm.meta_gradient(model, params, dict(model.named_buffers()), X_t, X_s, k=3, eta=0.0, order=1,
+                                     measure_adapted=True)
+    assert still["cos_grad"] == pytest.approx(1.0, abs=1e-9)
+    assert still["J_adapted"] == pytest.approx(still["J"], abs=1e-7)
+    assert still["J_std_adapted"] == pytest.approx(still["J_std"], abs=1e-7)
+
+
+def test_standardised_J_ignores_the_reward_scale():
+    # J(a·r + b) grows with a (σ(|Δ|) at larger gaps) while the ranking is unchanged; J of standardised rewards
+    # does not move: (a·r + b − mean) / std = (r − mean(r)) / std(r) for a > 0
+    r = torch.tensor([[0.0, 1.0, 3.0], [2.0, 2.5, -1.0]])
+    assert meta_rm.difference_loss(3 * r + 1) > meta_rm.difference_loss(r)
+    assert meta_rm.difference_loss(meta_rm.standardised(3 * r + 1)).item() == pytest.approx(
+        meta_rm.difference_loss(meta_rm.standardised(r)).item(), rel=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Float64 golden tests on a tiny GPT-2, which stays float64 end to end (docs/design.md §9): the meta step of meta_rm.py
 # (order 1, order 2, in place; 1 and 2 processes) against the same mathematics written again here with plain autograd.
@@ -369,6 +404,26 @@ def test_order_two_differs_from_order_one(world, meta_inputs):
     one, _ = _run_meta(world, meta_inputs, "w1_o1_again", 1, "--meta-order", "1")
     two, _ = _run_meta(world, meta_inputs, "w1_o2_again", 1, "--meta-order", "2")
     assert max((one[k] - two[k]).abs().max().item() for k in one) > 1e-6
+
+
+def test_eta_zero_run_is_one_more_vanilla_epoch(world, meta_inputs):
+    # The study's η = 0 control trains with reward.py instead of meta_rm.py --eta 0 (a third of the cost): the same
+    # pairs in the same order (both draw it with common.Shuffled from --seed), the same AdamW, the same clip, and at
+    # η = 0 meta_gradient's θ' is θ + 0 = θ exactly - so the two runs must end with bit-identical weights.
+    root = meta_inputs
+    flags = ["--model", f"{root}/rm", "--train", world.pairs_train, "--test", "", "--max-steps", "3", "--batch-size",
+             "4", "--micro-batch-size", "4", "--lr", "1e-3", "--seed", "5"]
+    rc, out, err = run_command(["meta_rm.py", *flags, "--meta", f"{root}/S.jsonl", "--meta-heldout", "",
+                                "--meta-batch-size", "4", "--eta", "0", "--out", f"{root}/eta0_meta"])
+    assert rc == 0, err
+    rc, out, err = run_command(["reward.py", *flags, "--out", f"{root}/eta0_vanilla"])
+    assert rc == 0, err
+    meta, vanilla = load_file(f"{root}/eta0_meta/model.safetensors"), load_file(f"{root}/eta0_vanilla/model.safetensors")
+    assert meta.keys() == vanilla.keys()
+    for key in meta:
+        assert torch.equal(meta[key], vanilla[key]), key
+    start = load_file(f"{root}/rm/model.safetensors")
+    assert any(not torch.equal(meta[k], start[k]) for k in meta)  # three steps did move the weights
 
 
 # ----------------------------------------------------------------------------------------------------------------

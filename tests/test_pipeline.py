@@ -1,58 +1,157 @@
-"""The rounds pipeline end to end at toy size: every stage runs, the report, JSON and figures appear, and a second
-run with the same command resumes (skips every finished stage) instead of redoing the work."""
+"""The study pipeline: the scheduler (never more than --jobs stages at once, dependencies first, resume, a failure
+stops it), report.py's reductions by hand, and the whole study at toy size end to end (1 and 2 processes)."""
 import json
+import math
 import os
 
+import pytest
+
+import pipeline
+import report
 from conftest import run_command
 
 
-def test_pipeline_toy_run_and_resume(tmp_path):
-    out = tmp_path / "pipe"
-    rc, stdout, stderr = run_command(["pipeline.py", "--toy", "--rounds", "1", "--out", str(out)], timeout=600)
-    assert rc == 0, stdout[-3000:] + stderr[-3000:]
-    stages = ["testbed", "sft", "round0/rm", "round0/ppo", "round1/meta_set", "round1/meta_rm", "round1/ppo",
-              "eval/round0_vs_sft", "eval/round1_vs_sft", "eval/round1_vs_vanilla", "eval/rms"]
-    for stage in stages:
-        assert (out / ".done" / stage).exists(), stage
-    results = json.loads((out / "results.json").read_text())
-    # Table 1 rows (vs SFT): round 0 = vanilla PPO and round 1; Table 2 (vs vanilla PPO): round 1
-    assert list(results["vs_sft"]) == ["vanilla PPO", "MetaRM round 1"]
-    assert list(results["vs_vanilla"]) == ["MetaRM round 1"]
-    for res in list(results["vs_sft"].values()) + list(results["vs_vanilla"].values()):
-        w = res["win_tie_lose"]
-        assert w["win"] + w["tie"] + w["lose"] + w["invalid"] == 8  # the toy world has 8 evaluation prompts
-    assert set(results["rms"]["reward_models"]) == {"vanilla", "metarm_r1"}
-    report = (out / "report.md").read_text()
-    assert "Table 1" in report and "| MetaRM round 1 |" in report and "| metarm_r1 |" in report
-    for png in ("reward_gaps.png", "rm_accuracy.png", "ppo_rewards.png", "diff_variance.png"):
-        assert (out / "eval" / "rms" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # the policy of round 1 is a plain transformers checkpoint
-    assert os.path.exists(out / "round1" / "ppo" / "model.safetensors")
+# ----------------------------------------------------------------------------------------------------------------
+# The scheduler
+# ----------------------------------------------------------------------------------------------------------------
+def _events(log):
+    rows = [line.split() for line in open(log)]
+    return {(name, kind): float(t) for name, kind, t in rows}
 
-    # resume: the same command again finds every stage done and only rewrites the report
-    rc, stdout, stderr = run_command(["pipeline.py", "--toy", "--rounds", "1", "--out", str(out)], timeout=300)
-    assert rc == 0, stderr[-3000:]
-    assert stdout.count("done already") == len(stages)
-    assert "$ " not in stdout  # no stage command was run again
+
+def test_run_tasks_respects_jobs_and_dependencies(tmp_path):
+    log = str(tmp_path / "events.log")
+    stage = os.path.join("tests", "helpers", "timed_stage.py")
+    t = lambda name, deps, sec="0.4": pipeline.Task(name, stage, [log, name, sec], deps)  # noqa: E731
+    # a -> (b, c, d) -> e: b, c, d can run together, but jobs = 2 allows two at a time
+    tasks = [t("a", []), t("b", ["a"]), t("c", ["a"]), t("d", ["a"]), t("e", ["b", "c", "d"])]
+    args = pipeline.Args(out=str(tmp_path / "out"))
+    ran = pipeline.run_tasks(args, tasks, jobs=2)
+    assert set(ran) == {"a", "b", "c", "d", "e"}
+    ev = _events(log)
+    for name, deps in (("b", "a"), ("c", "a"), ("d", "a")):
+        assert ev[(name, "start")] >= ev[(deps, "end")]
+    assert ev[("e", "start")] >= max(ev[(n, "end")] for n in "bcd")
+    # at no time were more than 2 stages alive: count overlaps at every start
+    for name in "abcde":
+        t0 = ev[(name, "start")]
+        alive = [n for n in "abcde" if ev[(n, "start")] <= t0 < ev[(n, "end")]]
+        assert len(alive) <= 2, (name, alive)
+    # b, c and d did not run one after another: two of them overlapped
+    assert any(ev[(x, "start")] < ev[(y, "end")] and ev[(y, "start")] < ev[(x, "end")]
+               for x, y in (("b", "c"), ("b", "d"), ("c", "d")))
+    # a second run finds every marker and runs nothing
+    assert pipeline.run_tasks(args, tasks, jobs=2) == {}
+
+
+def test_run_tasks_stops_at_a_failure_and_resumes(tmp_path):
+    log = str(tmp_path / "events.log")
+    stage = os.path.join("tests", "helpers", "timed_stage.py")
+    args = pipeline.Args(out=str(tmp_path / "out"))
+    bad = [pipeline.Task("a", stage, [log, "a", "0"], []), pipeline.Task("b", stage, [log, "b", "0", "fail"], ["a"]),
+           pipeline.Task("c", stage, [log, "c", "0"], ["b"])]
+    with pytest.raises(pipeline.common.UserError, match="stage b failed"):
+        pipeline.run_tasks(args, bad, jobs=1)
+    assert ("c", "start") not in _events(log)
+    fixed = bad[:1] + [pipeline.Task("b", stage, [log, "b", "0"], ["a"]), bad[2]]
+    assert set(pipeline.run_tasks(args, fixed, jobs=1)) == {"b", "c"}  # a was done: only b and c run again
 
 
 def test_micro_batches_are_split_over_processes():
     # TESTBED's micro-batch sizes are per process for 1 process; with 2 processes each takes half, so that
     # micro-batch x accumulation x processes is the same global batch (32 = 16 x 1 x 2); other flags are untouched.
-    import pipeline
-
     flags = ["--lr", "3e-3", "--micro-batch-size", "32", "--max-len", "64"]
     assert pipeline.per_process(flags, 2) == ["--lr", "3e-3", "--micro-batch-size", "16", "--max-len", "64"]
     assert pipeline.per_process(flags, 1) == flags
 
 
-def test_pipeline_toy_run_two_processes(tmp_path):
-    # `python pipeline.py --nproc 2`: every stage under torchrun (FSDP2, gloo), the global batches unchanged
-    out = tmp_path / "pipe2"
-    rc, stdout, stderr = run_command(["pipeline.py", "--toy", "--rounds", "1", "--nproc", "2", "--out", str(out)],
-                                     timeout=900)
+# ----------------------------------------------------------------------------------------------------------------
+# report.py by hand
+# ----------------------------------------------------------------------------------------------------------------
+def test_smoothed_and_curve_numbers_by_hand():
+    # moving average of 3: [1, 2, 6, 1, 1] -> [1, 1.5, 3, 3, 8/3]
+    assert report.smoothed([1, 2, 6, 1, 1]) == pytest.approx([1, 1.5, 3, 3, 8 / 3])
+    lines = [{"iteration": i * 10, "eval_kl": i / 4, "eval_sqrt_kl": (i / 4) ** 0.5, "eval_gold": g,
+              "eval_score": 0.1 * i} for i, g in enumerate([1, 2, 6, 1, 1])]
+    c = report.curve_numbers(lines)
+    # peak of the smoothed curve: 3 at index 2 (the first of the two 3s); final = mean of the last 3 = 8/3
+    assert c["sft_gold"] == 1 and c["peak_gold"] == 3 and c["peak_iteration"] == 20
+    assert c["final_gold"] == pytest.approx(8 / 3) and c["drop"] == pytest.approx(1 / 3) and c["helps"] == 2
+    assert c["score_rise_after_peak"] == pytest.approx(0.4 - 0.2)
+
+
+def test_gao_fit_recovers_alpha_and_beta():
+    # points exactly on R(d) = d (0.8 − 0.5 log d): least squares returns α = 0.8, β = 0.5; peak at e^(α/β − 1)
+    d = [0.2, 0.5, 1.0, 1.5, 2.0, 3.0]
+    fit = report.gao_fit(d, [x * (0.8 - 0.5 * math.log(x)) for x in d])
+    assert fit["alpha"] == pytest.approx(0.8) and fit["beta"] == pytest.approx(0.5)
+    assert fit["d_peak"] == pytest.approx(math.exp(0.8 / 0.5 - 1))
+
+
+def test_task_names_to_keys():
+    assert report.policy_key("seed0/vanilla/ppo") == "vanilla"
+    assert report.policy_key("seed3/metarm/round2/ppo") == "metarm_r2"
+    assert report.policy_key("seed1/dpo") == "dpo"
+    assert report.policy_key("seed0/sweep/eta0.1/ppo") == "sweep_eta0.1"
+    assert report.rm_key("seed0/rm0") == "vanilla" and report.rm_key("seed0/oracle/round1/rm") == "oracle_r1"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The study end to end at toy size
+# ----------------------------------------------------------------------------------------------------------------
+def test_toy_study_end_to_end_and_resume(tmp_path):
+    out = tmp_path / "study"
+    cmd = ["pipeline.py", "--toy", "--seeds", "2", "--rounds", "1", "--arms", "vanilla,metarm,eta0,oracle",
+           "--out", str(out)]
+    rc, stdout, stderr = run_command(cmd, timeout=900)
     assert rc == 0, stdout[-3000:] + stderr[-3000:]
-    assert stdout.count("$ torchrun --standalone --nproc_per_node=2 ") == 10  # every stage but the testbed
-    assert stdout.count("$ python testbed.py") == 1
+    for s in (0, 1):
+        for stage in ("rm0", "vanilla/ppo", "S1", "metarm/round1/rm", "metarm/round1/ppo", "eta0/round1/rm",
+                      "eta0/round1/ppo", "oracle/round1/rm", "oracle/round1/ppo", "eval/vanilla", "eval/metarm_r1",
+                      "eval/eta0_r1", "eval/oracle_r1", "eval/rms", "best_of_n"):
+            assert (out / ".done" / f"seed{s}" / stage).exists(), (s, stage)
+        # the oracle trained on D plus the gold-labelled pairs of S_1
+        n_d = sum(1 for _ in open(out / "testbed" / "data" / "pairs_train.jsonl"))
+        n_o = sum(1 for _ in open(out / f"seed{s}" / "S1" / "oracle_pairs.jsonl"))
+        assert n_o > 0 and sum(1 for _ in open(out / f"seed{s}" / "oracle" / "round1" / "train_pairs.jsonl")) == n_d + n_o
     results = json.loads((out / "results.json").read_text())
-    assert list(results["vs_sft"]) == ["vanilla PPO", "MetaRM round 1"]
+    assert results["seeds"] == [0, 1]
+    agg = results["aggregate"]
+    assert set(agg["policies"]) == {"vanilla", "metarm_r1", "eta0_r1", "oracle_r1"}
+    for key, entry in agg["policies"].items():
+        assert entry["gold"]["n"] == 2
+        w = entry["vs_sft"]
+        assert sum(w[k]["mean"] for k in ("win", "tie", "lose")) == pytest.approx(100)
+        # the interval holds the mean
+        assert entry["gold"]["low"] <= entry["gold"]["mean"] <= entry["gold"]["high"]
+    # per seed, the paired difference of the aggregate is the mean of the per-seed differences
+    per = results["per_seed"]
+    diffs = [per[s]["policies"]["metarm_r1"]["gold"] - per[s]["policies"]["vanilla"]["gold"] for s in ("0", "1")]
+    assert agg["policies"]["metarm_r1"]["gold_minus_vanilla"]["mean"] == pytest.approx(sum(diffs) / 2)
+    assert set(agg["rms"]) == {"vanilla", "metarm_r1", "eta0_r1", "oracle_r1"}
+    assert "metarm_r1" in agg["mechanism"] and agg["mechanism"]["metarm_r1"]["cos_grad"]["n"] == 2
+    assert len(agg["verdicts"]) == 5 and all("(2 seeds)" in v for v in agg["verdicts"])
+    text = (out / "report.md").read_text()
+    for heading in ("## Verdicts", "## The testbed's criteria", "## Table 1 shape", "## Table 2 shape",
+                    "## Reward models", "## Why MetaRM does what it does"):
+        assert heading in text
+    for png in ("gold_vs_sqrt_kl.png", "best_of_n.png"):
+        assert (out / "figures" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert os.path.exists(out / "seed1" / "metarm" / "round1" / "ppo" / "model.safetensors")
+
+    # resume: the same command again finds every stage done and only rewrites the report
+    rc, stdout, stderr = run_command(cmd, timeout=300)
+    assert rc == 0, stderr[-3000:]
+    assert "stages done already" in stdout and "$ " not in stdout
+
+
+def test_toy_study_two_processes(tmp_path):
+    # `python pipeline.py --nproc 2`: every stage but the testbed under torchrun (FSDP2, gloo)
+    out = tmp_path / "study2"
+    rc, stdout, stderr = run_command(["pipeline.py", "--toy", "--seeds", "1", "--rounds", "1", "--arms",
+                                      "vanilla,metarm", "--nproc", "2", "--out", str(out)], timeout=1200)
+    assert rc == 0, stdout[-3000:] + stderr[-3000:]
+    assert stdout.count("$ python testbed.py") == 1
+    assert stdout.count("$ torchrun --standalone --nproc_per_node=2 ") == stdout.count("\n$ ") - 1
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["aggregate"]["policies"]) == {"vanilla", "metarm_r1"}

@@ -127,3 +127,26 @@ def test_policy_flag_starts_from_another_checkpoint(world, models, tmp_path):
     ppo.main(["--sft", sft_dir, "--policy", world.base_model, "--rm", rm_dir, "--prompts", world.rl_prompts,
               "--out", out, "--iterations", "1", "--sample-every", "0", *PPO_FLAGS])
     assert read_metrics(out)[0]["kl_k1"] > 1.0
+
+
+def test_held_out_evaluation_leaves_training_unchanged(world, models, tmp_path):
+    # The over-optimisation curve (--eval-prompts) samples from its own random stream: the training metrics of a
+    # run with it are identical to those of a run without it; its lines come at iterations 0, 2, 3 (every 2 and
+    # the last), and at iteration 0 the policy is the reference, so its KL is exactly 0.
+    sft_dir, rm_dir = models
+    plain, evaluated = str(tmp_path / "plain"), str(tmp_path / "evaluated")
+    base = ["--sft", sft_dir, "--rm", rm_dir, "--prompts", world.rl_prompts, "--iterations", "3", "--sample-every",
+            "0", "--save-every", "0", *PPO_FLAGS]
+    ppo.main([*base, "--out", plain])
+    ppo.main([*base, "--out", evaluated, "--eval-prompts", world.eval_prompts, "--eval-every", "2",
+              "--eval-samples", "2"])
+    volatile = ("gen_s", "forward_s", "train_s", "gen_tokens_per_s", "train_tokens_per_s")
+    train_lines = [{k: v for k, v in m.items() if k not in volatile} for m in read_metrics(evaluated)
+                   if "eval_kl" not in m]
+    assert train_lines == [{k: v for k, v in m.items() if k not in volatile} for m in read_metrics(plain)]
+    evals = [m for m in read_metrics(evaluated) if "eval_kl" in m]
+    assert [m["iteration"] for m in evals] == [0, 2, 3]
+    assert evals[0]["eval_kl"] == 0.0 and evals[0]["eval_sqrt_kl"] == 0.0
+    assert evals[-1]["eval_kl"] > 0 and evals[-1]["eval_sqrt_kl"] == pytest.approx(evals[-1]["eval_kl"] ** 0.5)
+    assert all(("eval_gold" in m) == world.testbed for m in evals)
+    assert all(0.0 <= m["eval_eos_rate"] <= 1.0 for m in evals)

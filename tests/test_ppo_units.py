@@ -243,3 +243,41 @@ def test_rm_score_in_ppo_layout_equals_reward_py(tok):
         values = ppo.critic_values(rm, batch)  # the same head at the column before each response token
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     assert values.shape == batch.response_mask.shape
+
+
+def test_token_kl_is_the_exact_kl_of_two_categoricals():
+    # KL(p || q) = sum_v p_v log(p_v / q_v), written out with python floats, for p = softmax(a / T), q = softmax(b / T)
+    import math
+
+    a, b, T = [1.0, -0.5, 2.0, 0.0], [0.3, 0.3, -1.0, 1.5], 0.8
+
+    def softmax(x):
+        e = [math.exp(v / T) for v in x]
+        return [v / sum(e) for v in e]
+
+    p, q = softmax(a), softmax(b)
+    exact = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    got = ppo.token_kl(torch.tensor([[a]], dtype=torch.float64), torch.tensor([[b]], dtype=torch.float64), T)
+    assert got.shape == (1, 1) and got.item() == pytest.approx(exact, rel=1e-12)
+    assert ppo.token_kl(torch.tensor([[a]]), torch.tensor([[a]]), T).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_summed_token_kl_along_samples_is_the_sequence_kl():
+    # A two-token "language model" over 3 symbols: pi(y1), pi(y2 | y1) and the same for the reference. The
+    # sequence KL by enumerating all 9 sequences, sum_y pi(y) log(pi(y) / ref(y)), equals the expectation under pi
+    # of token_kl at step 1 plus token_kl at step 2 (given the sampled y1) - the chain rule the estimator rests on.
+    import itertools
+    import math
+
+    g = torch.Generator().manual_seed(0)
+    pi1, ref1 = torch.randn(3, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64)
+    pi2, ref2 = torch.randn(3, 3, generator=g, dtype=torch.float64), torch.randn(3, 3, generator=g, dtype=torch.float64)
+    P1, R1 = torch.softmax(pi1, -1), torch.softmax(ref1, -1)
+    P2, R2 = torch.softmax(pi2, -1), torch.softmax(ref2, -1)
+    exact = sum(P1[i] * P2[i, j] * math.log(P1[i] * P2[i, j] / (R1[i] * R2[i, j]))
+                for i, j in itertools.product(range(3), range(3)))
+    expected_sum = 0.0
+    for i in range(3):  # weight of each first token under pi; the second step's KL given that token
+        steps = ppo.token_kl(torch.stack([pi1, pi2[i]])[None], torch.stack([ref1, ref2[i]])[None], 1.0)  # (1, 2)
+        expected_sum += P1[i] * steps.sum()
+    assert float(expected_sum) == pytest.approx(float(exact), rel=1e-12)

@@ -168,7 +168,9 @@ def agreement_check(pairs, tau):
 def test_label_agreement_matches_the_noise_level(tb):
     root, stats = tb
     expected, realised = agreement_check(read(root, "pairs_train"), tau=1.0)
-    assert 0.70 <= expected <= 0.76  # the default tau is calibrated to human-like annotator agreement
+    # the default tau gives human-like annotator agreement: 70-80 % (Coste et al. 2024 flip 25 % of their labels;
+    # with --errors visible the gold gaps of the pairs are larger than with subtle errors: 0.77 against 0.74)
+    assert 0.70 <= expected <= 0.80
     assert stats["label_agreement_with_gold"]["pairs_train"] == realised
     for tau, lo, hi in ((0.3, 0.84, 0.93), (3.0, 0.55, 0.65)):  # less noise -> more agreement, and vice versa
         pairs = testbed.sample_pairs(random.Random(tau), 2000, testbed.IN_DISTRIBUTION, tau, set())
@@ -277,3 +279,45 @@ def test_refuses_a_folder_holding_something_else(tmp_path):
     (junk / "tb" / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="not a testbed"):
         generate(str(junk), *small)
+
+
+def test_oracle_labels_use_the_testbeds_annotator():
+    # label_meta_set labels every two responses of a prompt with bradley_terry_label, the function sample_pairs
+    # labels D with: the same seed gives the same labels, a pair of equal gold gets none, and the share of pairs
+    # where the better response is chosen follows sigmoid(gap / tau).
+    import random
+
+    import testbed
+
+    prompt = "\n\nHuman: What is 3 plus 5?\n\nAssistant:"
+    good, bad = " Sure! 3 plus 5 is 8.", " 3 plus 5 is 9."        # gold 2.8 and 0.5: gap 2.3
+    items = [{"prompt": prompt, "responses": [good, bad, good]}] * 2000
+    a = testbed.label_meta_set(items, 1.0, seed=7)
+    assert a == testbed.label_meta_set(items, 1.0, seed=7) and a != testbed.label_meta_set(items, 1.0, seed=8)
+    # per item: (good, bad), (good, good) equal -> no pair, (bad, good): 2 pairs per item
+    assert len(a) == 4000
+    share = sum(p["chosen"] == good for p in a) / len(a)
+    expected = testbed.sigmoid(2.3 / 1.0)                         # 0.909
+    assert abs(share - expected) < 3 * (expected * (1 - expected) / len(a)) ** 0.5 + 1e-9
+    # the same draw as D's annotator: one rng.random() per labelled pair, compared with the sigmoid
+    rng, twin = random.Random(3), random.Random(3)
+    pair = testbed.bradley_terry_label(prompt, bad, good, 1.0, rng)
+    assert pair == ({"prompt": prompt, "chosen": bad, "rejected": good} if twin.random() < testbed.sigmoid(-2.3)
+                    else {"prompt": prompt, "chosen": good, "rejected": bad})
+    assert testbed.bradley_terry_label(prompt, good, good, 1.0, rng) is None
+
+
+def test_visible_errors_show_in_the_words():
+    # --errors visible: every wrong answer of repeat / sort / reverse / add holds a word that is not in the correct
+    # answer (another word, a foreign letter or list item, an echoed operand); subtle errors may be the right words
+    # in the wrong order or count (sort "d b f" for "b d f")
+    rng = random.Random(0)
+    for fam in ("repeat", "sort", "reverse", "add"):
+        f = testbed.FAMILIES[fam]
+        for _ in range(200):
+            p = f.sample(rng)
+            right, wrong = f.solve(p), f.visible(p, rng)
+            assert wrong != right and set(wrong) - set(right), (fam, p, wrong)
+    p = {"letters": "d b f"}
+    subtle = {testbed.FAMILIES["sort"].corrupt(p, random.Random(i)) for i in range(50)}
+    assert any(set(w) == {"b", "d", "f"} for w in subtle)  # an order error: no foreign word
