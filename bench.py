@@ -13,6 +13,7 @@ Commands
     python bench.py --threads 1 --repeats 4          # what BENCHMARKS.md holds (a machine shared with other jobs)
     python bench.py --parts peak,rm,meta --sizes tiny --repeats 3        # a part of it
     python bench.py --no-world2                      # without the torchrun (2-process) sub-run
+    python bench.py --parts concurrent --merge       # two stages at once; the other numbers stay as they are
 The tables go to BENCHMARKS.md (--out-md) and the numbers to benchmarks.json (--out-json).
 
 What is measured, and how
@@ -59,7 +60,7 @@ import ppo
 import reward
 import sft
 import testbed
-from common import arg
+from common import arg, non_negative, positive
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -67,20 +68,25 @@ from common import arg
 # ----------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Args:
-    parts: str = arg("peak,sft,rm,meta,ppo,gen,profile,world2",
+    parts: str = arg("peak,sft,rm,meta,ppo,gen,profile,world2,concurrent",
                      "comma-separated parts: peak, sft, rm, meta, ppo, gen (KV cache on/off), profile (where a "
-                     "medium bf16 step spends its time), world2 (torchrun, 2 processes vs 1)")
+                     "medium bf16 step spends its time), world2 (torchrun, 2 processes vs 1), concurrent (two "
+                     "stages at once: threads as torch's default vs as common.threads_for splits the cores)")
     sizes: str = arg("tiny,medium", "testbed model sizes (testbed.MODEL_SIZES)")
     dtypes: str = arg("fp32,bf16", "fp32 and/or bf16 (autocast) for every training step")
-    repeats: int = arg(5, "timed repeats per measurement (median); medium uses max(2, repeats // 2)")
-    warmup: int = arg(2, "untimed calls before timing")
+    repeats: int = arg(5, "timed repeats per measurement (median); medium uses max(2, repeats // 2)", valid=positive)
+    warmup: int = arg(2, "untimed calls before timing", valid=non_negative)
     workdir: str = arg("runs/bench", "where the testbeds (data, tokenizer, random base model) are written")
     out_md: str = arg("BENCHMARKS.md", "markdown table")
     out_json: str = arg("benchmarks.json", "all numbers")
     threads: int = arg(2, "torch threads of the single process (the 2-process run uses 1 per process); on a machine "
-                       "shared with other jobs use 1: two threads that wait on each other are far slower there")
-    worker: bool = arg(False, "internal: the torchrun worker of the world2 part")
-    seed: int = arg(0, "seed of the testbeds, the batches and the models")
+                       "shared with other jobs use 1: two threads that wait on each other are far slower there",
+                       valid=positive)
+    worker: str = arg("", "internal: the worker of the world2 part (torchrun) or of the concurrent part",
+                      choices=["", "world2", "concurrent"])
+    merge: bool = arg(False, "add the parts measured now to the numbers already in --out-json (the other parts keep "
+                             "theirs) and write BENCHMARKS.md from the whole")
+    seed: int = arg(0, "seed of the testbeds, the batches and the models", valid=common.seed)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -570,8 +576,8 @@ def bench_world2(args: Args) -> dict[str, Any]:
         out[size] = {"world1": world_steps(w, 1, 0, args, size)}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc_per_node=2",
-           __file__, "--worker", "--sizes", args.sizes, "--workdir", args.workdir, "--repeats", str(args.repeats),
-           "--seed", str(args.seed)]
+           __file__, "--worker", "world2", "--sizes", args.sizes, "--workdir", args.workdir, "--repeats",
+           str(args.repeats), "--seed", str(args.seed)]
     t0 = time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     path = os.path.join(args.workdir, "world2.json")
@@ -584,6 +590,59 @@ def bench_world2(args: Args) -> dict[str, Any]:
     for size in out:
         out[size]["world2"] = two[size]
     out["torchrun_wall_s"] = time.time() - t0
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Two stages at once (issue 14): each its own process on the same cores, with torch's default thread count (what
+# every stage had) or with the cores split between them (common.threads_for: the cores this process may use /
+# LOCAL_WORLD_SIZE, or --threads)
+# ----------------------------------------------------------------------------------------------------------------
+CONCURRENT_STEPS = ("sft", "rm")  # tiny fp32 steps of the default pipeline's batches: many small ops, the worst case
+
+
+def concurrent_worker(args: Args) -> None:
+    """One process of the concurrent part: --threads threads, the tiny SFT and RM steps timed; prints JSON."""
+    torch.set_num_threads(args.threads)
+    w = Workload(make_testbed(args.workdir, "tiny", args.seed), args.seed)
+    torch.manual_seed(args.seed)
+    lm = AutoModelForCausalLM.from_pretrained(w.base, dtype=torch.float32)
+    rm, _ = reward.load_reward_model(w.base, 1, torch.device("cpu"))
+    lm.train()
+    rm.train()
+    o1, o2 = adamw(lm), adamw(rm)
+    sft_ids, pair_ids = w.sft_batch(), w.pair_batch()
+    times = timed({"sft": lambda: sft_step(lm, o1, sft_ids, False), "rm": lambda: rm_step(rm, o2, pair_ids, False)},
+                  args.warmup, args.repeats)
+    print(json.dumps({k: statistics.median(v) for k, v in times.items()}), flush=True)
+
+
+def bench_concurrent(args: Args) -> dict[str, Any]:
+    """Median step times of one worker alone and of two started at once, at `before` threads each (torch's default
+    when no stage set its threads: the machine's cores, os.cpu_count()) and at `after` (common.threads_for with 2
+    local processes: the cores this process may use, halved, at least 1). Each worker is its own process, so the two
+    compete for the cores as two stages started by hand do."""
+    make_testbed(args.workdir, "tiny", args.seed)  # once, before any worker starts
+    cores = sorted(os.sched_getaffinity(0))
+    before = os.cpu_count() or 1
+    after = max(1, len(cores) // 2)
+    cmd = [sys.executable, __file__, "--worker", "concurrent", "--workdir", args.workdir, "--repeats",
+           str(max(args.repeats, 10)), "--warmup", str(args.warmup), "--seed", str(args.seed)]
+
+    def run(threads: int, n: int) -> list[dict[str, float]]:
+        env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+        procs = [subprocess.Popen(cmd + ["--threads", str(threads)], stdout=subprocess.PIPE, text=True, env=env)
+                 for _ in range(n)]
+        outs = [p.communicate()[0] for p in procs]
+        return [json.loads(o.strip().splitlines()[-1]) for o in outs]
+
+    out: dict[str, Any] = {"cores": cores, "before_threads": before, "after_threads": after,
+                           "load_before": os.getloadavg()}
+    for name, threads, n in (("alone_before", before, 1), ("two_before", before, 2), ("alone_after", after, 1),
+                             ("two_after", after, 2)):
+        out[name] = run(threads, n)
+        print(f"concurrent {name}: {threads} thread(s) x {n} process(es): {out[name]}", flush=True)
+    out["load_after"] = os.getloadavg()
     return out
 
 
@@ -679,7 +738,28 @@ def _ppo_profile_and_world2_tables(res: dict[str, Any]) -> list[str]:
                 a, b = statistics.median(v["world1"][step]), statistics.median(v["world2"][step])
                 lines.append(f"| {size} | {step} (fp32) | {a:.4f} | {b:.4f} | {a / b:.2f} |")
         lines.append("")
+    if res.get("concurrent"):
+        lines += _concurrent_table(res["concurrent"])
     return lines
+
+
+def _concurrent_table(c: dict[str, Any]) -> list[str]:
+    """Two stages at once: per-step medians alone and side by side, before and after the threads rule."""
+    lines = [f"## Two stages at once ({c['date']}; cores this run could use: {c['cores']}; load average before / "
+             f"after: {', '.join(f'{x:.2f}' for x in c['load_before'])} / "
+             f"{', '.join(f'{x:.2f}' for x in c['load_after'])})", "",
+             f"Each worker is its own process (tiny fp32 steps, the default pipeline's batches). Before: "
+             f"{c['before_threads']} thread(s) each, torch's default when no stage set its threads (the machine's "
+             f"cores). After: {c['after_threads']} thread(s) each, what common.threads_for gives two processes on "
+             "these cores (taskset halves, torchrun's LOCAL_WORLD_SIZE or --threads).", "",
+             "| step | alone, before | two at once, before (each) | alone, after | two at once, after (each) | "
+             "two at once: before / after |", "|---|---|---|---|---|---|"]
+    for step in CONCURRENT_STEPS:
+        two_before = max(r[step] for r in c["two_before"])
+        two_after = max(r[step] for r in c["two_after"])
+        lines.append(f"| {step} (tiny, fp32) | {c['alone_before'][0][step]:.4f} s | {two_before:.4f} s | "
+                     f"{c['alone_after'][0][step]:.4f} s | {two_after:.4f} s | {two_before / two_after:.1f}x |")
+    return lines + [""]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -688,8 +768,11 @@ def _ppo_profile_and_world2_tables(res: dict[str, Any]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     args = common.parse_args(Args, argv)
     os.makedirs(args.workdir, exist_ok=True)
-    if args.worker:
+    if args.worker == "world2":
         worker(args)
+        return
+    if args.worker == "concurrent":
+        concurrent_worker(args)
         return
     torch.set_num_threads(args.threads)
     parts = set(args.parts.split(","))
@@ -734,12 +817,21 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.time()
         res["world2"] = bench_world2(args)
         print(f"[world2: {time.time() - t0:.0f} s] {json.dumps(res['world2'])[:400]}", flush=True)
+    if "concurrent" in parts:
+        t0 = time.time()
+        res["concurrent"] = {**bench_concurrent(args), "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M")}
+        print(f"[concurrent: {time.time() - t0:.0f} s]", flush=True)
     res["machine"]["load_after"] = os.getloadavg()
     res["wall_s"] = time.time() - t_start
+    if args.merge and os.path.isfile(args.out_json):  # the parts measured now replace theirs, the rest stays
+        with open(args.out_json) as f:
+            old = json.load(f)
+        measured = {"concurrent": "concurrent", "world2": "world2", "profile": "profile", "peak": "peak"}
+        res = {**old, **{key: res[key] for part, key in measured.items() if part in parts and key in res}}
     with open(args.out_json, "w") as f:
         json.dump(res, f, indent=1)
     write_markdown(res, args.out_md)
-    print(f"wrote {args.out_md} and {args.out_json} ({res['wall_s']:.0f} s)")
+    print(f"wrote {args.out_md} and {args.out_json} ({time.time() - t_start:.0f} s)")
 
 
 if __name__ == "__main__":

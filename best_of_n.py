@@ -40,7 +40,7 @@ import distributed
 import reward
 import sampling
 import testbed
-from common import arg, check
+from common import arg, check, in_unit_above_0, non_negative, or_sentinel, positive
 from data import CHAT_TEMPLATE_HELP, CHAT_TEMPLATE_MODES, DATA_FORMAT_HELP, DATA_FORMATS
 
 
@@ -53,15 +53,16 @@ class Args:
     chat_template: str = arg("auto", CHAT_TEMPLATE_HELP, choices=CHAT_TEMPLATE_MODES)
     out: str = arg("runs/testbed/bon", "output folder: results.json, args.json")
     samples: int = arg(64, "samples per prompt N; results for n = 1, 2, 4, ... up to N (not --n: torchrun would "
-                           "take that for an abbreviation of its own --nnodes)")
-    max_prompts: int = arg(-1, "use only the first N prompts (-1 = all)")
-    temperature: float = arg(0.8, "sampling temperature (PPO's, paper: 0.8)")
-    top_p: float = arg(0.9, "nucleus sampling mass (paper: 0.9)")
-    repetition_penalty: float = arg(1.1, "repetition penalty (paper: 1.1)")
-    max_new_tokens: int = arg(64, "maximum response tokens")
-    max_len: int = arg(512, "maximum tokens of prompt + response when the RM scores them")
-    batch_size: int = arg(64, "sequences per generate call / RM forward on one process")
-    seed: int = arg(0, "random seed of the sampling (seed + rank)")
+                           "take that for an abbreviation of its own --nnodes)", valid=positive)
+    max_prompts: int = arg(-1, "use only the first N prompts (-1 = all)", valid=or_sentinel(-1, "all"))
+    temperature: float = arg(0.8, "sampling temperature (PPO's, paper: 0.8)", valid=positive)
+    top_p: float = arg(0.9, "nucleus sampling mass (paper: 0.9)", valid=in_unit_above_0)
+    repetition_penalty: float = arg(1.1, "repetition penalty (paper: 1.1)", valid=positive)
+    max_new_tokens: int = arg(64, "maximum response tokens", valid=positive)
+    max_len: int = arg(512, "maximum tokens of prompt + response when the RM scores them", valid=positive)
+    batch_size: int = arg(64, "sequences per generate call / RM forward on one process", valid=positive)
+    seed: int = arg(0, "random seed of the sampling (seed + rank)", valid=common.seed)
+    threads: int = arg(0, common.THREADS_HELP, valid=non_negative)
     bf16: bool = arg(False, "bf16 autocast for sampling and scoring; fp32 is the reference")
     overwrite: bool = arg(False, "replace an existing output folder")
 
@@ -85,10 +86,13 @@ def kl_best_of_n(n: int) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     args = common.parse_args(Args, argv)
+    common.configure_process(args.threads)
     rank, world, device = distributed.init_distributed()
-    check(args.samples >= 1, "--samples must be >= 1")
     distributed.check_checkpoint(args.policy, "--policy")
+    distributed.check_positions(args.policy, "--max-new-tokens", args.max_new_tokens, reserve=1)
+    reward.check_reward_model(args.rm, "--rm")  # a causal LM would pick with a random head
     reward.check_reward_tokenizer(args.rm, "--rm")
+    distributed.check_positions(args.rm, "--max-len", args.max_len)
     prompts = data.read_prompts(args.prompts, args.data_format)
     prompts = prompts[: args.max_prompts] if args.max_prompts > 0 else prompts
     check(testbed.gold_scores(prompts[:1], [""]) is not None,

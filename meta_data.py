@@ -28,7 +28,6 @@ import os
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import common
@@ -36,7 +35,7 @@ import data
 import distributed
 import sampling
 import testbed
-from common import arg, check
+from common import arg, at_least, check, in_unit_above_0, non_negative, or_sentinel, positive
 from data import CHAT_TEMPLATE_HELP, CHAT_TEMPLATE_MODES, DATA_FORMAT_HELP, DATA_FORMATS
 
 
@@ -48,30 +47,35 @@ class Args:
     data_format: str = arg("auto", DATA_FORMAT_HELP + " (for --prompts)", choices=DATA_FORMATS)
     chat_template: str = arg("auto", CHAT_TEMPLATE_HELP, choices=CHAT_TEMPLATE_MODES)
     out: str = arg("runs/testbed/meta_set", "output folder for meta_train.jsonl and meta_heldout.jsonl")
-    k: int = arg(5, "responses sampled per prompt (paper: 5); at least 2")
-    max_prompts: int = arg(-1, "use only the first N prompts (-1 = all)")
-    heldout: int = arg(64, "prompts kept out of meta_train.jsonl for the reward-gap evaluation")
-    temperature: float = arg(1.0, "sampling temperature (PPO uses 0.8; a little hotter so samples differ)")
-    top_p: float = arg(0.9, "nucleus sampling: keep the smallest token set with this much probability")
-    repetition_penalty: float = arg(1.1, "repetition penalty (paper's PPO sampling: 1.1)")
-    max_new_tokens: int = arg(48, "maximum new tokens per response")
-    batch_size: int = arg(64, "sequences per generate call on one process (prompts x k)")
-    seed: int = arg(0, "random seed (held-out split, sampling, the oracle's labels)")
+    k: int = arg(5, "responses sampled per prompt (paper: 5); at least 2",
+                 valid=at_least(2, "the difference loss compares responses"))
+    max_prompts: int = arg(-1, "use only the first N prompts (-1 = all)", valid=or_sentinel(-1, "all"))
+    heldout: int = arg(64, "prompts kept out of meta_train.jsonl for the reward-gap evaluation", valid=non_negative)
+    temperature: float = arg(1.0, "sampling temperature (PPO uses 0.8; a little hotter so samples differ)",
+                             valid=positive)
+    top_p: float = arg(0.9, "nucleus sampling: keep the smallest token set with this much probability",
+                       valid=in_unit_above_0)
+    repetition_penalty: float = arg(1.1, "repetition penalty (paper's PPO sampling: 1.1)", valid=positive)
+    max_new_tokens: int = arg(48, "maximum new tokens per response", valid=positive)
+    batch_size: int = arg(64, "sequences per generate call on one process (prompts x k)", valid=positive)
+    seed: int = arg(0, "random seed (held-out split, sampling, the oracle's labels)", valid=common.seed)
+    threads: int = arg(0, common.THREADS_HELP, valid=non_negative)
     oracle_pairs: bool = arg(False, "testbed only: also write oracle_pairs.jsonl, every two responses of each "
                                     "meta_train prompt labelled by the testbed's Bradley-Terry annotator (the "
                                     "study's oracle arm: fresh labels on the current policy's samples)")
     oracle_tau: float = arg(1.0, "τ of that annotator, P(a > b) = sigmoid((gold_a - gold_b) / τ); use the "
-                                 "testbed's --label-noise")
+                                 "testbed's --label-noise", valid=positive)
     overwrite: bool = arg(False, "replace existing output files")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = common.parse_args(Args, argv)
+    common.configure_process(args.threads)
     rank, world, device = distributed.init_distributed()
-    check(args.k >= 2, f"--k {args.k}: the difference loss compares responses, it needs k >= 2")
     check(args.batch_size >= args.k, f"--batch-size {args.batch_size} must hold at least the k = {args.k} samples "
                                      "of one prompt")
     distributed.check_checkpoint(args.policy, "--policy")
+    distributed.check_positions(args.policy, "--max-new-tokens", args.max_new_tokens, reserve=1)
     prompts = data.read_prompts(args.prompts, args.data_format)
     if args.max_prompts > 0:
         prompts = prompts[: args.max_prompts]
@@ -92,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     # each prompt repeated k times, so one generate call samples all k responses of several prompts at once
     per_call = args.batch_size // args.k
     responses: list[str] = []
-    bar = tqdm(total=len(prompts), desc=f"sampling S (k = {args.k})", disable=not common.is_main())
+    bar = common.progress(total=len(prompts), desc=f"sampling S (k = {args.k})")
     for start in range(0, len(prompts), per_call * world):
         chunk = prompts[start: start + per_call * world]
         texts, _ = sampling.sample_texts(model, tokenizer, [p for p in chunk for _ in range(args.k)],

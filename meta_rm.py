@@ -63,16 +63,15 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 from torch.func import functional_call
-from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification
 
 import common
 import data
 import distributed
 import reward
-from common import arg, check
+from common import arg, check, non_negative, or_sentinel, positive
 from data import CHAT_TEMPLATE_HELP, CHAT_TEMPLATE_MODES, DATA_FORMAT_HELP, DATA_FORMATS
-from distributed import RESUME_HELP, SAVE_EVERY_HELP
+from distributed import NOT_RESUMABLE, RESUME_HELP, SAVE_EVERY_HELP
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -80,8 +79,11 @@ from distributed import RESUME_HELP, SAVE_EVERY_HELP
 # ----------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Args:
-    model: str = arg("runs/testbed/rm", "initial reward model: an RM checkpoint (reward.py) or an SFT checkpoint",
-                     essential=True)
+    model: str = arg("runs/testbed/rm", "initial reward model: an RM checkpoint (reward.py or meta_rm.py); an SFT "
+                     "checkpoint only with --fresh-head", essential=True)
+    fresh_head: bool = arg(False, "allow a causal-LM (SFT) --model, which then gets a new, randomly initialised "
+                                  "score head (pipeline.py --rm-init sft); without it --model must be a reward model",
+                           essential=True)
     train: str = arg("runs/testbed/data/pairs_train.jsonl", "preference pairs D, JSONL {prompt, chosen, rejected}",
                      essential=True)
     test: str = arg("runs/testbed/data/pairs_test.jsonl", "held-out pairs for evaluation (empty string = none)")
@@ -91,8 +93,10 @@ class Args:
     meta_heldout: str = arg("runs/testbed/meta_set/meta_heldout.jsonl",
                             "held-out part of S for reward-gap statistics (empty string = none)")
     out: str = arg("runs/testbed/meta_rm", "output folder: the RM checkpoint, metrics.jsonl, args.json")
-    lr: float = arg(5e-6, "α: learning rate of the MetaRM-optimisation step, Alg. 1 l.7 (paper: 5e-6)", essential=True)
-    eta: float = arg(5e-6, "η: step size of the meta-process ascent, Alg. 1 l.5 (paper: 5e-6)", essential=True)
+    lr: float = arg(5e-6, "α: learning rate of the MetaRM-optimisation step, Alg. 1 l.7 (paper: 5e-6)", essential=True,
+                    valid=positive)
+    eta: float = arg(5e-6, "η: step size of the meta-process ascent, Alg. 1 l.5 (paper: 5e-6)", essential=True,
+                     valid=non_negative)
     meta_order: int = arg(1, "1: first order, the gradient at θ' applied to θ (paper); 2: exact, through ∇²J",
                           choices=[1, 2], essential=True)
     meta_impl: str = arg("auto", "how the meta step runs: functional (torch.func.functional_call; on a gathered "
@@ -103,32 +107,38 @@ class Args:
                          "of Algorithm 1)", choices=["adamw", "sgd"], essential=True)
     normalize_ascent: bool = arg(False, "deviation, off by default: ascend by η·∇J/‖∇J‖ instead of η·∇J",
                                  essential=True)
-    epochs: float = arg(1.0, "passes over D (paper: 1)")
-    batch_size: int = arg(16, "n: preference pairs per step, global (paper: 16)", essential=True)
+    epochs: float = arg(1.0, "passes over D (paper: 1)", valid=positive)
+    batch_size: int = arg(16, "n: preference pairs per step, global (paper: 16)", essential=True, valid=positive)
     meta_batch_size: int = arg(16, "m: meta prompts per step, global (paper: 16); each has k responses",
-                               essential=True)
+                               essential=True, valid=positive)
     micro_batch_size: int = arg(16, "pairs (and meta prompts) per forward on one process; inplace impl only "
-                                "splits a step into several forwards")
+                                "splits a step into several forwards", valid=positive)
     max_len: int = arg(512, "maximum tokens of prompt + response; longer ones are truncated (see data.encode)",
-                       essential=True)
+                       essential=True, valid=positive)
     data_format: str = arg("auto", DATA_FORMAT_HELP + " (for --train and --test)", choices=DATA_FORMATS,
                            essential=True)
     preference: str = arg("safer", "PKU-SafeRLHF: chosen by safer_response_id or better_response_id",
                           choices=["safer", "better"], essential=True)
     chat_template: str = arg("auto", CHAT_TEMPLATE_HELP, choices=CHAT_TEMPLATE_MODES, essential=True)
-    grad_clip: float = arg(1.0, "clip the global gradient norm to this value (0 = off)", essential=True)
-    seed: int = arg(0, "random seed (data order, head initialisation when starting from SFT)", essential=True)
+    grad_clip: float = arg(1.0, "clip the global gradient norm to this value (0 = off)", essential=True,
+                           valid=non_negative)
+    seed: int = arg(0, "random seed (data order, head initialisation when starting from SFT)", essential=True,
+                    valid=common.seed)
     bf16: bool = arg(False, "bf16 autocast for forward/backward (fp32 master weights); fp32 is the reference",
                      essential=True)
-    max_steps: int = arg(-1, "stop after this many steps (-1 = the whole epoch); for smoke tests")
-    eval_every: int = arg(50, "evaluate on the test pairs and held-out S every N steps (and at the end; 0 = end)")
-    eval_batch_size: int = arg(32, "sequences per forward pass during evaluation")
-    log_every: int = arg(10, "print a metrics line every N steps")
+    threads: int = arg(0, common.THREADS_HELP, valid=non_negative)
+    max_steps: int = arg(-1, "stop after this many steps (-1 = the whole epoch); for smoke tests",
+                         valid=or_sentinel(-1, "the whole epoch"))
+    eval_every: int = arg(50, "evaluate on the test pairs and held-out S every N steps (and at the end; 0 = end)",
+                          valid=non_negative)
+    eval_batch_size: int = arg(32, "sequences per forward pass during evaluation", valid=positive)
+    log_every: int = arg(10, "print a metrics line every N steps", valid=positive)
     log_adapted_every: int = arg(1, "measure J(θ') (one extra forward of X_s) every N steps; 0 = never. The "
                                     "functional route also logs J of standardised rewards, the reward scale and "
-                                    "cos(∇L(θ'), ∇L(θ)) (mechanism_stats; one more forward/backward of X_t)")
+                                    "cos(∇L(θ'), ∇L(θ)) (mechanism_stats; one more forward/backward of X_t)",
+                                 valid=non_negative)
     overwrite: bool = arg(False, "replace an existing output folder")
-    save_every: int = arg(0, SAVE_EVERY_HELP)
+    save_every: int = arg(0, SAVE_EVERY_HELP, valid=non_negative)
     resume: bool = arg(False, RESUME_HELP)
 
 
@@ -190,7 +200,7 @@ def meta_gradient(model: torch.nn.Module, params: dict[str, torch.Tensor], buffe
         with common.autocast(device, bf16):
             out = functional_call(model, {**theta, **buffers}, args=(),
                                   kwargs=dict(input_ids=ids, attention_mask=mask, use_cache=False))
-        return out.logits[:, 0].float()  # (B,)
+        return reward.reward_dtype(out.logits[:, 0])  # (B,) in the model's dtype (bf16 autocast: float32)
 
     names, theta = list(params), list(params.values())
 
@@ -311,7 +321,7 @@ def meta_gradient_inplace(model: torch.nn.Module, pairs: list[Batch], meta: list
 
     def rewards(batch: Batch) -> torch.Tensor:  # r at the module's own (current) parameters, (B,)
         with common.autocast(device, bf16):
-            return reward.rewards(model, *batch).float()
+            return reward.reward_dtype(reward.rewards(model, *batch))
 
     # J at θ: backward leaves ∇J in p.grad (FSDP2 averages it over processes)
     J = 0.0
@@ -449,6 +459,7 @@ def heldout_gaps(model, tokenizer, items: list[dict], k: int, args: Args, world:
 # ----------------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     args = common.parse_args(Args, argv)
+    threads = common.configure_process(args.threads)
     rank, world, device = distributed.init_distributed()
     impl = meta_impl(args, world)
     for flag, size in (("--batch-size", args.batch_size), ("--meta-batch-size", args.meta_batch_size)):
@@ -458,8 +469,11 @@ def main(argv: list[str] | None = None) -> None:
         check(args.micro_batch_size >= max(n_local, m_local),
               f"--meta-impl functional runs X_t and X_s in one forward each ({n_local} pairs, {m_local} prompts "
               f"per process); raise --micro-batch-size to {max(n_local, m_local)} or use --meta-impl inplace")
-    check(args.eta >= 0, "--eta must be >= 0 (it is the size of an ascent step)")
-    distributed.check_checkpoint(args.model, "--model")
+    if args.fresh_head:
+        distributed.check_checkpoint(args.model, "--model")
+    else:  # a causal LM would get a random head without a word
+        reward.check_reward_model(args.model, "--model", " (or pass --fresh-head to start from it with a new head)")
+    distributed.check_positions(args.model, "--max-len", args.max_len)
     pairs = data.read_pairs(args.train, args.data_format, args.preference)
     test_pairs = data.read_pairs(args.test, args.data_format, args.preference) if args.test else []
     meta_items, k = read_meta_set(args.meta)
@@ -486,7 +500,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.meta}: {len(meta_items)} items, fewer than one meta batch of {args.meta_batch_size}")
     common.print0(f"meta_rm: {len(pairs)} pairs, S has {len(meta_items)} prompts x k = {k}; {total_steps} steps of "
                   f"n = {args.batch_size} pairs, m = {args.meta_batch_size} prompts; order {args.meta_order}, "
-                  f"{impl} on {world} process(es); η = {args.eta}, α = {args.lr}")
+                  f"{impl} on {world} process(es), {threads} thread(s) each; η = {args.eta}, α = {args.lr}")
 
     def run_eval(step: int) -> None:
         metrics = {}
@@ -521,7 +535,8 @@ def main(argv: list[str] | None = None) -> None:
                                                        pair_order=pair_order, s_order=s_order)
         distributed.save_model(model, tokenizer, args.out, world, args, trainer_state)
 
-    bar = tqdm(range(start, total_steps), desc=f"meta_rm (order {args.meta_order})", disable=not common.is_main())
+    preemption = common.Preemption(args.save_every > 0, "meta_rm", args.out, NOT_RESUMABLE)
+    bar = common.progress(range(start, total_steps), desc=f"meta_rm (order {args.meta_order})")
     t0 = time.time()
     for step in bar:
         # Alg.1 l.2: X_t ← n pairs from D (one epoch in a shuffled order); this process takes its n / world of them
@@ -544,8 +559,9 @@ def main(argv: list[str] | None = None) -> None:
             common.print0(f"step {step + 1}/{total_steps} " + " ".join(f"{key} {v:.4g}" for key, v in stats.items()))
         if common.due(args.eval_every, step + 1, total_steps):
             run_eval(step + 1)
-        if common.due(args.save_every, step + 1, total_steps):
+        if common.due(args.save_every, step + 1, total_steps) or preemption.requested(world, step + 1, total_steps):
             save(step + 1)
+            preemption.stop(step + 1, total_steps)  # SIGINT / SIGTERM: stop here, resumable
 
     run_eval(total_steps)
     save(total_steps, finished=True)

@@ -47,14 +47,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Callable
 
 import common
 import report
-from common import arg, check
+from common import Valid, arg, check, non_negative, or_sentinel, positive
 
 # Hyper-parameters of the testbed (tiny Llama, ~1M parameters, trained from random initialisation); sequences are
 # short (prompt <= 20, response <= 31 tokens), hence --max-len 64 and 32 new tokens.
@@ -92,6 +94,8 @@ TOY = {
     "best_of_n": ["--samples", "4", "--max-new-tokens", "8"],
 }
 ARMS = ("vanilla", "metarm", "eta0", "oracle", "dpo")
+SEEDS = Valid("an integer in [1, 12] (report.py's exact bootstrap enumerates the resamples)",
+              lambda x: isinstance(x, int) and 1 <= x <= 12, (0, 13))
 
 
 @dataclasses.dataclass
@@ -99,33 +103,36 @@ class Args:
     out: str = arg("runs/pipeline", "output folder: testbed/, sft/, seed<s>/…, logs/, report.md, results.json, "
                                     "figures/")
     seeds: int = arg(3, "seeds 0 … N−1; each seed has its own RMs, meta sets and PPO runs (the world and the SFT "
-                        "model are shared)")
+                        "model are shared)", valid=SEEDS)
     arms: str = arg("vanilla,metarm,eta0", "comma-separated arms: " + ", ".join(ARMS) + " (vanilla is always run: "
                     "it is the baseline of every comparison)")
-    rounds: int = arg(2, "MetaRM rounds after the vanilla RM (paper: 4 for dialogue, 5 for summarisation)")
+    rounds: int = arg(2, "MetaRM rounds after the vanilla RM (paper: 4 for dialogue, 5 for summarisation)",
+                      valid=non_negative)
     study: bool = arg(False, "the full study: --seeds 5 --arms " + ",".join(ARMS) + " --rounds 3 (flags given "
                              "explicitly still win)")
     eta_sweep: str = arg("", "comma-separated η values: round-1 MetaRM from RM₀ with each η, then PPO (its own "
                              "figure); empty = none")
-    jobs: int = arg(0, "stages run at once; 0 = the cores this process may use // (--threads x --nproc)")
-    threads: int = arg(1, "intra-op threads per stage process (OMP_NUM_THREADS)")
-    nproc: int = arg(1, "processes per stage (torchrun --nproc_per_node); 1 = plain python")
+    jobs: int = arg(0, "stages run at once; 0 = the cores this process may use // (--threads x --nproc)",
+                    valid=non_negative)
+    threads: int = arg(1, "intra-op threads per stage process (OMP_NUM_THREADS)", valid=positive)
+    nproc: int = arg(1, "processes per stage (torchrun --nproc_per_node); 1 = plain python", valid=positive)
     model_size: str = arg("tiny", "testbed model size (tiny ~1M, small ~5M, medium ~28M parameters)",
                           choices=["tiny", "small", "medium"])
-    world_seed: int = arg(0, "seed of the testbed and of the SFT model, shared by all seeds")
+    world_seed: int = arg(0, "seed of the testbed and of the SFT model, shared by all seeds", valid=common.seed)
     rm_init: str = arg("previous", "round r's RM starts from RM_{r-1} (previous) or from SFT (sft)",
                        choices=["previous", "sft"])
     ppo_init: str = arg("sft", "round r's PPO starts from SFT (sft) or from π_{r-1} (previous)",
                         choices=["previous", "sft"])
     meta_order: int = arg(1, "MetaRM gradient: 1 = first order (paper), 2 = exact", choices=[1, 2])
-    eta: float = arg(-1.0, "η of the meta step; -1 = the testbed value in TESTBED (0.3)")
+    eta: float = arg(-1.0, "η of the meta step; -1 = the testbed value in TESTBED (0.3)",
+                     valid=or_sentinel(-1, "the testbed value", non_negative))
     ood: bool = arg(False, "build S from the OOD prompts instead of the RL prompts (paper's OOD experiment)")
     toy: bool = arg(False, "tiny data and step counts: a smoke run of every stage (numbers mean nothing)")
     stage_flags: str = arg("", "extra flags per stage after TESTBED's (later flags win), e.g. \"ppo: --kl-coef 0.02 "
                                "--iterations 160; testbed: --errors subtle\" (how docs/calibration.md's runs were made)")
     save_every: int = arg(0, "sft, reward, meta_rm and ppo save a resumable checkpoint every N steps (ppo: "
                              "iterations), and a rerun continues an interrupted one from it (--resume); 0 = an "
-                             "interrupted stage starts over")
+                             "interrupted stage starts over", valid=non_negative)
 
 
 STUDY_DEFAULTS = {"seeds": 5, "arms": ",".join(ARMS), "rounds": 3}
@@ -234,7 +241,8 @@ def seed_tasks(args: Args, hp: dict[str, list[str]], w: World, s: int, arms: lis
                 tasks.append(Task(f"{base}/rm", "meta_rm.py", [
                     "--model", rm_from, "--train", w.file("pairs_train"), *pairs, "--meta", f"{at(S)}/meta_train.jsonl",
                     "--meta-heldout", f"{at(S)}/meta_heldout.jsonl", "--out", at(f"{base}/rm"), "--meta-order",
-                    str(args.meta_order), "--seed", str(100 * s + r), *hp["meta_rm"]], deps))
+                    str(args.meta_order), "--seed", str(100 * s + r), *hp["meta_rm"],
+                    *(["--fresh-head"] if start == "sft" else [])], deps))  # an RM from SFT, on purpose
             elif arm == "eta0":  # the same epoch over D in the same order as meta_rm.py, without the ascent
                 deps = [d for d in deps if d != S]
                 tasks.append(Task(f"{base}/rm", "reward.py", [
@@ -337,9 +345,10 @@ def run_tasks(args: Args, tasks: list[Task], jobs: int) -> dict[str, tuple[str, 
     seconds: dict[str, tuple[str, float]] = {}
     script_of = {t.name: t.script for t in tasks}
     failed: list[str] = []
-    while (todo and not failed) or running:
+    stopping, restore_signals = pass_signals_on(running)
+    while (todo and not failed and not stopping) or running:
         for t in [t for t in todo if all(d in done for d in t.deps)][: max(0, jobs - len(running))]:
-            if failed:
+            if failed or stopping:
                 break
             todo.remove(t)
             if t.prepare:
@@ -367,10 +376,36 @@ def run_tasks(args: Args, tasks: list[Task], jobs: int) -> dict[str, tuple[str, 
             with open(os.path.join(out, ".done", name), "w") as f:
                 f.write(f"{seconds[name][1]:.1f}\n")
             print(f"   {name}: {seconds[name][1]:.0f} s", flush=True)
+    restore_signals()
+    if stopping:
+        raise common.Interrupted(stopping[0], f"pipeline: stopped by {signal.Signals(stopping[0]).name}; the stages "
+                                              "that were running stopped too (with --save-every after a resumable "
+                                              "checkpoint): run the same command again to continue")
     if failed:
         raise common.UserError(f"stage {failed[0]} failed (log: {out}/logs/{failed[0].replace('/', '__')}.log); run "
                                "the same command again to continue from there")
     return seconds
+
+
+def pass_signals_on(running: dict[str, tuple[subprocess.Popen, float, object]]) -> tuple[list[int], Callable]:
+    """While the stages run: a SIGTERM sent to the pipeline (a cluster's preemption) is passed on to every running
+    stage, which stops at its next step boundary (after a resumable checkpoint with --save-every); SIGINT is not
+    passed on (Ctrl-C reaches the stages from the terminal already, and a second one would cut torchrun's own
+    shutdown short). Either way nothing new is started and the pipeline waits for the running stages instead of
+    dying first. Returns the list the signals are recorded in (empty: none) and the function that puts the previous
+    handlers back."""
+    stopping: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        stopping.append(signum)
+        if signum == signal.SIGTERM:
+            for proc, _, _ in running.values():
+                proc.send_signal(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        return stopping, lambda: None
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
+    return stopping, lambda: [signal.signal(signum, h) for signum, h in previous.items()]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -389,12 +424,10 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError:
         raise common.UserError(f"--eta-sweep {args.eta_sweep}: expected comma-separated numbers") from None
     check(all(x >= 0 for x in sweep), "--eta-sweep values must be >= 0")
-    check(args.seeds >= 1 and args.rounds >= 0 and args.threads >= 1 and args.nproc >= 1 and args.jobs >= 0,
-          "--seeds, --threads and --nproc must be >= 1; --rounds and --jobs >= 0")
-    check(args.seeds <= 12, "--seeds must be <= 12 (the exact bootstrap of report.py enumerates resamples)")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     jobs = args.jobs or max(1, cores // (args.threads * args.nproc))
     t_start = time.time()
+    common.lock_output(args.out)  # one live pipeline per folder (each stage also locks its own)
     os.makedirs(args.out, exist_ok=True)
     common.save_args(args, args.out)
     tasks = plan(args, stage_flags(args), arms, sweep)

@@ -80,7 +80,6 @@ import os
 import time
 
 import torch
-from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import common
@@ -89,7 +88,7 @@ import distributed
 import reward
 import sampling
 import testbed
-from common import arg, check
+from common import arg, check, finite, in_unit, in_unit_above_0, non_negative, positive
 from data import CHAT_TEMPLATE_HELP, CHAT_TEMPLATE_MODES, DATA_FORMAT_HELP, DATA_FORMATS
 
 
@@ -109,50 +108,60 @@ class Args:
     chat_template: str = arg("auto", CHAT_TEMPLATE_HELP, choices=CHAT_TEMPLATE_MODES, essential=True)
     out: str = arg("runs/testbed/ppo", "output folder: the policy, critic/ and metrics.jsonl")
     iterations: int = arg(100, "PPO iterations (rollouts + update); the paper does not state its number",
-                          essential=True)
+                          essential=True, valid=positive)
     prompts_per_iteration: int = arg(8, "prompts drawn per iteration, over all processes (divisible by world size)",
-                                     essential=True)
-    rollouts_per_prompt: int = arg(16, "responses sampled per prompt (paper: 16 per query)", essential=True)
-    max_new_tokens: int = arg(512, "maximum response tokens (paper: 512)", essential=True)
+                                     essential=True, valid=positive)
+    rollouts_per_prompt: int = arg(16, "responses sampled per prompt (paper: 16 per query)", essential=True,
+                                   valid=positive)
+    max_new_tokens: int = arg(512, "maximum response tokens (paper: 512)", essential=True, valid=positive)
     temperature: float = arg(0.8, "sampling temperature; log-probs use logits / temperature (paper: 0.8)",
-                             essential=True)
-    top_p: float = arg(0.9, "nucleus sampling mass (paper: 0.9)", essential=True)
-    repetition_penalty: float = arg(1.1, "repetition penalty while sampling (paper: 1.1)", essential=True)
-    kl_coef: float = arg(0.05, "β of the per-token KL penalty −β (log π − log π_ref) (paper: 0.05)", essential=True)
+                             essential=True, valid=positive)
+    top_p: float = arg(0.9, "nucleus sampling mass (paper: 0.9)", essential=True, valid=in_unit_above_0)
+    repetition_penalty: float = arg(1.1, "repetition penalty while sampling (paper: 1.1)", essential=True,
+                                    valid=positive)
+    kl_coef: float = arg(0.05, "β of the per-token KL penalty −β (log π − log π_ref) (paper: 0.05)", essential=True,
+                         valid=non_negative)
     score_clip: float = arg(0.8, "the RM score is clipped to [-score_clip, score_clip] (paper: 0.8; 0 = off)",
-                            essential=True)
+                            essential=True, valid=non_negative)
     score_norm: str = arg("init", "init: normalise RM scores with the mean and std of the first iteration's "
                                   "rollouts, fixed for the run (then clip); none: clip the raw scores",
                           choices=("init", "none"), essential=True)
-    missing_eos_score: float = arg(-1.0, "score given instead of the RM's to a response without EOS", essential=True)
-    gamma: float = arg(1.0, "GAE discount γ (paper: 1)", essential=True)
-    lam: float = arg(0.95, "GAE λ (paper: 0.95)", essential=True)
-    policy_lr: float = arg(5e-7, "policy learning rate (paper: 5e-7)", essential=True)
-    critic_lr: float = arg(1.5e-6, "critic learning rate (paper: 1.5e-6)", essential=True)
-    ppo_epochs: int = arg(2, "passes over each rollout batch", essential=True)
-    mini_batch_size: int = arg(64, "rollouts per optimiser step, over all processes", essential=True)
-    micro_batch_size: int = arg(8, "rollouts per forward/backward on one process (also for step 3's forwards)")
-    generation_batch_size: int = arg(64, "rollouts sampled per generate() call on one process")
-    ratio_clip: float = arg(0.2, "PPO ratio clip ε: ratios outside [1 − ε, 1 + ε] get no gradient", essential=True)
+    missing_eos_score: float = arg(-1.0, "score given instead of the RM's to a response without EOS", essential=True,
+                                   valid=finite)
+    gamma: float = arg(1.0, "GAE discount γ (paper: 1)", essential=True, valid=in_unit)
+    lam: float = arg(0.95, "GAE λ (paper: 0.95)", essential=True, valid=in_unit)
+    policy_lr: float = arg(5e-7, "policy learning rate (paper: 5e-7)", essential=True, valid=positive)
+    critic_lr: float = arg(1.5e-6, "critic learning rate (paper: 1.5e-6)", essential=True, valid=positive)
+    ppo_epochs: int = arg(2, "passes over each rollout batch", essential=True, valid=positive)
+    mini_batch_size: int = arg(64, "rollouts per optimiser step, over all processes", essential=True, valid=positive)
+    micro_batch_size: int = arg(8, "rollouts per forward/backward on one process (also for step 3's forwards)",
+                                valid=positive)
+    generation_batch_size: int = arg(64, "rollouts sampled per generate() call on one process", valid=positive)
+    ratio_clip: float = arg(0.2, "PPO ratio clip ε: ratios outside [1 − ε, 1 + ε] get no gradient", essential=True,
+                            valid=positive)
     value_clip: float = arg(0.2, "critic values may move at most this far from their rollout-time value",
-                            essential=True)
+                            essential=True, valid=positive)
     whiten_advantages: bool = arg(True, "normalise advantages to mean 0, std 1 over the valid tokens of the batch",
                                   essential=True)
-    grad_clip: float = arg(1.0, "clip each model's global gradient norm to this value (0 = off)", essential=True)
-    seed: int = arg(0, "random seed: prompt order (shared by all ranks) and sampling (seed + rank)", essential=True)
+    grad_clip: float = arg(1.0, "clip each model's global gradient norm to this value (0 = off)", essential=True,
+                           valid=non_negative)
+    seed: int = arg(0, "random seed: prompt order (shared by all ranks) and sampling (seed + rank)", essential=True,
+                    valid=common.seed)
     bf16: bool = arg(False, "bf16 autocast for generation and forward/backward; fp32 is the reference (in bf16 the "
                             "log-probs of steps 3 and 6 differ by rounding, so the ratio is not 1 at the start)",
                      essential=True)
+    threads: int = arg(0, common.THREADS_HELP, valid=non_negative)
     eval_prompts: str = arg("", "held-out prompts, JSONL {prompt}: every --eval-every iterations (and before the "
                                 "first and after the last) the policy is sampled on them and the gold reward (on the "
                                 "testbed), the RM's score and KL(π‖π_SFT) are logged — the over-optimisation curve; "
                                 "empty = off")
-    eval_every: int = arg(10, "iterations between held-out evaluations (with --eval-prompts)")
-    eval_samples: int = arg(2, "responses sampled per held-out prompt at each evaluation")
-    sample_every: int = arg(10, "print a few decoded rollouts with score, KL and total every N iterations (0 = never)")
-    samples_to_print: int = arg(3, "how many rollouts to print (each from a different prompt)")
+    eval_every: int = arg(10, "iterations between held-out evaluations (with --eval-prompts)", valid=positive)
+    eval_samples: int = arg(2, "responses sampled per held-out prompt at each evaluation", valid=positive)
+    sample_every: int = arg(10, "print a few decoded rollouts with score, KL and total every N iterations (0 = never)",
+                            valid=non_negative)
+    samples_to_print: int = arg(3, "how many rollouts to print (each from a different prompt)", valid=non_negative)
     save_every: int = arg(50, "save policy and critic every N iterations, resumable with --resume (and at the end; "
-                              "0 = only the final models, not resumable)")
+                              "0 = only the final models, not resumable)", valid=non_negative)
     overwrite: bool = arg(False, "replace an existing output folder")
     resume: bool = arg(False, "continue the run in --out from its latest --save-every checkpoint (policy, critic, "
                               "both optimisers, prompt order, RNG states, score normalisation); the same essential "
@@ -567,6 +576,7 @@ def rollout_metrics(batch: Rollouts, exp: dict[str, torch.Tensor], texts: list[s
 # ----------------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     args = common.parse_args(Args, argv)
+    threads = common.configure_process(args.threads)
     rank, world, device = distributed.init_distributed()
     check(args.prompts_per_iteration % world == 0,
           f"--prompts-per-iteration {args.prompts_per_iteration} is not divisible by world size {world}")
@@ -575,13 +585,14 @@ def main(argv: list[str] | None = None) -> None:
           f"rollouts per iteration {rollouts_per_iteration} (= prompts x rollouts per prompt) is not divisible by "
           f"--mini-batch-size {args.mini_batch_size}")
     common.split_batch(args.mini_batch_size, args.micro_batch_size, world, "--mini-batch-size")
-    check(args.max_new_tokens > 0 and args.temperature > 0, "--max-new-tokens and --temperature must be positive")
     common.seed_everything(args.seed, rank)  # seed + rank: every rank samples different responses
 
     # ---- tokenizers: the RM reads the policy's token ids, so both must be the same tokenizer ----
     args.policy = args.policy or args.sft
-    for flag, path in (("--sft", args.sft), ("--policy", args.policy), ("--rm", args.rm)):
+    for flag, path in (("--sft", args.sft), ("--policy", args.policy)):
         distributed.check_checkpoint(path, flag)
+        distributed.check_positions(path, "--max-new-tokens", args.max_new_tokens, reserve=1)
+    reward.check_reward_model(args.rm, "--rm")  # an SFT checkpoint here would be PPO against a random head
     tokenizer = AutoTokenizer.from_pretrained(args.sft)
     for path in (args.policy, args.rm):
         other = AutoTokenizer.from_pretrained(path)
@@ -620,7 +631,7 @@ def main(argv: list[str] | None = None) -> None:
     common.print0(f"ppo: {len(prompts)} prompts; per iteration {args.prompts_per_iteration} prompts x "
                   f"{args.rollouts_per_prompt} rollouts = {rollouts_per_iteration}, {args.ppo_epochs} epochs x "
                   f"{rollouts_per_iteration // args.mini_batch_size} mini-batches of {args.mini_batch_size}, "
-                  f"{world} processes")
+                  f"{world} processes, {threads} thread(s) each")
 
     # ---- loop ----
     # the prompt order, the same on every rank; its generator also shuffles the mini-batches of step 6
@@ -656,7 +667,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if eval_prompts and start == 0:
         held_out_eval(0)
-    bar = tqdm(range(start, args.iterations), desc="ppo", disable=not common.is_main())
+    preemption = common.Preemption(args.save_every > 0, "ppo", args.out, distributed.NOT_RESUMABLE, unit="iteration")
+    bar = common.progress(range(start, args.iterations), desc="ppo")
     for it in bar:
         # PPO step 1: this rank's share of the prompt batch, each repeated n times; sample the rollouts
         batch_prompts = [prompts[i] for i in prompt_order.take()]
@@ -689,8 +701,10 @@ def main(argv: list[str] | None = None) -> None:
         print_iteration(it, args, metrics, exp, batch, texts, (t0, t1, t2, t3))
         if eval_prompts and (common.due(args.eval_every, it + 1, args.iterations) or it + 1 == args.iterations):
             held_out_eval(it + 1)
-        if common.due(args.save_every, it + 1, args.iterations):
+        stop = preemption.requested(world, it + 1, args.iterations)  # SIGINT / SIGTERM (collective)
+        if common.due(args.save_every, it + 1, args.iterations) or stop:
             save(it + 1)
+            preemption.stop(it + 1, args.iterations)  # SIGINT / SIGTERM: stop here, resumable
 
     # ---- save ----
     save(args.iterations)

@@ -23,22 +23,22 @@ Deliberate choices the paper leaves open
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import common
 import data
 import distributed
 import testbed
-from common import arg, check
+from common import arg, check, non_negative, or_sentinel, positive
 from data import CHAT_TEMPLATE_HELP, CHAT_TEMPLATE_MODES, DATA_FORMAT_HELP, DATA_FORMATS
-from distributed import RESUME_HELP, SAVE_EVERY_HELP
+from distributed import NOT_RESUMABLE, RESUME_HELP, SAVE_EVERY_HELP
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -56,23 +56,28 @@ class Args:
                           choices=["safer", "better"], essential=True)
     chat_template: str = arg("auto", CHAT_TEMPLATE_HELP, choices=CHAT_TEMPLATE_MODES, essential=True)
     out: str = arg("runs/testbed/rm", "output folder: the RM checkpoint, metrics.jsonl, args.json")
-    lr: float = arg(5e-6, "learning rate (paper: 5e-6), constant", essential=True)
-    epochs: float = arg(1.0, "passes over D (paper: 1)")
+    lr: float = arg(5e-6, "learning rate (paper: 5e-6), constant", essential=True, valid=positive)
+    epochs: float = arg(1.0, "passes over D (paper: 1)", valid=positive)
     batch_size: int = arg(16, "global batch in pairs = micro-batch x accumulation x world size (paper: 16)",
-                          essential=True)
-    micro_batch_size: int = arg(8, "pairs per forward/backward on one process (2x sequences: chosen + rejected)")
+                          essential=True, valid=positive)
+    micro_batch_size: int = arg(8, "pairs per forward/backward on one process (2x sequences: chosen + rejected)",
+                                valid=positive)
     max_len: int = arg(512, "maximum tokens of prompt + response; longer ones are truncated (see data.encode)",
-                       essential=True)
-    grad_clip: float = arg(1.0, "clip the global gradient norm to this value (0 = off)", essential=True)
-    seed: int = arg(0, "random seed (data order, head initialisation)", essential=True)
+                       essential=True, valid=positive)
+    grad_clip: float = arg(1.0, "clip the global gradient norm to this value (0 = off)", essential=True,
+                           valid=non_negative)
+    seed: int = arg(0, "random seed (data order, head initialisation)", essential=True, valid=common.seed)
     bf16: bool = arg(False, "bf16 autocast for forward/backward (fp32 master weights); fp32 is the reference",
                      essential=True)
-    max_steps: int = arg(-1, "stop after this many optimiser steps (-1 = the whole epoch); for smoke tests")
-    eval_every: int = arg(50, "evaluate on the test pairs every N steps (and at the end; 0 = only at the end)")
-    eval_batch_size: int = arg(32, "pairs per forward pass during evaluation")
-    log_every: int = arg(10, "print a metrics line every N steps")
+    threads: int = arg(0, common.THREADS_HELP, valid=non_negative)
+    max_steps: int = arg(-1, "stop after this many optimiser steps (-1 = the whole epoch); for smoke tests",
+                         valid=or_sentinel(-1, "the whole epoch"))
+    eval_every: int = arg(50, "evaluate on the test pairs every N steps (and at the end; 0 = only at the end)",
+                          valid=non_negative)
+    eval_batch_size: int = arg(32, "pairs per forward pass during evaluation", valid=positive)
+    log_every: int = arg(10, "print a metrics line every N steps", valid=positive)
     overwrite: bool = arg(False, "replace an existing output folder")
-    save_every: int = arg(0, SAVE_EVERY_HELP)
+    save_every: int = arg(0, SAVE_EVERY_HELP, valid=non_negative)
     resume: bool = arg(False, RESUME_HELP)
 
 
@@ -104,6 +109,46 @@ def pair_batch(tokenizer, pairs: list[dict], max_len: int,
             n_truncated += truncated
     ids, mask = data.pad(seqs, tokenizer.pad_token_id)
     return ids, mask, n_truncated
+
+
+def reward_dtype(r: torch.Tensor) -> torch.Tensor:
+    """Rewards keep the model's dtype (float32, or float64 in the golden tests); only bf16 / fp16 (autocast) are
+    up-cast to float32 before the losses."""
+    return r.float() if r.dtype in (torch.bfloat16, torch.float16) else r
+
+
+def check_reward_model(path: str, flag: str, alternative: str = "") -> None:
+    """`path` must be a reward model, i.e. what reward.py or meta_rm.py saves: a ...ForSequenceClassification config
+    with one label (num_labels 1) and the `score` head's weight in its safetensors. A causal-LM checkpoint (SFT, a
+    PPO policy) is refused with one line: loading it as an RM would give it a random head without a word.
+    `alternative` is appended to the message (another way out, for the stage that has one)."""
+    distributed.check_checkpoint(path, flag)
+    config = distributed.model_config(path)
+    kind = ", ".join(config.get("architectures") or []) or "an unnamed architecture"
+    labels = len(config["id2label"]) if isinstance(config.get("id2label"), dict) else config.get("num_labels", 2)
+    classifier = any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or [])
+    has_head = classifier and "score.weight" in _weight_names(path)
+    what = "" if not classifier else f" with {labels} labels" if labels != 1 else "" if has_head else \
+        " without score.weight in its safetensors"
+    check(has_head and labels == 1,
+          f"{path}: {flag} must be a reward model (one score head, trained: what reward.py or meta_rm.py saves), "
+          f"but this is a {kind} checkpoint{what}; train one with reward.py --model {path}{alternative}")
+
+
+def _weight_names(path: str) -> set[str]:
+    """The tensor names stored in a model folder's safetensors (headers only; sharded folders via their index)."""
+    from safetensors import safe_open
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return set(json.load(f)["weight_map"])
+    names: set[str] = set()
+    for name in os.listdir(path):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(path, name), framework="pt") as f:
+                names.update(f.keys())
+    return names
 
 
 def check_reward_tokenizer(path: str, what: str = "--model"):
@@ -142,7 +187,7 @@ def score_texts(model, tokenizer, prompts: list[str], responses: list[str], *, m
         seqs = [data.encode(tokenizer, prompts[i], responses[i], max_len, chat_template)[0] for i in mine]
         ids, mask = data.pad(seqs, tokenizer.pad_token_id)
         with common.autocast(device, bf16):
-            r = rewards(model, ids.to(device), mask.to(device)).float()
+            r = reward_dtype(rewards(model, ids.to(device), mask.to(device)))
         if world > 1:
             parts = [torch.empty_like(r) for _ in range(world)]
             dist.all_gather(parts, r)
@@ -179,10 +224,12 @@ def evaluate(model, tokenizer, pairs: list[dict], *, max_len: int, world: int, r
 # ----------------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     args = common.parse_args(Args, argv)
+    threads = common.configure_process(args.threads)
     rank, world, device = distributed.init_distributed()
     accum = common.split_batch(args.batch_size, args.micro_batch_size, world)
     # ---- inputs: every one is checked before the output folder is created, so a mistake leaves nothing behind ----
     check_reward_tokenizer(args.model)
+    distributed.check_positions(args.model, "--max-len", args.max_len)
     pairs = data.read_pairs(args.train, args.data_format, args.preference)
     test_pairs = data.read_pairs(args.test, args.data_format, args.preference) if args.test else []
     _, total_steps = common.count_steps(len(pairs), args.batch_size, args.epochs, args.max_steps,
@@ -197,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     log = common.MetricsLog(os.path.join(args.out, "metrics.jsonl"))
     common.print0(f"reward: {len(pairs)} pairs, {total_steps} steps of {args.batch_size} = {args.micro_batch_size} "
-                  f"x {accum} accumulation x {world} processes")
+                  f"x {accum} accumulation x {world} processes, {threads} thread(s) each")
 
     def run_eval(step: int) -> None:
         if not test_pairs:
@@ -221,7 +268,8 @@ def main(argv: list[str] | None = None) -> None:
                                                        n_truncated=n_truncated)
         distributed.save_model(model, tokenizer, args.out, world, args, trainer_state)
 
-    bar = tqdm(range(start, total_steps), desc="reward", disable=not common.is_main())
+    preemption = common.Preemption(args.save_every > 0, "reward", args.out, NOT_RESUMABLE)
+    bar = common.progress(range(start, total_steps), desc="reward")
     t0 = time.time()
     for step in bar:
         batch = [pairs[i] for i in order.take()]
@@ -234,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
             ids, mask, truncated = pair_batch(tokenizer, part, args.max_len, args.chat_template)
             n_truncated += truncated
             with common.autocast(device, args.bf16):
-                r = rewards(model, ids.to(device), mask.to(device)).float()  # (2n,)
+                r = reward_dtype(rewards(model, ids.to(device), mask.to(device)))  # (2n,)
             r_w, r_l = r[: len(part)], r[len(part):]
             loss = bradley_terry_loss(r_w, r_l)
             (loss * len(part) / args.batch_size * world).backward()
@@ -254,8 +302,9 @@ def main(argv: list[str] | None = None) -> None:
             common.print0(f"step {step + 1}/{total_steps} loss {loss:.4f} acc {acc:.3f} grad_norm {grad_norm:.3f}")
         if common.due(args.eval_every, step + 1, total_steps):
             run_eval(step + 1)
-        if common.due(args.save_every, step + 1, total_steps):
+        if common.due(args.save_every, step + 1, total_steps) or preemption.requested(world, step + 1, total_steps):
             save(step + 1)
+            preemption.stop(step + 1, total_steps)  # SIGINT / SIGTERM: stop here, resumable
 
     run_eval(total_steps)
     if n_truncated:

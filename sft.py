@@ -27,7 +27,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import common
@@ -35,9 +34,9 @@ import data
 import distributed
 import sampling
 import testbed
-from common import arg, check
+from common import arg, check, non_negative, or_sentinel, positive
 from data import CHAT_TEMPLATE_HELP, CHAT_TEMPLATE_MODES, DATA_FORMAT_HELP, DATA_FORMATS
-from distributed import RESUME_HELP, SAVE_EVERY_HELP
+from distributed import NOT_RESUMABLE, RESUME_HELP, SAVE_EVERY_HELP
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -55,29 +54,31 @@ class Args:
                           choices=["safer", "better"], essential=True)
     chat_template: str = arg("auto", CHAT_TEMPLATE_HELP, choices=CHAT_TEMPLATE_MODES, essential=True)
     out: str = arg("runs/testbed/sft", "output folder: the SFT checkpoint, metrics.jsonl, args.json")
-    lr: float = arg(2e-5, "peak learning rate (paper: 2e-5)", essential=True)
-    epochs: float = arg(2.0, "passes over the data (paper: 2)", essential=True)
+    lr: float = arg(2e-5, "peak learning rate (paper: 2e-5)", essential=True, valid=positive)
+    epochs: float = arg(2.0, "passes over the data (paper: 2)", essential=True, valid=positive)
     warmup_epochs: float = arg(0.3, "linear warm-up length in epochs (paper: 0.3), then linear decay to 0",
-                               essential=True)
+                               essential=True, valid=non_negative)
     batch_size: int = arg(32, "global batch size in examples = micro-batch x accumulation x world size (paper: 32)",
-                          essential=True)
-    micro_batch_size: int = arg(8, "examples per forward/backward on one process")
+                          essential=True, valid=positive)
+    micro_batch_size: int = arg(8, "examples per forward/backward on one process", valid=positive)
     max_len: int = arg(512, "maximum tokens of prompt + response; longer ones are truncated (see data.encode)",
-                       essential=True)
-    grad_clip: float = arg(1.0, "clip the global gradient norm to this value (0 = off)", essential=True)
-    seed: int = arg(0, "random seed (data order, initialisation)", essential=True)
+                       essential=True, valid=positive)
+    grad_clip: float = arg(1.0, "clip the global gradient norm to this value (0 = off)", essential=True,
+                           valid=non_negative)
+    seed: int = arg(0, "random seed (data order, initialisation)", essential=True, valid=common.seed)
     bf16: bool = arg(False, "bf16 autocast for forward/backward (fp32 master weights); fp32 is the reference",
                      essential=True)
+    threads: int = arg(0, common.THREADS_HELP, valid=non_negative)
     max_steps: int = arg(-1, "stop after this many optimiser steps (-1 = run all epochs); for smoke tests",
-                         essential=True)
-    log_every: int = arg(10, "print a metrics line every N steps")
+                         essential=True, valid=or_sentinel(-1, "all epochs"))
+    log_every: int = arg(10, "print a metrics line every N steps", valid=positive)
     eval_prompts: str = arg("runs/testbed/data/eval_prompts.jsonl",
                             "prompts sampled after training to report EOS rate (and gold reward on the testbed); "
                             "empty string = skip")
-    eval_samples: int = arg(64, "how many eval prompts to sample after training")
-    max_new_tokens: int = arg(48, "maximum new tokens when sampling after training")
+    eval_samples: int = arg(64, "how many eval prompts to sample after training", valid=positive)
+    max_new_tokens: int = arg(48, "maximum new tokens when sampling after training", valid=positive)
     overwrite: bool = arg(False, "replace an existing output folder")
-    save_every: int = arg(0, SAVE_EVERY_HELP)
+    save_every: int = arg(0, SAVE_EVERY_HELP, valid=non_negative)
     resume: bool = arg(False, RESUME_HELP)
 
 
@@ -115,6 +116,7 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     args = common.parse_args(Args, argv)
+    threads = common.configure_process(args.threads)
     rank, world, device = distributed.init_distributed()
     accum = common.split_batch(args.batch_size, args.micro_batch_size, world)
     common.seed_everything(args.seed, rank)
@@ -122,6 +124,9 @@ def main(argv: list[str] | None = None) -> None:
     # ---- data: every rank reads the whole file and draws the same order; each takes its slice of a batch ----
     # Every input is checked before the output folder is created: a mistake leaves nothing behind.
     distributed.check_checkpoint(args.model, "--model")
+    distributed.check_positions(args.model, "--max-len", args.max_len)
+    if args.eval_prompts:
+        distributed.check_positions(args.model, "--max-new-tokens", args.max_new_tokens, reserve=1)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     check(tokenizer.eos_token_id is not None and tokenizer.pad_token_id is not None,
           f"{args.model}: the tokenizer needs an EOS and a PAD token")
@@ -139,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     common.prepare_output(args.out, args.overwrite, args.resume, state)
     common.print0(f"sft: {len(examples)} examples ({n_truncated} truncated to {args.max_len} tokens), "
                   f"{total_steps} steps of {args.batch_size} = {args.micro_batch_size} x {accum} accumulation x "
-                  f"{world} processes")
+                  f"{world} processes, {threads} thread(s) each")
 
     # ---- model and optimiser ----
     model = distributed.load_model(AutoModelForCausalLM, args.out if state else args.model, world, device)
@@ -161,7 +166,8 @@ def main(argv: list[str] | None = None) -> None:
                                                        order=order)
         distributed.save_model(model, tokenizer, args.out, world, args, trainer_state)
 
-    bar = tqdm(range(start, total_steps), desc="sft", disable=not common.is_main())
+    preemption = common.Preemption(args.save_every > 0, "sft", args.out, NOT_RESUMABLE)
+    bar = common.progress(range(start, total_steps), desc="sft")
     t0, tokens_seen = time.time(), 0
     for step in bar:
         batch = [examples[i] for i in order.take()]
@@ -199,8 +205,9 @@ def main(argv: list[str] | None = None) -> None:
         if (step + 1) % args.log_every == 0 or step + 1 == total_steps:
             common.print0(f"step {step + 1}/{total_steps} loss {loss:.4f} lr {lr:.3e} grad_norm {grad_norm:.3f} "
                           f"tok/s {metrics['tokens_per_s']:.0f}")
-        if common.due(args.save_every, step + 1, total_steps):
+        if common.due(args.save_every, step + 1, total_steps) or preemption.requested(world, step + 1, total_steps):
             save(step + 1)
+            preemption.stop(step + 1, total_steps)  # SIGINT / SIGTERM: stop here, resumable
 
     # ---- save (with the trainer state when --save-every asked for resumable checkpoints) ----
     save(total_steps, finished=True)

@@ -88,7 +88,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 
-from common import UserError, arg, check, parse_args, run_main, save_args
+import common
+from common import UserError, arg, at_least, check, non_negative, parse_args, positive, run_main, save_args
 from data import write_jsonl
 
 
@@ -98,16 +99,20 @@ from data import write_jsonl
 @dataclass
 class Args:
     out: str = arg("", "output folder (required): data/, base_model/, testbed.json are written inside")
-    seed: int = arg(0, "seed of every random draw (data, tokenizer corpus, model init); same seed -> same bytes")
-    n_sft: int = arg(8000, "SFT demonstrations (middling quality)")
-    n_pairs_train: int = arg(4000, "preference pairs for reward-model training")
-    n_pairs_test: int = arg(500, "preference pairs for reward-model validation")
-    n_rl_prompts: int = arg(1000, "prompts for PPO rollouts and the meta set S")
-    n_eval_prompts: int = arg(100, "held-out evaluation prompts (paper: 100 test prompts)")
-    n_ood_prompts: int = arg(200, "prompts of the OOD families (OOD meta set / OOD evaluation)")
-    n_ood_pairs_test: int = arg(300, "preference pairs of the OOD families (RM accuracy under distribution shift)")
+    seed: int = arg(0, "seed of every random draw (data, tokenizer corpus, model init); same seed -> same bytes",
+                    valid=common.seed)
+    threads: int = arg(0, common.THREADS_HELP, valid=non_negative)
+    n_sft: int = arg(8000, "SFT demonstrations (middling quality)", valid=positive)
+    n_pairs_train: int = arg(4000, "preference pairs for reward-model training", valid=positive)
+    n_pairs_test: int = arg(500, "preference pairs for reward-model validation", valid=positive)
+    n_rl_prompts: int = arg(1000, "prompts for PPO rollouts and the meta set S", valid=positive)
+    n_eval_prompts: int = arg(100, "held-out evaluation prompts (paper: 100 test prompts)", valid=positive)
+    n_ood_prompts: int = arg(200, "prompts of the OOD families (OOD meta set / OOD evaluation)", valid=positive)
+    n_ood_pairs_test: int = arg(300, "preference pairs of the OOD families (RM accuracy under distribution shift)",
+                                valid=positive)
     label_noise: float = arg(1.0, "tau of the Bradley-Terry annotator P(a > b) = sigmoid((gold_a - gold_b) / tau); "
-                                  "1.0 gives ~73%% agreement with the gold ordering, like human annotators")
+                                  "1.0 gives ~73%% agreement with the gold ordering, like human annotators",
+                                  valid=positive)
     errors: str = arg("visible", "what wrong answers look like: visible = a word that should not be there (another "
                              "word repeated, a letter or list item not in the question, an operand for a sum), which "
                              "a small RM can learn to see; subtle = also right items in the wrong order or count and "
@@ -115,7 +120,7 @@ class Args:
                              "answers (a wrong colour) and the OOD families are the same in both",
                       choices=("visible", "subtle"))
     vocab_size: int = arg(1000, "target vocabulary of the byte-level BPE tokenizer (fewer if the corpus runs out "
-                                "of merges)")
+                                "of merges)", valid=at_least(300, "256 bytes + specials + merges"))
     model_size: str = arg("tiny", "base model size: tiny ~1.1M params, small ~6M, medium ~29M",
                           choices=("tiny", "small", "medium"))
     overwrite: bool = arg(False, "replace a different testbed already in --out")
@@ -620,7 +625,9 @@ MODEL_SIZES = {  # hidden, intermediate, layers, heads (= key/value heads)
     "small": (256, 768, 6, 8),
     "medium": (512, 1536, 8, 8),
 }
-MAX_POSITIONS = 256
+# Every stage refuses a --max-len (or prompt + --max-new-tokens) beyond a model's positions; 1024 lets the paper's
+# defaults (512) run on the testbed as they are. Llama's positions are rotary (no table), so this costs no weights.
+MAX_POSITIONS = 1024
 
 
 def train_tokenizer(corpus: list[str], vocab_size: int):
@@ -683,11 +690,13 @@ def _prepare_out(args: Args) -> None:
         if existing != wanted and not args.overwrite:
             what = "a different testbed" if existing is not None else "something that is not a testbed"
             raise UserError(f"{args.out} is not empty and holds {what}; pass --overwrite to replace it")
+        common.lock_output(args.out)  # one live run per folder, before anything of it is removed
         for name in ("data", "base_model"):
             shutil.rmtree(os.path.join(args.out, name), ignore_errors=True)
         for name in ("testbed.json", "args.json"):
             if os.path.isfile(os.path.join(args.out, name)):
                 os.remove(os.path.join(args.out, name))
+    common.lock_output(args.out)  # (a no-op when taken above)
     os.makedirs(os.path.join(args.out, "data"), exist_ok=True)
 
 
@@ -703,11 +712,9 @@ def mean(xs) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(Args, argv)
+    args = parse_args(Args, argv)  # also checks every number (positive sizes, vocab >= 300, ...)
     check(args.out != "", "--out is required")
-    for name in CONTENT_ARGS[1:9]:
-        check(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be positive")
-    check(args.vocab_size >= 300, "--vocab-size must be at least 300 (256 bytes + specials + merges)")
+    common.configure_process(args.threads)
     start = time.time()
     _prepare_out(args)
 

@@ -101,6 +101,24 @@ def world(tmp_path_factory) -> World:
     return _world_paths(root, testbed=False)
 
 
+@pytest.fixture(scope="session")
+def rm_checkpoint(world, tmp_path_factory) -> str:
+    """A reward-model folder as reward.py saves one (LlamaForSequenceClassification, one label, score weight in the
+    safetensors): the world's base model with a head drawn under seed 0, untrained. The stages refuse a causal LM
+    where they need an RM (reward.check_reward_model), so tests that only need some RM use this."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = str(tmp_path_factory.mktemp("rm_checkpoint"))
+    tokenizer = AutoTokenizer.from_pretrained(world.base_model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_pretrained(world.base_model, num_labels=1,
+                                                                   pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def _build_throwaway_world(root: str) -> None:
     """Random-word data in the testbed's file layout + a byte-level BPE tokenizer + a tiny Llama (2 layers, 64 wide)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -138,7 +156,7 @@ def _build_throwaway_world(root: str) -> None:
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
                          tie_word_embeddings=False)
     with torch.random.fork_rng(devices=[]):

@@ -171,17 +171,20 @@ def test_evaluate_run_with_llm_judge(stub, world, tmp_path, monkeypatch):
                              "--max-new-tokens", "4", "--llm-retries", "0", "--out", str(out)])
     w = results["win_tie_lose"]
     assert (w["win"], w["tie"], w["lose"], w["invalid"], w["orders_disagree"]) == (0, 3, 0, 0, 3)
-    assert len(s.requests) == 6
+    assert len(s.requests) == 1 + 6  # the connection check (evaluate.preflight), then 2 orders x 3 prompts
+    assert "connection check" in s.requests[0]["body"]["messages"][0]["content"]
     assert all(r["headers"]["Authorization"] == "Bearer sk-from-env" for r in s.requests)
+    assert all(r["body"]["max_tokens"] == 512 for r in s.requests[1:])  # --llm-max-tokens' default
     saved = json.loads((out / "results.json").read_text())
     assert saved["win_tie_lose"]["tie_pct"] == 100.0
     assert "sk-from-env" not in (out / "results.json").read_text()  # the key never lands in the outputs
 
 
-def test_two_processes_ask_the_judge_once_per_prompt(stub, world, tmp_path):
+def test_two_processes_ask_the_judge_once_per_prompt(stub, world, rm_checkpoint, tmp_path):
     # torchrun, 2 processes (FSDP2, gloo): generation and RM scoring are spread over the ranks, but only rank 0 talks
-    # to the endpoint (2 orders x 3 prompts = 6 requests, not 12) and broadcasts the verdicts. The RM's accuracy
-    # numbers match one process scoring the same pairs (fp32, same sums in other batches: relative 1e-5).
+    # to the endpoint (1 connection check + 2 orders x 3 prompts = 7 requests, not 14) and broadcasts the verdicts.
+    # The RM's accuracy numbers match one process scoring the same pairs (fp32, same sums in other batches:
+    # relative 1e-5).
     import reward
 
     s = stub(("answer", "[[A]]"))
@@ -189,16 +192,16 @@ def test_two_processes_ask_the_judge_once_per_prompt(stub, world, tmp_path):
     rc, stdout, stderr = run_command([
         "evaluate.py", "--policy-a", world.base_model, "--policy-b", world.base_model, "--judge", "llm",
         "--llm-url", s.url, "--both-orders", "--llm-retries", "0", "--prompts", world.eval_prompts,
-        "--max-prompts", "3", "--max-new-tokens", "4", "--rms", f"rm={world.base_model}", "--pairs-test",
+        "--max-prompts", "3", "--max-new-tokens", "4", "--rms", f"rm={rm_checkpoint}", "--pairs-test",
         world.pairs_test, "--ood-pairs-test", "", "--out", str(out)], nproc=2, timeout=150)
     assert rc == 0, stderr
     results = json.loads((out / "results.json").read_text())
     w = results["win_tie_lose"]
     assert (w["tie"], w["invalid"], w["orders_disagree"]) == (3, 0, 3)
-    assert len(s.requests) == 6
+    assert len(s.requests) == 7
 
     args = evaluate.Args(seed=0)
-    model, tokenizer = evaluate.load_rm(world.base_model, args, 1, torch.device("cpu"))
+    model, tokenizer = evaluate.load_rm(rm_checkpoint, args, 1, torch.device("cpu"))
     one = reward.evaluate(model, tokenizer, data.read_jsonl(world.pairs_test), max_len=args.max_len, world=1,
                           rank=0, batch_size=args.batch_size)
     two = results["reward_models"]["rm"]["test"]

@@ -18,7 +18,7 @@ from conftest import run_command
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def test_evaluate_end_to_end(world, tmp_path):
+def test_evaluate_end_to_end(world, rm_checkpoint, tmp_path):
     rm_log, ppo_log = tmp_path / "rm_metrics.jsonl", tmp_path / "ppo_metrics.jsonl"
     rm_log.write_text("".join(json.dumps(r) + "\n" for r in [
         {"step": 1, "loss": 0.7},                                   # a training line: no eval keys, skipped
@@ -31,11 +31,13 @@ def test_evaluate_end_to_end(world, tmp_path):
     rc, stdout, stderr = run_command([
         "evaluate.py", "--policy-a", world.base_model, "--policy-b", world.base_model, "--judge", "gold",
         "--prompts", world.eval_prompts, "--max-prompts", str(n), "--max-new-tokens", "8",
-        "--rms", f"first={world.base_model},second={world.base_model}",
+        "--rms", f"first={rm_checkpoint},second={rm_checkpoint}",
         "--pairs-test", world.pairs_test, "--ood-pairs-test", world.ood_pairs_test,
         "--gap-policy", world.base_model, "--gap-k", "3", "--gap-bins", "10",
         "--diff-checkpoints", f"early={world.base_model},late={world.base_model}",
-        "--rm-metrics", f"r0={rm_log}", "--ppo-metrics", f"p0={ppo_log}", "--out", str(out)], timeout=120)
+        "--rm-metrics", f"r0={rm_log}", "--ppo-metrics", f"p0={ppo_log}", "--out", str(out),
+        # off the testbed the gold judge knows no prompt: every judgment is invalid, which would fail the run
+        *([] if world.testbed else ["--max-invalid", "1"])], timeout=120)
     assert rc == 0, stderr
     results = json.loads((out / "results.json").read_text())
 

@@ -32,9 +32,9 @@ def test_win_tie_lose_by_hand():
     t = evaluate.win_tie_lose(["win"] * 3 + ["tie"] + ["lose"] * 4 + ["invalid"] * 2)
     assert (t["win"], t["tie"], t["lose"], t["invalid"], t["n"]) == (3, 1, 4, 2, 10)
     assert (t["win_pct"], t["tie_pct"], t["lose_pct"]) == (37.5, 12.5, 50.0)
-    # nothing valid: percentages 0, not a division by zero
+    # nothing valid: no percentages (None, not a division by zero, and not 0.0, which would read as a result)
     t = evaluate.win_tie_lose(["invalid"])
-    assert (t["invalid"], t["win_pct"], t["tie_pct"], t["lose_pct"]) == (1, 0.0, 0.0, 0.0)
+    assert (t["invalid"], t["win_pct"], t["tie_pct"], t["lose_pct"]) == (1, None, None, None)
 
 
 def test_judge_by_scores_margin():

@@ -14,6 +14,8 @@ import meta_rm
 import reward
 from conftest import run_command
 
+HERE = os.path.abspath(__file__)
+
 sig = lambda x: 1 / (1 + math.exp(-x))
 
 
@@ -184,25 +186,80 @@ def test_standardised_J_ignores_the_reward_scale():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Second order vs central finite differences, float64, tiny GPT-2 (stays float64 end to end; docs/design.md §9)
+# Float64 golden tests on a tiny GPT-2, which stays float64 end to end (docs/design.md §9): the meta step of meta_rm.py
+# (order 1, order 2, in place; 1 and 2 processes) against the same mathematics written again here with plain autograd.
+# The rewards keep the model's dtype (reward.reward_dtype), so nothing is rounded to float32 on the way: two float64
+# computations of the same gradient that add the same terms in another order differ by a few ulp of the largest terms
+# (~1e-16 relative; measured below 1e-14), hence the tolerance 1e-10 relative to the gradient's largest entry —
+# far below the 1e-7 that one rounding of the rewards to float32 leaves (what the tests allowed before).
 # ----------------------------------------------------------------------------------------------------------------
-def test_second_order_matches_finite_differences():
+ETA64, K64 = 0.5, 3  # η large, so that the Hessian term of order 2 is far above every rounding error
+
+
+def gpt2_float64():
+    """(model, X_t, X_s): a 2-layer GPT-2 RM in float64 with a large head (J is not flat), 4 pairs, m = 2 prompts x
+    k = 3 responses, some right padding. Built from seeds: every process builds the same one."""
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=2, num_labels=1, pad_token_id=0,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager")
     model = GPT2ForSequenceClassification(config).double()
-    model.score.weight.data.normal_(0, 1.0)  # a head large enough that J is not flat
-    ids = torch.randint(1, 40, (8 + 6, 7))
+    model.score.weight.data.normal_(0, 1.0)
+    ids = torch.randint(1, 40, (8 + 6, 7), generator=torch.Generator().manual_seed(0))
     ids[3, 5:] = 0  # some right padding (pad id 0)
     ids[9, 4:] = 0
     mask = (ids != 0).long()
-    X_t, X_s = (ids[:8], mask[:8]), (ids[8:], mask[8:])  # 4 pairs; m = 2 prompts x k = 3
-    eta = 0.5  # large, so that the Hessian term is far above the finite-difference error
+    return model, (ids[:8], mask[:8]), (ids[8:], mask[8:])
+
+
+def reference_gradient(model, X_t, X_s, eta: float, order: int) -> list[torch.Tensor]:
+    """d/dθ of L(θ') with θ' = θ + η ∇J(θ), by plain autograd, written here without meta_rm's code: order 1
+    treats ∇J as a constant (the gradient of L at θ'); order 2 differentiates through it (create_graph)."""
+    buffers = dict(model.named_buffers())
+    theta = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
+
+    def r(params, batch):
+        return torch.func.functional_call(model, {**params, **buffers}, args=(), kwargs=dict(
+            input_ids=batch[0], attention_mask=batch[1])).logits[:, 0]
+
+    s = r(theta, X_s).view(-1, K64)
+    i, j = torch.triu_indices(K64, K64, offset=1)
+    J = (torch.sigmoid((s[:, i] - s[:, j]).abs()).sum(1) * 2 / K64**2).mean()  # Eq. (2), written again
+    g = torch.autograd.grad(J, list(theta.values()), create_graph=order == 2)
+    adapted = {n: t + eta * (gi if order == 2 else gi.detach()) for (n, t), gi in zip(theta.items(), g)}
+    rt = r(adapted, X_t)
+    n = rt.shape[0] // 2
+    L = -torch.nn.functional.logsigmoid(rt[:n] - rt[n:]).mean()  # Eq. (1), written again
+    return list(torch.autograd.grad(L, list(theta.values())))
+
+
+def max_relative_difference(grads: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    scale = max(g.abs().max().item() for g in reference)
+    return max((a - b).abs().max().item() for a, b in zip(grads, reference)) / scale
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_float64_meta_gradient_matches_an_independent_computation(order):
+    model, X_t, X_s = gpt2_float64()
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    grads, _ = meta_rm.meta_gradient(model, params, buffers, X_t, X_s, k=K64, eta=ETA64, order=order)
+    assert all(g.dtype == torch.float64 for g in grads)
+    assert max_relative_difference(grads, reference_gradient(model, X_t, X_s, ETA64, order)) < 1e-10
+    if order == 1:  # the in-place route (what torchrun runs by default) gives the same, and puts θ back exactly
+        before = [p.detach().clone() for p in model.parameters()]
+        meta_rm.meta_gradient_inplace(model, [X_t], [X_s], k=K64, eta=ETA64, n_pairs=4, n_prompts=2)
+        inplace = [p.grad for p in model.parameters()]
+        assert max_relative_difference(inplace, reference_gradient(model, X_t, X_s, ETA64, 1)) < 1e-10
+        assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
+
+
+def test_second_order_matches_finite_differences():
+    # An independent check of the order-2 gradient that shares no autograd with it: central differences of
+    # F(θ) = L(θ + η ∇J(θ)) along random directions v, against <∇F, v>.
+    model, X_t, X_s = gpt2_float64()
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
-    grads2, _ = meta_rm.meta_gradient(model, params, buffers, X_t, X_s, k=3, eta=eta, order=2)
-    grads1, _ = meta_rm.meta_gradient(model, params, buffers, X_t, X_s, k=3, eta=eta, order=1)
-
+    grads2, _ = meta_rm.meta_gradient(model, params, buffers, X_t, X_s, k=K64, eta=ETA64, order=2)
+    grads1, _ = meta_rm.meta_gradient(model, params, buffers, X_t, X_s, k=K64, eta=ETA64, order=1)
     names = list(params)
 
     def F(theta: dict) -> float:
@@ -213,23 +270,82 @@ def test_second_order_matches_finite_differences():
         i, j = (0, 0, 1), (1, 2, 2)
         J = (torch.sigmoid((r[:, i] - r[:, j]).abs()).sum(1) * 2 / 9).mean()
         g = torch.autograd.grad(J, list(theta.values()))
-        adapted = {n: theta[n].detach() + eta * gi for n, gi in zip(names, g)}
+        adapted = {n: theta[n].detach() + ETA64 * gi for n, gi in zip(names, g)}
         r = torch.func.functional_call(model, {**adapted, **buffers}, args=(), kwargs=dict(
             input_ids=X_t[0], attention_mask=X_t[1])).logits[:, 0]
         return (-torch.nn.functional.logsigmoid(r[:4] - r[4:]).mean()).item()
 
     gen = torch.Generator().manual_seed(1)
-    eps = 1e-6  # central differences in float64: truncation O(eps²) ~ 1e-12, round-off ~ 1e-16 / eps ~ 1e-10
+    # 4-point central differences (error O(h⁴)) in float64. F is strongly curved here (η = 0.5 and a large head).
+    # Measured on these 3 directions: the 2-point stencil at h = 1e-6 is off by 4e-7..6e-7 relative (falling as h²);
+    # the 4-point one by 4e-10..5e-7 at h = 1e-5 (falling as h⁴) and by 3e-11..6e-11 at h = 1e-6, the round-off floor
+    # ~1e-16·|F| / (h·|F'|). Hence h = 1e-6 and a tolerance of 1e-9 (15x the worst direction), still 1e6 times below
+    # the first-order error this test must expose. (While the rewards were rounded to float32, an error of ~1e-7
+    # relative, the test allowed 1e-6 with a 2-point stencil.)
+    h = 1e-6
     for _ in range(3):
         v = {n: torch.randn(p.shape, generator=gen, dtype=torch.float64) for n, p in params.items()}
-        plus = F({n: params[n].detach() + eps * v[n] for n in names})
-        minus = F({n: params[n].detach() - eps * v[n] for n in names})
-        fd = (plus - minus) / (2 * eps)
+        f = lambda c: F({n: params[n].detach() + c * h * v[n] for n in names})
+        fd = (-f(2) + 8 * f(1) - 8 * f(-1) + f(-2)) / (12 * h)
         exact = sum((g * v[n]).sum() for g, n in zip(grads2, names)).item()
         first = sum((g * v[n]).sum() for g, n in zip(grads1, names)).item()
-        assert abs(exact - fd) / abs(fd) < 1e-6, (exact, fd)
+        assert abs(exact - fd) / abs(fd) < 1e-9, (exact, fd)
         # teeth: the first-order gradient misses the Hessian term, so it does not match F's derivative
         assert abs(first - fd) / abs(fd) > 1e-3, (first, fd)
+
+
+def test_float64_meta_step_on_two_processes_matches_one(tmp_path):
+    # torchrun, 2 processes (FSDP2, gloo): each process takes half of X_t (2 pairs) and of X_s (1 prompt); both
+    # routes (gathered: orders 1 and 2; in place: order 1) must give the full-batch gradient of
+    # `reference_gradient`, computed by rank 0 on a plain model, to 1e-10 (the all-reduces add float64 terms in
+    # another order: ~1e-16)
+    result = str(tmp_path / "result.json")
+    rc, out, err = run_command([HERE, result], nproc=2)
+    assert rc == 0, out + err
+    with open(result) as f:
+        r = json.load(f)
+    assert r["dtype"] == "torch.float64"
+    for route in ("gathered order 1", "gathered order 2", "inplace order 1"):
+        assert r[route] < 1e-10, (route, r)
+    assert r["inplace restores theta"]
+
+
+def _two_process_float64(result: str) -> None:
+    """Run by torchrun (python -m torch.distributed.run --nproc_per_node=2 tests/test_meta_rm.py RESULT)."""
+    import copy
+
+    import torch.distributed as dist
+
+    import distributed
+
+    rank, world, _ = distributed.init_distributed()
+    model, X_t, X_s = gpt2_float64()
+    # this process's half: pairs rank*2 .. rank*2+1 (chosen rows, then the same pairs' rejected rows), prompt rank
+    pairs = [r for r in (rank * 2, rank * 2 + 1)] + [4 + r for r in (rank * 2, rank * 2 + 1)]
+    local_t = (X_t[0][pairs], X_t[1][pairs])
+    local_s = (X_s[0][rank * K64:(rank + 1) * K64], X_s[1][rank * K64:(rank + 1) * K64])
+    out = {}
+    with torch.device("meta"):
+        twin = GPT2ForSequenceClassification(model.config).double()
+    twin.train()
+    for order in (1, 2):
+        sharded = distributed.shard(copy.deepcopy(model), world)
+        meta_rm.meta_gradient_gathered(sharded, twin, local_t, local_s, K64, ETA64, order, False, False)
+        grads = [p.grad.full_tensor() for p in sharded.parameters()]
+        if rank == 0:
+            out[f"gathered order {order}"] = max_relative_difference(
+                grads, reference_gradient(model, X_t, X_s, ETA64, order))
+            out["dtype"] = str(grads[0].dtype)
+    sharded = distributed.shard(copy.deepcopy(model), world)
+    meta_rm.meta_gradient_inplace(sharded, [local_t], [local_s], K64, ETA64, n_pairs=2, n_prompts=1)
+    grads = [p.grad.full_tensor() for p in sharded.parameters()]
+    restored = [p.detach().full_tensor() for p in sharded.parameters()]
+    if rank == 0:
+        out["inplace order 1"] = max_relative_difference(grads, reference_gradient(model, X_t, X_s, ETA64, 1))
+        out["inplace restores theta"] = all(torch.equal(a, b) for a, b in zip(restored, model.parameters()))
+        with open(result, "w") as f:
+            json.dump(out, f)
+    dist.barrier()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -335,7 +451,16 @@ def test_meta_data_k_responses_heldout_disjoint_and_deterministic(world, tmp_pat
 def test_meta_set_with_k_below_two_is_refused(world, tmp_path):
     bad = tmp_path / "S.jsonl"
     bad.write_text(json.dumps({"prompt": "x", "responses": ["only one"]}) + "\n")
-    rc, out, err = run_command(["meta_rm.py", "--model", world.base_model, "--train", world.pairs_train,
-                                "--test", "", "--meta", str(bad), "--meta-heldout", "", "--out", str(tmp_path / "o")])
+    rc, out, err = run_command(["meta_rm.py", "--model", world.base_model, "--fresh-head", "--train",
+                                world.pairs_train, "--test", "", "--meta", str(bad), "--meta-heldout", "", "--out",
+                                str(tmp_path / "o")])
     assert rc == 2 and "k >= 2" in err and "Traceback" not in out + err
     assert not (tmp_path / "o").exists()
+
+
+if __name__ == "__main__":
+    import sys
+
+    import common
+
+    common.run_main(lambda: _two_process_float64(sys.argv[1]))

@@ -1,20 +1,28 @@
-"""Reliability (issue 8): exact resume, crash-safe checkpoints, the NaN guard.
+"""Reliability (issues 8 and 14): exact resume, preemption, crash-safe checkpoints, a full disk, one run per
+folder, the NaN guard.
 
-Resume. Each stage runs 4 optimiser steps twice with --save-every 2: straight through, and "crashed" — the test-only
-runner `tests/helpers/run_with_hooks.py --die-after-saves 1` makes the process SIGKILL itself right after its first
-checkpoint (step 2, as a preempted job would die), then the same command with --resume runs steps 3-4. fp32 on CPU is
-deterministic, and the checkpoint holds everything the remaining steps read (weights, optimiser moments, data order
-and generator, RNG states), so the two final models must be bit-identical (torch.equal) and the metrics lines
-identical except the wall-clock ones (throughput, seconds per step).
+Resume. Each stage runs 4 optimiser steps twice with --save-every 2: straight through, and interrupted twice — the
+test-only runner `tests/helpers/run_with_hooks.py --signal-after-steps 1 TERM` sends the process SIGTERM (sft:
+SIGINT, as Ctrl-C) right after it logged step 1, so it must save a resumable checkpoint at that step boundary and
+stop with one line (common.Preemption); then --resume, killed by `--die-after-saves 1` (SIGKILL right after its next
+checkpoint, step 2, as a job killed outright); then --resume to the end. fp32 on CPU is deterministic, and the
+checkpoint holds everything the remaining steps read (weights, optimiser moments, data order and generator, RNG
+states), so the two final models must be bit-identical (torch.equal) and the metrics lines identical except the
+wall-clock ones (throughput, seconds per step). Under torchrun only rank 0 is signalled.
 
 Crash in mid-save. `run_with_hooks.py --slow-save 2` makes every save print a marker and sleep after writing the
 temporary folder, before the rename (distributed.move_into_place); the test SIGKILLs the process at the second
 save's marker. The first checkpoint must still be complete, load with transformers, and equal what the first save
 wrote; --resume then finishes the run.
 
+A full disk is injected where a real one was seen to fail (on a 64 kB tmpfs: Python's OSError ENOSPC, safetensors'
+SafetensorError "os error 28", torch.save's RuntimeError "unexpected pos"): one line, the previous checkpoint intact.
+A second run on the same --out meets the first one's flock (common.lock_output); SIGKILL of the first frees it.
+
 The runs are subprocesses (the kills need them), launched two at a time.
 """
 import concurrent.futures
+import errno
 import json
 import os
 import shutil
@@ -26,6 +34,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import common
 from conftest import REPO, run_command, subprocess_env
 
 TIMING = {"tokens_per_s", "pairs_per_s", "s_per_step",  # wall-clock metrics: differ between any two runs
@@ -74,8 +83,9 @@ def meta_set(world, tmp_path_factory):
     return path
 
 
-def stage_flags(stage: str, world, meta_set: str) -> list[str]:
-    """4 steps at toy size, a checkpoint every 2; logging, evaluation and sampling on, so their lines are compared."""
+def stage_flags(stage: str, world, meta_set: str, rm: str = "") -> list[str]:
+    """4 steps at toy size, a checkpoint every 2; logging, evaluation and sampling on, so their lines are compared.
+    (meta_rm.py starts from the base model, a causal LM: --fresh-head; ppo.py needs an RM: `rm`.)"""
     common = ["--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "4", "--save-every", "2",
               "--log-every", "1", "--max-len", "64"]
     if stage == "sft.py":
@@ -84,60 +94,80 @@ def stage_flags(stage: str, world, meta_set: str) -> list[str]:
     if stage == "reward.py":
         return [*common, "--model", world.base_model, "--train", world.pairs_train, "--test", world.pairs_test,
                 "--lr", "1e-3", "--eval-every", "1"]
-    return [*common[:2], "--micro-batch-size", "8", *common[4:], "--model", world.base_model, "--train",
-            world.pairs_train, "--test", world.pairs_test, "--meta", meta_set, "--meta-heldout", "",
+    if stage == "ppo.py":
+        return ["--sft", world.base_model, "--rm", rm, "--prompts", world.rl_prompts, "--iterations", "4",
+                "--save-every", "2", "--prompts-per-iteration", "4", "--rollouts-per-prompt", "2", "--mini-batch-size",
+                "4", "--micro-batch-size", "4", "--max-new-tokens", "6", "--policy-lr", "1e-3", "--critic-lr", "1e-3",
+                "--sample-every", "0"]
+    return [*common[:2], "--micro-batch-size", "8", *common[4:], "--model", world.base_model, "--fresh-head",
+            "--train", world.pairs_train, "--test", world.pairs_test, "--meta", meta_set, "--meta-heldout", "",
             "--meta-batch-size", "4", "--lr", "1e-3", "--eta", "0.05", "--eval-every", "1"]
 
 
-def straight_and_resumed(script: str, flags: list[str], root: str, nproc: int = 1,
-                         die_after_saves: int = 1) -> tuple[str, str, str]:
-    """Run `script` straight and crashed-after-the-first-checkpoint + --resume (in parallel); return the folders and
-    the resumed run's stdout."""
-    straight, resumed = os.path.join(root, "straight"), os.path.join(root, "resumed")
+def stopped_line(stage: str, signame: str, out: str, unit: str = "step") -> str:
+    """The one line a stage prints when a signal stopped it after step 1 of 4 (common.Preemption.stop)."""
+    return (f"{stage}: stopped by {signame} after {unit} 1 of 4; a resumable checkpoint is in {out}: run the same "
+            "command with --resume to continue (the result is the same as an uninterrupted run)")
 
-    def crashed_then_resumed() -> str:
-        rc, out, err = run_hooked(["--die-after-saves", str(die_after_saves)], [script, *flags, "--out", resumed],
-                                  nproc)
-        assert rc != 0, "the test hook should have killed the run after its first checkpoint"
-        assert torch.load(os.path.join(resumed, "trainer_state.pt"), weights_only=False)["step"] == 2
+
+def straight_and_interrupted(script: str, flags: list[str], root: str, nproc: int = 1, signame: str = "TERM",
+                             saves_per_checkpoint: int = 1) -> tuple[str, str, list, str]:
+    """Run `script` straight, and in parallel the same run interrupted twice:
+      1. the test hook signals it (SIG`signame`; under torchrun rank 0 only) right after it logged step 1, which is
+         not a --save-every step: the stage must save a checkpoint of step 1 at that step boundary and stop;
+      2. --resume, and the hook SIGKILLs it right after its next checkpoint (step 2), as a job killed outright;
+      3. --resume to the end.
+    Return the two folders, the (returncode, stdout, stderr) of the two interrupted runs and the last run's stdout."""
+    straight, resumed = os.path.join(root, "straight"), os.path.join(root, "resumed")
+    chain = [(["--signal-after-steps", "1", signame], [], 1),
+             (["--die-after-saves", str(saves_per_checkpoint)], ["--resume"], 2)]
+
+    def interrupted_then_resumed() -> tuple[list, str]:
+        runs = []
+        for hooks, again, step in chain:
+            runs.append(run_hooked(hooks, [script, *flags, "--out", resumed, *again], nproc))
+            assert runs[-1][0] != 0, "the test hook should have ended the run early"
+            assert torch.load(os.path.join(resumed, "trainer_state.pt"), weights_only=False)["step"] == step
         rc, out, err = run_command([script, *flags, "--out", resumed, "--resume"], nproc=nproc)
         assert rc == 0, out + err
-        return out
+        return runs, out
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         a = pool.submit(run_command, [script, *flags, "--out", straight], nproc)
-        b = pool.submit(crashed_then_resumed)
+        b = pool.submit(interrupted_then_resumed)
         rc, out, err = a.result()
         assert rc == 0, out + err
-        return straight, resumed, b.result()
+        assert "\r" not in err  # a log, not a terminal: no progress-bar redraws (common.progress)
+        runs, printed = b.result()
+        return straight, resumed, runs, printed
 
 
-@pytest.mark.parametrize("script", ["sft.py", "reward.py", "meta_rm.py"])
-def test_resume_is_bit_identical(world, meta_set, tmp_path, script):
-    straight, resumed, printed = straight_and_resumed(script, stage_flags(script, world, meta_set), str(tmp_path))
+@pytest.mark.parametrize("script, signame", [("sft.py", "INT"), ("reward.py", "TERM"), ("meta_rm.py", "TERM")])
+def test_resume_is_bit_identical(world, meta_set, tmp_path, script, signame):
+    # Ctrl-C (SIGINT) or a preemption (SIGTERM) after step 1, then a SIGKILL after the step-2 checkpoint, then
+    # --resume: the same final weights (torch.equal) and metrics lines as the uninterrupted run
+    straight, resumed, runs, printed = straight_and_interrupted(script, stage_flags(script, world, meta_set),
+                                                                str(tmp_path), signame=signame)
+    (rc, _, stderr), (_, stdout_2, _) = runs
+    assert rc == 128 + getattr(signal, "SIG" + signame) and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == stopped_line(script[:-3], "SIG" + signame, resumed)
+    assert "--resume: continuing" in stdout_2 and "after step 1" in stdout_2
     assert "--resume: continuing" in printed and "after step 2" in printed
     assert_same_model(straight, resumed)
     assert metrics(straight) == metrics(resumed)
     assert [m["step"] for m in metrics(resumed) if "loss" in m or "L_adapted" in m] == [1, 2, 3, 4]
 
 
-def test_ppo_resume_is_bit_identical(world, tmp_path):
+def test_ppo_resume_is_bit_identical(world, rm_checkpoint, tmp_path):
     # ppo.py saves the critic (out/critic) and then the policy with the trainer state (out/) at every checkpoint, so
-    # the hook kills it after its 2nd save: iteration 2 complete. Sampling draws from the restored RNG states, the
-    # prompt and mini-batch order from the restored generator, the score normalisation is the saved one.
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    rm = str(tmp_path / "rm")
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(world.base_model)
-    AutoModelForSequenceClassification.from_pretrained(world.base_model, num_labels=1,
-                                                       pad_token_id=tokenizer.pad_token_id).save_pretrained(rm)
-    tokenizer.save_pretrained(rm)
-    flags = ["ppo.py", "--sft", world.base_model, "--rm", rm, "--prompts", world.rl_prompts, "--iterations", "4",
-             "--save-every", "2", "--prompts-per-iteration", "4", "--rollouts-per-prompt", "2", "--mini-batch-size",
-             "4", "--micro-batch-size", "4", "--max-new-tokens", "6", "--policy-lr", "1e-3", "--critic-lr", "1e-3",
-             "--sample-every", "0"]
-    straight, resumed, printed = straight_and_resumed(flags[0], flags[1:], str(tmp_path), die_after_saves=2)
+    # the kill comes after the 2nd save of the resumed run: iteration 2 complete. Sampling draws from the restored
+    # RNG states, the prompt and mini-batch order from the restored generator, the score normalisation is the saved
+    # one.
+    straight, resumed, runs, printed = straight_and_interrupted(
+        "ppo.py", stage_flags("ppo.py", world, "", rm_checkpoint), str(tmp_path), saves_per_checkpoint=2)
+    rc, _, stderr = runs[0]
+    assert rc == 128 + signal.SIGTERM
+    assert stderr.strip().splitlines()[-1] == stopped_line("ppo", "SIGTERM", resumed, unit="iteration")
     assert "--resume: continuing" in printed and "after step 2" in printed
     assert_same_model(straight, resumed)
     assert_same_model(os.path.join(straight, "critic"), os.path.join(resumed, "critic"))
@@ -146,11 +176,26 @@ def test_ppo_resume_is_bit_identical(world, tmp_path):
 
 
 def test_resume_two_processes_is_bit_identical(world, meta_set, tmp_path):
-    # reward.py under torchrun (FSDP2, gloo): optimiser state gathered to rank 0 and scattered back, RNG per rank
+    # reward.py under torchrun (FSDP2, gloo): optimiser state gathered to rank 0 and scattered back, RNG per rank.
+    # Only rank 0 is signalled; the flag is all-reduced at every step boundary, so rank 1 stops at the same step
+    # (a rank that went on alone would wait forever in the next collective).
     flags = stage_flags("reward.py", world, meta_set)
-    straight, resumed, _ = straight_and_resumed("reward.py", flags, str(tmp_path), nproc=2)
+    straight, resumed, runs, _ = straight_and_interrupted("reward.py", flags, str(tmp_path), nproc=2)
+    rc, _, stderr = runs[0]
+    assert rc != 0 and stderr.count(stopped_line("reward", "SIGTERM", resumed)) == 1  # rank 0 says it, once
     assert_same_model(straight, resumed)
     assert metrics(straight) == metrics(resumed)
+
+
+def test_a_signal_without_save_every_stops_at_once_with_one_line(world, meta_set, tmp_path):
+    out = str(tmp_path / "rm")
+    flags = stage_flags("reward.py", world, meta_set)
+    flags[flags.index("--save-every") + 1] = "0"
+    rc, stdout, stderr = run_hooked(["--signal-after-steps", "1", "TERM"], ["reward.py", *flags, "--out", out])
+    assert rc == 128 + signal.SIGTERM
+    assert stderr.strip().splitlines()[-1] == ("stopped by SIGTERM; no checkpoint was written (--save-every 0); with "
+                                               "--save-every N a stage stops at the next step boundary after saving "
+                                               "a resumable one")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -229,3 +274,93 @@ def test_non_finite_gradient_stops_and_keeps_the_last_checkpoint(world, tmp_path
                                                "checkpoint is untouched)")
     assert torch.load(str(tmp_path / "bad" / "trainer_state.pt"), weights_only=False)["step"] == 1
     assert_same_model(str(tmp_path / "bad"), str(tmp_path / "one"))  # the step-1 weights, bit for bit
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A full disk during a save; a second run on the same --out
+# ---------------------------------------------------------------------------------------------------------------
+def _disk_full_at(target: str):
+    """A replacement for `target` that fails like a full disk (each failure as it was seen on a full tmpfs)."""
+    from safetensors import SafetensorError
+
+    if target == "fsync":
+        return lambda folder: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device", folder))
+    if target == "torch.save":
+        return lambda *a, **k: (_ for _ in ()).throw(RuntimeError(
+            "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"))
+    return lambda *a, **k: (_ for _ in ()).throw(SafetensorError(
+        "Error while serializing: I/O error: No space left on device (os error 28)"))
+
+
+@pytest.mark.parametrize("target", ["fsync", "torch.save", "safetensors"])
+def test_disk_full_during_a_save_is_one_line_and_the_previous_checkpoint_stays(world, tmp_path, monkeypatch,
+                                                                                target):
+    import distributed
+    import reward
+
+    out = str(tmp_path / "rm")
+    argv = ["--model", world.base_model, "--train", world.pairs_train, "--test", "", "--batch-size", "8",
+            "--micro-batch-size", "8", "--max-steps", "3", "--lr", "1e-3", "--save-every", "1", "--max-len", "64",
+            "--out", out]
+    saves = [0]
+    save_model = distributed.save_model
+
+    def second_save_fails(*a, **k):  # the first save (step 1) goes through; the second runs out of disk
+        saves[0] += 1
+        if saves[0] == 2:
+            if target == "fsync":
+                monkeypatch.setattr(distributed, "_fsync_folder", _disk_full_at(target))
+            elif target == "torch.save":
+                monkeypatch.setattr(torch, "save", _disk_full_at(target))
+            else:
+                import transformers.modeling_utils
+
+                monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", _disk_full_at(target))
+        return save_model(*a, **k)
+
+    monkeypatch.setattr(distributed, "save_model", second_save_fails)
+    with pytest.raises(common.UserError) as e:
+        reward.main(argv)
+    message = str(e.value)
+    assert "\n" not in message
+    assert message.startswith(f"{out}: could not write the checkpoint (")
+    assert message.endswith(f"; is the disk full?); the previous checkpoint in {out} is untouched")
+    monkeypatch.undo()
+    # the step-1 checkpoint is complete and loads; nothing of the failed save is left behind
+    assert torch.load(os.path.join(out, "trainer_state.pt"), weights_only=False)["step"] == 1
+    assert not os.path.exists(out + ".tmp") and not os.path.exists(out + ".old")
+    from transformers import AutoModelForSequenceClassification
+
+    AutoModelForSequenceClassification.from_pretrained(out)
+
+
+def test_disk_full_anywhere_else_is_one_line(tmp_path):
+    # e.g. appending to metrics.jsonl: common.run_main turns an OSError of a full disk into one line, exit 2
+    code = ("import errno, common; common.run_main(lambda: (_ for _ in ()).throw(OSError(errno.ENOSPC, "
+            "'No space left on device', '/data/run/metrics.jsonl')))")
+    rc, stdout, stderr = run_command(["-c", code])
+    assert (rc, stderr.strip()) == (2, "error: /data/run/metrics.jsonl: No space left on device")
+
+
+def test_a_second_run_on_the_same_out_is_refused_until_the_first_is_gone(world, tmp_path):
+    import reward
+
+    out = str(tmp_path / "rm")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, common; common.lock_output(sys.argv[1]); "
+                               "print('locked', flush=True); time.sleep(120)", out], cwd=REPO, env=subprocess_env(),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        argv = ["--model", world.base_model, "--train", world.pairs_train, "--test", "", "--batch-size", "8",
+                "--micro-batch-size", "8", "--max-steps", "1", "--max-len", "64", "--out", out]
+        for extra in ([], ["--overwrite"], ["--resume"]):  # also --overwrite and --resume: the folder is in use
+            with pytest.raises(common.UserError) as e:
+                reward.main(argv + extra)
+            assert str(e.value) == (f"{out}: another run (pid {holder.pid}) is writing into this folder; wait for it "
+                                    "to end or choose another --out")
+        assert not os.path.exists(out)
+    finally:
+        holder.kill()  # SIGKILL: no chance to clean up; the kernel drops its flock
+        holder.wait()
+    reward.main(argv)  # the lock of a killed run is not stuck
+    assert os.path.isfile(os.path.join(out, "model.safetensors"))
