@@ -18,13 +18,13 @@ the implicit reward still orders it. The output folder is a save_pretrained Auto
 evaluate.py like any other policy (`--policy-a runs/testbed/dpo`).
 
 Commands
-    python dpo.py                                                # 1 process, CPU, the built-in testbed (paper values)
+    python dpo.py                                                # 1 process, CPU, the built-in testbed (DPO paper values)
     python dpo.py --lr 3e-5 --beta 0.1 --batch-size 16 --epochs 2 --warmup-steps 25 --max-len 64 \\
         --micro-batch-size 16 --max-new-tokens 32                # the testbed's values (TESTBED below)
     torchrun --standalone --nproc_per_node=2 dpo.py --lr 3e-5 --beta 0.1 --batch-size 16 --epochs 2 \\
         --warmup-steps 25 --max-len 64 --micro-batch-size 8 --max-new-tokens 32   # FSDP2, 2 processes (gloo)
-    torchrun --nproc_per_node=8 dpo.py --model runs/llama2/sft --train $HH/train.jsonl.gz --test $HH/test.jsonl.gz \\
-        --data-format hh --eval-prompts "" --max-len 1024 --micro-batch-size 4 --bf16 --out runs/llama2/dpo  # GPUs
+    torchrun --nproc_per_node=8 dpo.py --model runs/llama2-sft --train hh_train.jsonl.gz --test hh_test.jsonl.gz \\
+        --data-format hh --eval-prompts "" --max-len 1024 --micro-batch-size 4 --bf16 --out runs/llama2-dpo   # GPUs
     python evaluate.py --policy-a runs/testbed/dpo --policy-b runs/testbed/sft --judge gold --out runs/testbed/eval_dpo
 
 Defaults: the MetaRM paper does not state its DPO settings; they are the DPO paper's (Rafailov et al., 2023, App. B):
