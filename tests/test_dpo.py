@@ -258,7 +258,6 @@ def test_stage_logs_saves_and_reports(world, runs):
     assert {"eval_acc", "eval_margin", "eval_loss", "eval_logratio_chosen",
             "eval_logratio_rejected"} <= metrics[1].keys()
     assert ("eval_acc_gold" in metrics[1]) == world.testbed
-    assert metrics[2]["loss"] < math.log(2)  # one step at lr 1e-3 already lowers the loss on the next batch
     final = metrics[-1]
     assert 0.0 <= final["final_eos_rate"] <= 1.0 and ("final_gold_reward" in final) == world.testbed
     with open(os.path.join(runs["one"], "args.json")) as f:
