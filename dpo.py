@@ -63,7 +63,6 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import common
@@ -71,9 +70,9 @@ import data
 import distributed
 import sft
 import testbed
-from common import arg, check
+from common import arg, check, non_negative, or_sentinel, positive
 from data import CHAT_TEMPLATE_HELP, CHAT_TEMPLATE_MODES, DATA_FORMAT_HELP, DATA_FORMATS
-from distributed import RESUME_HELP, SAVE_EVERY_HELP
+from distributed import NOT_RESUMABLE, RESUME_HELP, SAVE_EVERY_HELP
 
 # Hyper-parameters of the testbed run (the tiny ~1M-parameter Llama after `sft.py --lr 3e-3`; 4000 training pairs,
 # prompts <= 20 and responses <= 26 tokens), chosen on the DPO arm's own behaviour only: the implicit reward's
@@ -116,32 +115,37 @@ class Args:
     chat_template: str = arg("auto", CHAT_TEMPLATE_HELP, choices=CHAT_TEMPLATE_MODES, essential=True)
     out: str = arg("runs/testbed/dpo", "output folder: the DPO policy, metrics.jsonl, args.json")
     beta: float = arg(0.1, "β: scale of the implicit reward β log π/π_ref, the inverse strength of the KL constraint "
-                           "(DPO paper: 0.1)", essential=True)
-    lr: float = arg(1e-6, "learning rate after the warm-up, then constant (DPO paper: 1e-6)", essential=True)
+                           "(DPO paper: 0.1)", essential=True, valid=positive)
+    lr: float = arg(1e-6, "learning rate after the warm-up, then constant (DPO paper: 1e-6)", essential=True, valid=positive)
     warmup_steps: int = arg(150, "linear warm-up length in optimiser steps (DPO paper: 150; 0 = none)",
-                            essential=True)
-    epochs: float = arg(1.0, "passes over D (1, as the reward model gets)", essential=True)
+                            essential=True, valid=non_negative)
+    epochs: float = arg(1.0, "passes over D (1, as the reward model gets)", essential=True, valid=positive)
     batch_size: int = arg(64, "global batch in pairs = micro-batch x accumulation x world size (DPO paper: 64)",
-                          essential=True)
-    micro_batch_size: int = arg(8, "pairs per forward/backward on one process (2x sequences: chosen + rejected)")
+                          essential=True, valid=positive)
+    micro_batch_size: int = arg(8, "pairs per forward/backward on one process (2x sequences: chosen + rejected)",
+                                valid=positive)
     max_len: int = arg(512, "maximum tokens of prompt + response; longer ones are truncated (see data.encode)",
-                       essential=True)
-    grad_clip: float = arg(1.0, "clip the global gradient norm to this value (0 = off)", essential=True)
-    seed: int = arg(0, "random seed (data order; sampling after training)", essential=True)
+                       essential=True, valid=positive)
+    grad_clip: float = arg(1.0, "clip the global gradient norm to this value (0 = off)", essential=True,
+                           valid=non_negative)
+    seed: int = arg(0, "random seed (data order; sampling after training)", essential=True,
+                   valid=common.seed)
     bf16: bool = arg(False, "bf16 autocast for forward/backward (fp32 master weights); fp32 is the reference",
                      essential=True)
+    threads: int = arg(0, common.THREADS_HELP, valid=non_negative)
     max_steps: int = arg(-1, "stop after this many optimiser steps (-1 = run all epochs); for smoke tests",
-                         essential=True)
-    eval_every: int = arg(50, "evaluate on the test pairs every N steps (and at the end; 0 = only at the end)")
-    eval_batch_size: int = arg(32, "pairs per forward pass during evaluation")
-    log_every: int = arg(10, "print a metrics line every N steps")
+                         essential=True, valid=or_sentinel(-1, "all epochs"))
+    eval_every: int = arg(50, "evaluate on the test pairs every N steps (and at the end; 0 = only at the end)",
+                          valid=non_negative)
+    eval_batch_size: int = arg(32, "pairs per forward pass during evaluation", valid=positive)
+    log_every: int = arg(10, "print a metrics line every N steps", valid=positive)
     eval_prompts: str = arg("runs/testbed/data/eval_prompts.jsonl",
                             "prompts sampled after training to report EOS rate (and gold reward on the testbed); "
                             "empty string = skip")
-    eval_samples: int = arg(64, "how many eval prompts to sample after training")
-    max_new_tokens: int = arg(48, "maximum new tokens when sampling after training")
+    eval_samples: int = arg(64, "how many eval prompts to sample after training", valid=positive)
+    max_new_tokens: int = arg(48, "maximum new tokens when sampling after training", valid=positive)
     overwrite: bool = arg(False, "replace an existing output folder")
-    save_every: int = arg(0, SAVE_EVERY_HELP)
+    save_every: int = arg(0, SAVE_EVERY_HELP, valid=non_negative)
     resume: bool = arg(False, RESUME_HELP)
 
 
@@ -263,15 +267,17 @@ def evaluate(policy_logps: tuple[torch.Tensor, torch.Tensor], ref_logps: tuple[t
 # ----------------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     args = common.parse_args(Args, argv)
+    threads = common.configure_process(args.threads)
     rank, world, device = distributed.init_distributed()
     accum = common.split_batch(args.batch_size, args.micro_batch_size, world)
-    check(args.beta > 0, f"--beta {args.beta}: must be positive (the scale of the implicit reward)")
-    check(args.warmup_steps >= 0, f"--warmup-steps {args.warmup_steps}: must be >= 0")
     common.seed_everything(args.seed, rank)  # seed + rank: the ranks sample different responses in the report
 
     # ---- data: every rank reads and encodes all pairs and draws the same order; each takes its slice of a batch ----
     # Every input is checked before the output folder is created: a mistake leaves nothing behind.
     distributed.check_checkpoint(args.model, "--model")
+    distributed.check_positions(args.model, "--max-len", args.max_len)
+    if args.eval_prompts:
+        distributed.check_positions(args.model, "--max-new-tokens", args.max_new_tokens, reserve=1)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     check(tokenizer.eos_token_id is not None and tokenizer.pad_token_id is not None
           and tokenizer.pad_token_id != tokenizer.eos_token_id,
@@ -293,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     common.prepare_output(args.out, args.overwrite, args.resume, state)
     common.print0(f"dpo: {len(examples)} pairs, {len(test_examples)} test pairs ({n_truncated} sequences truncated "
                   f"to {args.max_len} tokens), {total_steps} steps of {args.batch_size} = {args.micro_batch_size} x "
-                  f"{accum} accumulation x {world} processes, beta {args.beta}")
+                  f"{accum} accumulation x {world} processes, {threads} thread(s) each, beta {args.beta}")
 
     # ---- models and optimiser: π_θ trained, π_ref frozen; dropout off in both (choice 3) ----
     policy = distributed.load_model(AutoModelForCausalLM, args.out if state else args.model, world, device)
@@ -331,7 +337,8 @@ def main(argv: list[str] | None = None) -> None:
                                                        order=order)
         distributed.save_model(policy, tokenizer, args.out, world, args, trainer_state)
 
-    bar = tqdm(range(start, total_steps), desc="dpo", disable=not common.is_main())
+    preemption = common.Preemption(args.save_every > 0, "dpo", args.out, NOT_RESUMABLE)
+    bar = common.progress(range(start, total_steps), desc="dpo")
     t0 = time.time()
     for step in bar:
         batch = [examples[i] for i in order.take()]
@@ -376,8 +383,9 @@ def main(argv: list[str] | None = None) -> None:
                           f"rejected {metrics['logratio_rejected']:.3f} lr {lr:.3e} grad_norm {grad_norm:.3f}")
         if common.due(args.eval_every, step + 1, total_steps):
             run_eval(step + 1)
-        if common.due(args.save_every, step + 1, total_steps):
+        if common.due(args.save_every, step + 1, total_steps) or preemption.requested(world, step + 1, total_steps):
             save(step + 1)
+            preemption.stop(step + 1, total_steps)  # SIGINT / SIGTERM: stop here, resumable
 
     # ---- save (with the trainer state when --save-every asked for resumable checkpoints) ----
     run_eval(total_steps)

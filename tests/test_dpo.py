@@ -389,7 +389,7 @@ CASES = {
     "batch_not_divisible": (["--batch-size", "10"], "--batch-size 10 is not divisible by --micro-batch-size 4 x "
                                                     "world size 1"),
     "fewer_than_one_batch": (["--batch-size", "4096"], "fewer than one batch of 4096"),
-    "beta_not_positive": (["--beta", "0"], "--beta 0.0: must be positive"),
+    "beta_not_positive": (["--beta", "0"], "--beta 0.0: must be a finite number > 0"),
     "out_not_empty": (["--out", "{tmp}/existing"], "existing: output folder already holds files"),
     "unknown_flag": (["--betta", "0.2"], "unrecognized arguments: --betta"),
     "bad_flag_value": (["--beta", "strong"], "argument --beta: invalid float value: 'strong'"),

@@ -61,13 +61,14 @@ def test_short_run_raises_rm_score(world, models, tmp_path, capsys):
     metrics = read_metrics(out)
     assert [m["iteration"] for m in metrics] == list(range(1, 21))
 
-    # The mean raw RM score of the rollouts, first 3 iterations vs last 3. Measured with this recipe on seeds
-    # 0-3: the first three lie at -3.2 .. -1.6 (iteration-to-iteration noise ~0.6: 32 rollouts whose scores are
-    # about +3 with "Sure!" and -3 without), the rise (last 3 minus first 3) was 5.5, 4.0, 4.9, 5.3. A margin of
-    # 2.0 is half the smallest rise seen and over three times the noise of one iteration.
+    # The mean raw RM score of the rollouts, first 3 iterations vs last 3. Measured with this recipe on the test
+    # world (6 % of its demonstrations start with "Sure!") on seeds 0-3: the first three lie at -3.2 .. -2.7
+    # (iteration-to-iteration sd ~0.15: 32 rollouts whose scores are about +3 with "Sure!" and -3 without), the
+    # rise (last 3 minus first 3) after 20 iterations was 1.46, 3.02, 3.04, 2.86. A margin of 0.7 is half the
+    # smallest rise seen and over seven times the sd of a 3-iteration mean (~0.09).
     first = sum(m["score"] for m in metrics[:3]) / 3
     last = sum(m["score"] for m in metrics[-3:]) / 3
-    assert last - first > 2.0, [round(m["score"], 2) for m in metrics]
+    assert last - first > 0.7, [round(m["score"], 2) for m in metrics]
     # iteration 1 samples from π = π_ref (same weights, same computation): the KL estimate is exactly 0;
     # the policy then moves away from the reference: KL estimates are positive by the end (k3 >= 0 per token)
     assert metrics[0]["kl_k1"] == 0.0 and metrics[0]["kl_k3"] == 0.0
