@@ -10,12 +10,15 @@ the boundary of a block-diagonal causal mask (`find_packed_sequence_indices`), f
 So a token attends to the tokens of its own sequence and nothing else, sees the same rotary positions as in the
 padded batch, and every per-token output equals the padded one up to float rounding (the matmuls sum the same
 terms over rows of another shape). tests/test_packing.py holds every stage's packed loss and gradient to the padded
-one. The block-diagonal mask is materialised per row, so attention costs O(C²) per row and Σ lengths · C in all:
-`pack` bounds C by twice the longest sequence of the batch (at most 2x the padded batch's attention, usually less,
-while the rows' number falls from B to about Σ lengths / C). Measured on a tiny Llama RM step (32 sequences, 1
-thread): realistic lengths (mean 50, longest 147; 55 % padding) 1.8–2.2x faster than padded with C = 1x or 2x the
-longest, 1.5–1.7x with 4x; the testbed's short, even lengths (mean 25, longest 38; 28 % padding) 1.02–1.06x with
-C = 1x (two sequences of 20+ tokens never share a row), 1.09–1.24x with 2x, 0.92–1.13x with 4x.
+one. The block-diagonal mask is materialised per row, so attention costs O(C²) per row and Σ lengths · C in all.
+`pack` therefore picks the row length C from two candidates, the longest sequence L (attention per row as in the
+padded batch) and 2L (fewer tail tokens when many sequences are longer than L / 2), by the smaller
+computed tokens x (1 + C / ATTENTION_TOKENS). Measured on a tiny Llama RM step (32 sequences, fp32, 1 thread):
+realistic lengths (mean 50, longest 147; 55 % padding): 1.8–2.1x faster than padded at C = L (the rule's pick),
+1.8–2.2x at 2L, 1.5–1.7x at 4L; the testbed's short, even lengths (mean 25, longest 38; 28 % padding): 1.02–1.06x
+at L (two sequences of 20+ tokens never share a row), 1.09–1.24x at 2L (the pick), 0.92–1.13x at 4L; PPO-like
+lengths with 5 % padding: 0.97x at L (the pick), 0.90x at 2L. ATTENTION_TOKENS fits that last case (2L cost 8.5 %
+more for the same tokens); for larger models attention is a smaller share, so the rule errs towards C = L.
 
 - `pack`      lists of ids -> `Packed` (rows, C) with position ids and where each sequence sits
 - `hidden`    the final (normed) hidden state of every packed token, (rows · C, d): the caller reads only the
@@ -70,21 +73,32 @@ class Packed:
         return self.input_ids.numel()
 
 
-def pack(seqs: list[list[int]], pad_id: int, capacity: int | None = None) -> Packed:
-    """Pack `seqs` into rows of at most `capacity` tokens (default: twice the longest sequence, see the module
-    docstring), first-fit decreasing: the longest sequence first, each into the first row with room. Rows are then
-    cut to the fullest row's length. Deterministic (ties by position); the order of `seqs` is what `starts` keeps."""
-    lengths = [len(s) for s in seqs]
-    assert lengths and min(lengths) > 0, "pack: every sequence needs at least one token"
-    capacity = max(capacity or 2 * max(lengths), max(lengths))
-    fill: list[int] = []                  # tokens used per row
-    where: list[tuple[int, int]] = [(0, 0)] * len(seqs)
-    for i in sorted(range(len(seqs)), key=lambda i: (-lengths[i], i)):
+ATTENTION_TOKENS = 512  # row length at which a token's attention costs as much as the rest of its layer (fitted)
+
+
+def first_fit(lengths: list[int], capacity: int) -> tuple[list[tuple[int, int]], list[int]]:
+    """First-fit decreasing: the longest sequence first, each into the first row with room for it. Returns
+    (row, column) of every sequence and the tokens used per row. Deterministic (ties by position)."""
+    fill: list[int] = []
+    where: list[tuple[int, int]] = [(0, 0)] * len(lengths)
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
         row = next((r for r, used in enumerate(fill) if used + lengths[i] <= capacity), len(fill))
         if row == len(fill):
             fill.append(0)
         where[i] = (row, fill[row])
         fill[row] += lengths[i]
+    return where, fill
+
+
+def pack(seqs: list[list[int]], pad_id: int, capacity: int | None = None) -> Packed:
+    """Pack `seqs` into rows of at most `capacity` tokens (default: the longest sequence or twice that, whichever
+    the cost rule of the module docstring prefers), first fit decreasing; rows are cut to the fullest row's length.
+    The order of `seqs` is what `starts` keeps."""
+    lengths = [len(s) for s in seqs]
+    assert lengths and min(lengths) > 0, "pack: every sequence needs at least one token"
+    candidates = [max(capacity, max(lengths))] if capacity else [max(lengths), 2 * max(lengths)]
+    cost = lambda fill: len(fill) * max(fill) * (1 + max(fill) / ATTENTION_TOKENS)
+    where, fill = min((first_fit(lengths, c) for c in candidates), key=lambda wf: cost(wf[1]))
     C = max(fill)
     ids = torch.full((len(fill), C), pad_id, dtype=torch.long)
     positions = torch.empty((len(fill), C), dtype=torch.long)

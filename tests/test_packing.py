@@ -54,9 +54,13 @@ def test_pack_layout_by_hand():
     # tokens 1..2 of seq 0, 0..2 of seq 1, none of seq 2, 3 of seq 3
     idx = p.spans(torch.tensor([1, 0, 0, 3]), torch.tensor([2, 3, 0, 1]))
     assert flat[idx].tolist() == [2, 3, 4, 5, 6, 14]
-    # the default capacity is twice the longest sequence (10): seq 1 + seq 3 = 9 in row 0, seq 0 + seq 2 in row 1
-    assert packing.pack(seqs, pad_id=0).input_ids.tolist() == [[4, 5, 6, 7, 8, 11, 12, 13, 14],
-                                                                [1, 2, 3, 9, 10, 0, 0, 0, 0]]
+    # default: C = the longest (5) or twice that, by computed tokens x (1 + C / 512): 3 rows of 5 (15 x 1.01)
+    # beat 2 rows of 9 (18 x 1.02)
+    assert packing.pack(seqs, pad_id=0).input_ids.tolist() == [[4, 5, 6, 7, 8], [11, 12, 13, 14, 0],
+                                                                [1, 2, 3, 9, 10]]
+    # lengths 6, 4, 4, 4, 4: at C = 6 every sequence needs its own row (5 x 6 = 30 tokens); at 12, two rows (24)
+    p = packing.pack([[1] * 6, [2] * 4, [3] * 4, [4] * 4, [5] * 4], pad_id=0)
+    assert p.input_ids.tolist() == [[1] * 6 + [2] * 4 + [0] * 2, [3] * 4 + [4] * 4 + [5] * 4]
 
 
 def test_sft_targets_never_cross_a_sequence_boundary():
