@@ -162,9 +162,8 @@ def score_texts(model, tokenizer, prompts: list[str], responses: list[str], *, m
     for start in range(0, len(idx), chunk):
         mine = idx[start + rank * batch_size: start + (rank + 1) * batch_size]
         seqs = [data.encode(tokenizer, prompts[i], responses[i], max_len, chat_template)[0] for i in mine]
-        ids, mask = data.pad(seqs, tokenizer.pad_token_id)
-        with common.autocast(device, bf16):
-            r = rewards(model, ids.to(device), mask.to(device)).float()
+        with common.autocast(device, bf16):  # packed, as in training: no FLOPs on padding
+            r = packed_rewards(model, packing.pack(seqs, tokenizer.pad_token_id).to(device)).float()
         if world > 1:
             parts = [torch.empty_like(r) for _ in range(world)]
             dist.all_gather(parts, r)
