@@ -25,11 +25,17 @@ more for the same tokens); for larger models attention is a smaller share, so th
               positions it needs (the EOS for a reward, the response tokens for log-probs and values) and applies
               the model's head there, so the head never runs on padding or on prompt tokens either
 - `Packed.last`, `Packed.spans`  flat indices (row · C + column) of each sequence's last token / of a range of it
+- `response_logprobs`  Σ log π(y_t | x, y_<t) over each sequence's response tokens: what DPO needs
 
-dpo.py (issue 12) packs the same way: `pack(chosen + rejected sequences)`, then `hidden(policy, packed)` and
-`policy.lm_head(h[idx])` at `idx = packed.spans(n_prompt - 1, n_response)` (the positions that predict each response
-token), `log_softmax(...).gather` summed per sequence with `torch.segment_reduce` or `index_add_` — see
-`ppo.packed_logprobs` for the same read on rollouts.
+How a stage uses it (reward.packed_rewards, sft.packed_loss_sum, ppo.pack_rollouts are the three readers):
+    packed = pack(seqs, pad_id)                       # inside one micro-batch, so the data order is unchanged
+    h = hidden(model, packed)                         # (rows · C, d), under autocast as the stage's forward was
+    r = model.score(h[packed.last])                   # a reward at each EOS, or: the LM head where it is needed
+dpo.py (issue 12; not on this branch): pack the 2n sequences prompt + chosen + EOS and prompt + rejected + EOS of a
+micro-batch once (`seqs = chosen + rejected`), and take the policy's and, under no_grad, the reference's
+`response_logprobs(model, packed, n_prompt)` with n_prompt the prompt length of each sequence (data.encode's second
+value) — (2n,) summed log-probs in the order of `seqs`, rows 0..n-1 chosen; the DPO loss reads them unchanged.
+Test it as tests/test_packing.py does: the loss and gradient against the right-padded batch, fp32.
 """
 from __future__ import annotations
 
@@ -123,3 +129,17 @@ def hidden(model: torch.nn.Module, packed: Packed, call: Callable[..., Any] | No
         kwargs["logits_to_keep"] = 1
     out = (call or model)(**kwargs)  # attention_mask=None: the packed rows' mask comes from position_ids
     return out.hidden_states[-1].flatten(0, 1)
+
+
+def response_logprobs(model: torch.nn.Module, packed: Packed, n_prompt: torch.Tensor) -> torch.Tensor:
+    """Σ_t log π(y_t | x, y_<t) over each packed sequence's tokens after its first n_prompt[i] (its response and
+    EOS), for a causal LM: (S,), in the order of the packed sequences. The LM head runs only on the positions that
+    predict a response token. Differentiable (the policy) or under no_grad (a reference model)."""
+    n_prompt = n_prompt.to(packed.lengths.device)
+    count = packed.lengths - n_prompt                     # response tokens of each sequence
+    idx = packed.spans(n_prompt - 1, count)               # the position that predicts each of them
+    targets = packed.input_ids.flatten()[idx + 1]
+    logits = model.lm_head(hidden(model, packed)[idx]).float()  # (N, V)
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    owner = torch.repeat_interleave(torch.arange(len(count), device=logp.device), count.to(logp.device))
+    return torch.zeros(len(count), dtype=logp.dtype, device=logp.device).index_add(0, owner, logp)

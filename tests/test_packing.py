@@ -140,6 +140,26 @@ def test_sft_packed_loss_and_gradient_equal_padded(world, tok):
     assert_grads_close(g_pack, g_pad)
 
 
+def test_response_logprobs_equal_padded(world, tok, pairs):
+    # what dpo.py will read: Σ log π over each response, chosen and rejected of n pairs, vs the padded batch
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(world.base_model, dtype=torch.float32).train()
+    enc = [data.encode(tok, p["prompt"], p[k], 128) for k in ("chosen", "rejected") for p in pairs]
+    ids, mask = data.pad([x for x, _, _ in enc], tok.pad_token_id)
+    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1], -1)
+    token_logp = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T - 1): log π(token t + 1)
+    response = torch.zeros_like(token_logp)
+    for i, (x, n, _) in enumerate(enc):
+        response[i, n - 1: len(x) - 1] = 1  # the positions that predict the response tokens
+    expected = (token_logp * response).sum(1)
+    theta = list(model.parameters())
+    g_pad = torch.autograd.grad(expected.sum(), theta)
+    got = packing.response_logprobs(model, packing.pack([x for x, _, _ in enc], tok.pad_token_id),
+                                    torch.tensor([n for _, n, _ in enc]))
+    close(got, expected)
+    assert_grads_close(torch.autograd.grad(got.sum(), theta), g_pad)
+
+
 @pytest.fixture(scope="module")
 def meta_batches(tok, pairs):
     items = [{"prompt": p["prompt"], "responses": [p["chosen"], p["rejected"], pairs[(i + 1) % 8]["chosen"]]}
