@@ -687,6 +687,8 @@ def write_markdown(res: dict[str, Any], path: str) -> None:
              f"{', '.join(f'{x:.2f}' for x in m['load_after'])} (other jobs share the 2 cores: absolute times are "
              f"noisy, ratios measured within one run less so). Whole run: {res['wall_s']:.0f} s. "
              "No GPU numbers: this task had no GPU machine.", ""]
+    if res.get("carried"):  # rows kept from an earlier run (see its note), when only part of the bench was rerun
+        lines += [res["carried"], ""]
     lines += _peak_and_step_tables(res) + _ppo_profile_and_world2_tables(res) + trl_tables(TRL_JSON)
     # The hand-written reading of the numbers (from "## Reading" on) is kept when the tables are regenerated.
     if os.path.isfile(path):
