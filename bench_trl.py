@@ -2,7 +2,7 @@
 model, data, batch, length, precision and thread count. A script, not a test; TRL is not a project requirement.
 
 TRL goes into throw-away virtualenvs (its RewardTrainer from a recent release; PPOTrainer, removed from recent
-releases, from the last one that has it — 1.12.0 ships it as trl.experimental.ppo):
+releases, from the last one that has it — 1.12.0 ships it as trl.experimental.ppo; 1.13.0 to 1.16.0 do not):
     python3 -m venv /tmp/trl-venv-1.16.0 && /tmp/trl-venv-1.16.0/bin/pip install torch==2.13.0 trl==1.16.0
     python3 -m venv /tmp/trl-venv-1.12.0 && /tmp/trl-venv-1.12.0/bin/pip install torch==2.13.0 trl==1.12.0
     python bench_trl.py --trl-python /tmp/trl-venv-1.16.0/bin/python --trl-ppo-python /tmp/trl-venv-1.12.0/bin/python
