@@ -1,9 +1,11 @@
 """Benchmark of every stage against this machine's matmul peak (issue 7): a script, not a test.
 
 It calls the stages' own functions on models built from testbed configs, so it measures the real code:
-    SFT      sft.sft_loss_sum on AutoModelForCausalLM, + clip + AdamW                  (sft.py's inner loop)
-    RM       reward.rewards + reward.bradley_terry_loss, + clip + AdamW               (reward.py's inner loop)
-    MetaRM   meta_rm.meta_gradient (order 1, order 2) and meta_gradient_inplace, + clip + AdamW
+    SFT      sft.packed_loss_sum on a packed batch (packing.py), + clip + AdamW         (sft.py's inner loop)
+    RM       reward.packed_rewards + reward.bradley_terry_loss, + clip + AdamW        (reward.py's inner loop)
+    MetaRM   meta_rm.meta_gradient (order 1, order 2) and meta_gradient_inplace on packed batches, + clip + AdamW
+    "(padded, before)" rows: the same steps on the right-padded (B, T) batch, as the stages ran before issue 15
+    (sft.sft_loss_sum on full logits, reward.rewards, meta_gradient on (ids, mask)), timed interleaved with them
     PPO      ppo.rollout (generation, sampling.generate), ppo.make_experience (steps 2-3), ppo.ppo_update (step 6)
 Batches are the default pipeline's (pipeline.py TESTBED): SFT 32 examples, RM n = 16 pairs, MetaRM n = m = 16,
 k = 5, max length 64; PPO 16 prompts x 4 rollouts, 32 new tokens, 2 epochs of mini-batches of 32.
@@ -26,7 +28,9 @@ What is measured, and how
              size, T the padded sequence length:
                  forward  2·N + 4·L·T·d       (QKᵀ and AV: 2·T·d each per token and layer; causal mask not discounted)
                  training 6·N + 12·L·T·d      (backward = 2 x forward)
-             counted on the padded tokens (what the hardware computes); tokens/s counts real (non-pad) tokens.
+             counted on the tokens the hardware computes: B·T of a padded batch, rows·C of a packed one (attention
+             per row of C); tokens/s counts real (non-pad) tokens; "pad" is the share of computed tokens that are
+             padding. The FLOP-ideal of a meta step is counted on real tokens (each sequence's own length):
              MetaRM: order 1 = 3·F(X_s) + 3·F(X_t); order 2 = 9·F(X_s) + 3·F(X_t) (derivation in BENCHMARKS.md).
              Generation with the KV cache: prefill 2·N·P + 4·L·P²·d per row, then per new token 2·N + 4·L·t·d.
   MFU        achieved FLOP/s / the measured matmul peak of the same dtype (bf16 steps against the bf16 peak).
@@ -56,6 +60,7 @@ import common
 import data
 import distributed
 import meta_rm
+import packing
 import ppo
 import reward
 import sft
@@ -161,6 +166,30 @@ def forward_flops(s: dict[str, int], batch: int, T: int) -> float:
     return batch * T * (2 * s["N"] + 4 * s["L"] * T * s["d"])
 
 
+def real_flops(s: dict[str, int], lengths: list[int]) -> float:
+    """Forward FLOPs of sequences of these lengths, each attending to its own tokens only: the FLOP-ideal."""
+    return sum(n * (2 * s["N"] + 4 * s["L"] * n * s["d"]) for n in lengths)
+
+
+def batch_flops(s: dict[str, int], batch) -> float:
+    """Forward FLOPs of a batch as the hardware computes it: a padded (ids, mask, ...) tuple or a Packed batch."""
+    ids = batch.input_ids if isinstance(batch, packing.Packed) else batch[0]
+    return forward_flops(s, *ids.shape)
+
+
+def batch_tokens(batch) -> tuple[int, int]:
+    """(real tokens, computed tokens) of a padded tuple or a Packed batch."""
+    if isinstance(batch, packing.Packed):
+        return batch.real_tokens, batch.computed_tokens
+    return int(batch[1].sum()), batch[0].numel()
+
+
+def batch_shape(batch) -> str:
+    if isinstance(batch, packing.Packed):
+        return f"{len(batch.lengths)} seqs in {batch.input_ids.shape[0]} x {batch.input_ids.shape[1]} packed"
+    return f"{batch[0].shape[0]} x {batch[0].shape[1]} padded"
+
+
 def generation_flops(s: dict[str, int], batch: int, P: int, R: int) -> float:
     """Prefill of P prompt columns, then R new tokens each attending to the cache."""
     prefill = forward_flops(s, batch, P)
@@ -204,16 +233,25 @@ class Workload:
         self.ppo_prompts = rng.sample(prompts, 16)
 
     def sft_batch(self, part: slice = slice(None)):
+        """The right-padded layout (before issue 15): (ids, mask, labels)."""
         examples = self.sft[part]
         ids, mask = data.pad([x for x, _, _ in examples], self.tokenizer.pad_token_id)
         labels, _ = data.pad([sft.sft_labels(x, n) for x, n, _ in examples], -100)
         return ids, mask, labels
 
-    def pair_batch(self, part: slice = slice(None)):
-        return reward.pair_batch(self.tokenizer, self.pairs[part], MAX_LEN)[:2]
+    def sft_packed(self, part: slice = slice(None)):
+        """What sft.py runs: (Packed, positions, targets)."""
+        examples = self.sft[part]
+        packed = packing.pack([x for x, _, _ in examples], self.tokenizer.pad_token_id)
+        return (packed, *sft.packed_targets(packed, [sft.sft_labels(x, n) for x, n, _ in examples]))
 
-    def meta_batch(self, part: slice = slice(None)):
-        return meta_rm.meta_batch(self.tokenizer, self.meta_items[part], MAX_LEN)
+    def pair_batch(self, part: slice = slice(None), packed: bool = True):
+        seqs, _ = reward.pair_sequences(self.tokenizer, self.pairs[part], MAX_LEN)
+        return packing.pack(seqs, self.tokenizer.pad_token_id) if packed else data.pad(seqs, self.tokenizer.pad_token_id)
+
+    def meta_batch(self, part: slice = slice(None), packed: bool = True):
+        seqs = meta_rm.meta_sequences(self.tokenizer, self.meta_items[part], MAX_LEN)
+        return packing.pack(seqs, self.tokenizer.pad_token_id) if packed else data.pad(seqs, self.tokenizer.pad_token_id)
 
 
 def adamw(model):
@@ -224,11 +262,18 @@ def adamw(model):
 # One training step of each stage, exactly as the stage's loop does it
 # ----------------------------------------------------------------------------------------------------------------
 def sft_step(model, opt, batch, bf16: bool, world: int = 1) -> None:
-    ids, mask, labels = batch
-    n_tokens = (labels[:, 1:] != -100).sum().item() * world  # the global batch's response tokens
-    with common.autocast(ids.device, bf16):
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T, V)
-    loss_sum = sft.sft_loss_sum(logits, labels)
+    """sft.py's step on a packed batch (Packed, positions, targets) or, as before, on a padded (ids, mask, labels)."""
+    if isinstance(batch[0], packing.Packed):
+        packed, idx, targets = batch
+        n_tokens = len(targets) * world  # the global batch's response tokens
+        with common.autocast(targets.device, bf16):
+            loss_sum = sft.packed_loss_sum(model, packed, idx, targets)
+    else:
+        ids, mask, labels = batch
+        n_tokens = (labels[:, 1:] != -100).sum().item() * world
+        with common.autocast(ids.device, bf16):
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T, V)
+        loss_sum = sft.sft_loss_sum(logits, labels)
     (loss_sum * world / n_tokens).backward()
     distributed.clip_grad_norm(model, 1.0)
     opt.step()
@@ -236,9 +281,10 @@ def sft_step(model, opt, batch, bf16: bool, world: int = 1) -> None:
 
 
 def rm_step(model, opt, batch, bf16: bool) -> None:
-    ids, mask = batch
-    with common.autocast(ids.device, bf16):
-        r = reward.rewards(model, ids, mask).float()  # (2n,)
+    """reward.py's step on a Packed batch or, as before, on a padded (ids, mask)."""
+    with common.autocast(torch.device("cpu"), bf16):
+        packed = isinstance(batch, packing.Packed)
+        r = (reward.packed_rewards(model, batch) if packed else reward.rewards(model, *batch)).float()  # (2n,)
     n = r.shape[0] // 2
     reward.bradley_terry_loss(r[:n], r[n:]).backward()
     distributed.clip_grad_norm(model, 1.0)
@@ -267,24 +313,27 @@ def meta_step_inplace(model, opt, pairs, meta, bf16: bool, n_pairs: int = 16, n_
 
 
 def row(name: str, size: str, dtype: str, times: list[float], flops: float, tokens: int, peak: float,
-        rss: float, **extra: Any) -> dict[str, Any]:
+        rss: float, computed: int | None = None, **extra: Any) -> dict[str, Any]:
+    """One timed step; `computed` tokens (real + padding) give the padding share."""
     t = statistics.median(times)
+    pad = {"pad_share": 1 - tokens / computed} if computed else {}
     return {"stage": name, "size": size, "dtype": dtype, "step_s": t, "step_s_all": times, "tokens": tokens,
             "tokens_per_s": tokens / t, "flops": flops, "flops_per_s": flops / t, "mfu": flops / t / peak,
-            "peak_rss_mb": rss, **extra}
+            "peak_rss_mb": rss, **pad, **extra}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Parts
 # ----------------------------------------------------------------------------------------------------------------
 def bench_training(w: Workload, size: str, args: Args, peaks: dict[str, float], parts: set[str]) -> list[dict]:
-    """SFT, RM, MetaRM (both orders, both implementations) steps; fp32 and bf16."""
+    """SFT, RM, MetaRM (both orders, both implementations) steps on packed batches, each timed interleaved with the
+    same step on the padded batch (before issue 15); fp32 and bf16."""
     out = []
     reps = args.repeats if size == "tiny" else max(2, args.repeats // 2)
     warm = args.warmup if size == "tiny" else 1
-    sft_ids = w.sft_batch()
-    pair_ids, meta_ids = w.pair_batch(), w.meta_batch()
-    Tp, Tm = pair_ids[0].shape[1], meta_ids[0].shape[1]
+    sft_pad, sft_pack = w.sft_batch(), w.sft_packed()
+    pairs = {"packed": w.pair_batch(), "padded": w.pair_batch(packed=False)}
+    metas = {"packed": w.meta_batch(), "padded": w.meta_batch(packed=False)}
     for dtype in args.dtypes.split(","):
         bf16 = dtype == "bf16"
         peak = peaks[dtype]
@@ -294,66 +343,101 @@ def bench_training(w: Workload, size: str, args: Args, peaks: dict[str, float], 
             model.train()
             opt = adamw(model)
             reset_peak_rss()
-            t = timed({"sft": lambda: sft_step(model, opt, sft_ids, bf16)}, warm, reps)["sft"]
-            B, T = sft_ids[0].shape
-            out.append(row("SFT", size, dtype, t, 3 * forward_flops(shape(model), B, T),
-                           int(sft_ids[1].sum()), peak, peak_rss_mb(), batch=f"{B} x {T}"))
+            t = timed({"packed": lambda: sft_step(model, opt, sft_pack, bf16),
+                       "padded": lambda: sft_step(model, opt, sft_pad, bf16)}, warm, reps)
+            s, real = shape(model), int(sft_pad[1].sum())
+            for key, label, batch in (("padded", "SFT (padded, before)", sft_pad[:2]), ("packed", "SFT", sft_pack[0])):
+                out.append(row(label, size, dtype, t[key], 3 * batch_flops(s, batch), real, peak, peak_rss_mb(),
+                               batch_tokens(batch)[1], batch=batch_shape(batch),
+                               **({"speedup": statistics.median(t["padded"]) / statistics.median(t["packed"])}
+                                  if key == "packed" else {})))
             del model, opt
         if "rm" in parts or "meta" in parts:
-            torch.manual_seed(args.seed)
-            model, _ = reward.load_reward_model(w.base, 1, torch.device("cpu"))
-            model.train()
-            opt = adamw(model)
-            s = shape(model)
-            F_t, F_s = forward_flops(s, pair_ids[0].shape[0], Tp), forward_flops(s, meta_ids[0].shape[0], Tm)
-            tok_t, tok_s = int(pair_ids[1].sum()), int(meta_ids[1].sum())
-            fns = {"rm": lambda: rm_step(model, opt, pair_ids, bf16)}
-            if "meta" in parts:
-                fns["meta1"] = lambda: meta_step(model, opt, pair_ids, meta_ids, 1, bf16)
-                fns["meta1_inplace"] = lambda: meta_step_inplace(model, opt, pair_ids, meta_ids, bf16)
-                if size == "tiny":  # its cost is one forward of X_s; measured on tiny only to keep the run short
-                    fns["meta1_log_adapted"] = lambda: meta_step(model, opt, pair_ids, meta_ids, 1, bf16, True)
-            reset_peak_rss()
-            t = timed(fns, warm, reps)
-            rss = peak_rss_mb()
-            out.append(row("RM", size, dtype, t["rm"], 3 * F_t, tok_t, peak, rss, batch=f"{2 * 16} x {Tp}"))
-            if "meta" in parts:
-                ideal1 = (3 * F_s + 3 * F_t) / (3 * F_t)
-                for name, label in (("meta1", "MetaRM order 1 (functional)"),
-                                    ("meta1_inplace", "MetaRM order 1 (inplace)"),
-                                    ("meta1_log_adapted", "MetaRM order 1 + J(θ') log")):
-                    if name not in t:
-                        continue
-                    ratios = [a / b for a, b in zip(t[name], t["rm"])]
-                    out.append(row(label, size, dtype, t[name], 3 * F_s + 3 * F_t, tok_t + tok_s, peak, rss,
-                                   batch=f"{2 * 16} x {Tp} + {16 * 5} x {Tm}", ratio=statistics.median(ratios),
-                                   ideal=ideal1))
-                out += bench_order2(w, size, dtype, args, pair_ids, meta_ids, (F_t, F_s, tok_t, tok_s), reps, peak)
-            del model, opt
+            out += bench_rm_meta(w, size, dtype, args, pairs, metas, parts, reps, warm, peak)
     return out
 
 
-def bench_order2(w: Workload, size: str, dtype: str, args: Args, pair_ids, meta_ids, counts: tuple, reps: int,
+def bench_rm_meta(w: Workload, size: str, dtype: str, args: Args, pairs: dict, metas: dict, parts: set[str],
+                  reps: int, warm: int, peak: float) -> list[dict]:
+    """The RM step and the meta steps (packed, and the padded RM / meta step of before), all interleaved, so that
+    every meta step's ratio to the vanilla RM step is taken within one repeat."""
+    bf16, out = dtype == "bf16", []
+    torch.manual_seed(args.seed)
+    model, _ = reward.load_reward_model(w.base, 1, torch.device("cpu"))
+    model.train()
+    opt = adamw(model)
+    s = shape(model)
+    P_t, P_s = pairs["packed"], metas["packed"]
+    ideal_t, ideal_s = real_flops(s, P_t.lengths.tolist()), real_flops(s, P_s.lengths.tolist())
+    fns = {"rm": lambda: rm_step(model, opt, P_t, bf16), "rm_padded": lambda: rm_step(model, opt, pairs["padded"], bf16)}
+    if "meta" in parts:
+        fns["meta1"] = lambda: meta_step(model, opt, P_t, P_s, 1, bf16)
+        fns["meta1_inplace"] = lambda: meta_step_inplace(model, opt, P_t, P_s, bf16)
+        fns["meta1_padded"] = lambda: meta_step(model, opt, pairs["padded"], metas["padded"], 1, bf16)
+        if size == "tiny":  # its cost is one forward of X_s; measured on tiny only to keep the run short
+            fns["meta1_log_adapted"] = lambda: meta_step(model, opt, P_t, P_s, 1, bf16, True)
+    reset_peak_rss()
+    t = timed(fns, warm, reps)
+    rss = peak_rss_mb()
+    tok_t, tok_s = P_t.real_tokens, P_s.real_tokens
+    for key, label, batch in (("rm_padded", "RM (padded, before)", pairs["padded"]), ("rm", "RM", P_t)):
+        out.append(row(label, size, dtype, t[key], 3 * batch_flops(s, batch), tok_t, peak, rss, batch_tokens(batch)[1],
+                       batch=batch_shape(batch), **({"speedup": statistics.median(t["rm_padded"]) /
+                                                     statistics.median(t["rm"])} if key == "rm" else {})))
+    if "meta" not in parts:
+        return out
+    for name, label, base in (("meta1_padded", "MetaRM order 1 (padded, before)", "rm_padded"),
+                              ("meta1", "MetaRM order 1 (functional)", "rm"),
+                              ("meta1_inplace", "MetaRM order 1 (inplace)", "rm"),
+                              ("meta1_log_adapted", "MetaRM order 1 + J(θ') log", "rm")):
+        if name not in t:
+            continue
+        bt, bs = (pairs["padded"], metas["padded"]) if "padded" in name else (P_t, P_s)
+        ratios = [a / b for a, b in zip(t[name], t[base])]
+        speedup = {"speedup": statistics.median(t["meta1_padded"]) / statistics.median(t[name])} \
+            if name == "meta1" else {}
+        out.append(row(label, size, dtype, t[name], 3 * batch_flops(s, bs) + 3 * batch_flops(s, bt), tok_t + tok_s,
+                       peak, rss, batch_tokens(bt)[1] + batch_tokens(bs)[1],
+                       batch=f"{batch_shape(bt)} + {batch_shape(bs)}", ratio=statistics.median(ratios),
+                       ideal=(3 * ideal_s + 3 * ideal_t) / (3 * ideal_t), **speedup))
+    del model, opt
+    return out + bench_order2(w, size, dtype, args, pairs, metas, reps, peak)
+
+
+def bench_order2(w: Workload, size: str, dtype: str, args: Args, pairs: dict, metas: dict, reps: int,
                  peak: float) -> list[dict]:
     """MetaRM order 2 and its vanilla reference. Order 2 needs eager attention (no double backward through the fused
-    SDPA kernels), so the reference RM step is timed on the same eager model, interleaved."""
+    SDPA kernels), so the reference RM step is timed on the same eager model, interleaved (packed; on tiny also the
+    padded order-2 step of before)."""
     bf16 = dtype == "bf16"
-    F_t, F_s, tok_t, tok_s = counts
-    Tp, Tm = pair_ids[0].shape[1], meta_ids[0].shape[1]
     torch.manual_seed(args.seed)
     eager, _ = reward.load_reward_model(w.base, 1, torch.device("cpu"), attn_implementation="eager")
     eager.train()
     opt2 = adamw(eager)
+    s = shape(eager)
+    P_t, P_s = pairs["packed"], metas["packed"]
+    fns = {"rm": lambda: rm_step(eager, opt2, P_t, bf16), "meta2": lambda: meta_step(eager, opt2, P_t, P_s, 2, bf16)}
+    if size == "tiny":
+        fns["meta2_padded"] = lambda: meta_step(eager, opt2, pairs["padded"], metas["padded"], 2, bf16)
     reset_peak_rss()
-    t2 = timed({"rm": lambda: rm_step(eager, opt2, pair_ids, bf16),
-                "meta2": lambda: meta_step(eager, opt2, pair_ids, meta_ids, 2, bf16)},
-               1, max(2, reps - 1) if size == "tiny" else 1)
+    t2 = timed(fns, 1, max(2, reps - 1) if size == "tiny" else 1)
     rss2 = peak_rss_mb()
-    ratios = [a / b for a, b in zip(t2["meta2"], t2["rm"])]
-    return [row("RM (eager attention)", size, dtype, t2["rm"], 3 * F_t, tok_t, peak, rss2, batch=f"{2 * 16} x {Tp}"),
-            row("MetaRM order 2 (eager)", size, dtype, t2["meta2"], 9 * F_s + 3 * F_t, tok_t + tok_s, peak, rss2,
-                batch=f"{2 * 16} x {Tp} + {16 * 5} x {Tm}", ratio=statistics.median(ratios),
-                ideal=(9 * F_s + 3 * F_t) / (3 * F_t))]
+    ideal_t, ideal_s = real_flops(s, P_t.lengths.tolist()), real_flops(s, P_s.lengths.tolist())
+    tok = P_t.real_tokens + P_s.real_tokens
+    out = [row("RM (eager attention)", size, dtype, t2["rm"], 3 * batch_flops(s, P_t), P_t.real_tokens, peak, rss2,
+               P_t.computed_tokens, batch=batch_shape(P_t))]
+    for name, label, (bt, bs) in (("meta2_padded", "MetaRM order 2 (eager, padded, before)",
+                                   (pairs["padded"], metas["padded"])),
+                                  ("meta2", "MetaRM order 2 (eager)", (P_t, P_s))):
+        if name not in t2:
+            continue
+        ratios = [a / b for a, b in zip(t2[name], t2["rm"])]
+        out.append(row(label, size, dtype, t2[name], 9 * batch_flops(s, bs) + 3 * batch_flops(s, bt), tok, peak, rss2,
+                       batch_tokens(bt)[1] + batch_tokens(bs)[1], batch=f"{batch_shape(bt)} + {batch_shape(bs)}",
+                       ratio=statistics.median(ratios), ideal=(9 * ideal_s + 3 * ideal_t) / (3 * ideal_t),
+                       **({"speedup": statistics.median(t2["meta2_padded"]) / statistics.median(t2["meta2"])}
+                          if name == "meta2" and "meta2_padded" in t2 else {})))
+    return out
 
 
 class ForwardCounter:
@@ -439,17 +523,21 @@ def ppo_rows(size: str, dtype: str, batch, sp: dict[str, int], sc: dict[str, int
              peak: float, rss: float) -> list[dict]:
     """The rows of PPO's three phases: FLOPs from the policy's (sp) and critic's (sc) shapes, real tokens counted."""
     B, P, R = batch.input_ids.shape[0], batch.prompt_len, batch.response.shape[1]
-    T = P + R
     new_tokens = int(batch.response_mask.sum())
     real = int(batch.attention_mask.sum())
-    fwd = 2 * forward_flops(sp, B, T) + 2 * forward_flops(sc, B, T)
-    upd = pa.ppo_epochs * 3 * (forward_flops(sp, B, T) + forward_flops(sc, B, T))
+    # the micro-batches ppo.py packs (step 3 and step 6 use the same ones here: micro-batch = mini-batch = 32)
+    packs = [ppo.pack_rollouts(batch.rows(slice(i, i + pa.micro_batch_size)), torch.device("cpu")).packed
+             for i in range(0, B, pa.micro_batch_size)]
+    f_p, f_c = sum(batch_flops(sp, x) for x in packs), sum(batch_flops(sc, x) for x in packs)
+    computed = sum(x.computed_tokens for x in packs)
+    shapes = " + ".join(f"{x.input_ids.shape[0]} x {x.input_ids.shape[1]}" for x in packs)
     return [row("PPO generation (rollout)", size, dtype, times["gen"], generation_flops(sp, B, P, R), new_tokens, peak,
-                rss, batch=f"{B} x ({P} + {R})"),
-            row("PPO make_experience (4 fwd)", size, dtype, times["exp"], fwd, 4 * real, peak, rss,
-                batch=f"4 models x {B} x {T}"),
-            row("PPO ppo_update (2 epochs)", size, dtype, times["update"], upd, 2 * pa.ppo_epochs * real, peak, rss,
-                batch=f"{pa.ppo_epochs} x (policy + critic) x {B} x {T}")]
+                rss, batch=f"{B} x ({P} + {R})", pad_before=1 - real / (B * (P + R))),
+            row("PPO make_experience (4 fwd)", size, dtype, times["exp"], 2 * f_p + 2 * f_c, 4 * real, peak, rss,
+                4 * computed, batch=f"4 models x {shapes} packed"),
+            row("PPO ppo_update (2 epochs)", size, dtype, times["update"], pa.ppo_epochs * 3 * (f_p + f_c),
+                2 * pa.ppo_epochs * real, peak, rss, 2 * pa.ppo_epochs * computed,
+                batch=f"{pa.ppo_epochs} x (policy + critic) x {shapes} packed")]
 
 
 def bench_generation(w: Workload, size: str, args: Args, peaks: dict[str, float]) -> list[dict]:
@@ -506,7 +594,7 @@ def bench_profile(w: Workload, args: Args) -> dict[str, Any]:
             step = lambda: rm_step(model, opt, batch, True)
         else:
             model = AutoModelForCausalLM.from_pretrained(size_w.base, dtype=torch.float32)
-            batch = size_w.sft_batch()
+            batch = size_w.sft_packed()
             step = lambda: sft_step(model, opt, batch, True)
         model.train()
         opt = adamw(model)
@@ -540,7 +628,7 @@ def bench_profile(w: Workload, args: Args) -> dict[str, Any]:
 def world_steps(w: Workload, world: int, rank: int, args: Args, size: str) -> dict[str, list[float]]:
     device = torch.device("cpu")
     half = lambda n: slice(rank * n // world, (rank + 1) * n // world)
-    sft_ids = w.sft_batch(half(32))
+    sft_ids = w.sft_packed(half(32))
     pair_ids, meta_ids = w.pair_batch(half(16)), w.meta_batch(half(16))
     torch.manual_seed(args.seed)
     lm = distributed.load_model(AutoModelForCausalLM, w.base, world, device)
@@ -658,7 +746,9 @@ def write_markdown(res: dict[str, Any], path: str) -> None:
              f"{', '.join(f'{x:.2f}' for x in m['load_after'])} (other jobs share the 2 cores: absolute times are "
              f"noisy, ratios measured within one run less so). Whole run: {res['wall_s']:.0f} s. "
              "No GPU numbers: this task had no GPU machine.", ""]
-    lines += _peak_and_step_tables(res) + _ppo_profile_and_world2_tables(res)
+    if res.get("carried"):  # rows kept from an earlier run (see its note), when only part of the bench was rerun
+        lines += [res["carried"], ""]
+    lines += _peak_and_step_tables(res) + _ppo_profile_and_world2_tables(res) + trl_tables(TRL_JSON)
     # The hand-written reading of the numbers (from "## Reading" on) is kept when the tables are regenerated.
     if os.path.isfile(path):
         with open(path) as f:
@@ -685,17 +775,22 @@ def _peak_and_step_tables(res: dict[str, Any]) -> list[str]:
         lines.append("")
     if res.get("rows"):
         lines += ["## Steps", "",
-                  "| stage | size | dtype | batch (rows x padded T) | step s (median) | real tok/s | GFLOP/step | "
+                  "| stage | size | dtype | batch | pad | step s (median) | vs padded | real tok/s | GFLOP/step | "
                   "GFLOP/s | MFU | peak RSS MB | time / vanilla RM | FLOP-ideal |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["rows"]:
             ratio = f"{r['ratio']:.2f}" if "ratio" in r else ""
             ideal = f"{r['ideal']:.2f}" if "ideal" in r else ""
+            speedup = f"{r['speedup']:.2f}x" if "speedup" in r and "generation" not in r["stage"] else ""
             if "speedup" in r and r["stage"].endswith("KV cache"):
                 ratio = f"cache speed-up {r['speedup']:.1f}x"
-            lines.append(f"| {r['stage']} | {r['size']} | {r['dtype']} | {r['batch']} | {r['step_s']:.4f} | "
-                         f"{r['tokens_per_s']:.0f} | {r['flops'] / 1e9:.2f} | {r['flops_per_s'] / 1e9:.1f} | "
-                         f"{100 * r['mfu']:.1f}% | {r['peak_rss_mb']:.0f} | {ratio} | {ideal} |")
+            pad = f"{100 * r['pad_share']:.0f}%" if "pad_share" in r else ""
+            if "pad_before" in r:
+                pad = f"{100 * r['pad_before']:.0f}% of (B, P + R)"
+            lines.append(f"| {r['stage']} | {r['size']} | {r['dtype']} | {r['batch']} | {pad} | {r['step_s']:.4f} | "
+                         f"{speedup} | {r['tokens_per_s']:.0f} | {r['flops'] / 1e9:.2f} | "
+                         f"{r['flops_per_s'] / 1e9:.1f} | {100 * r['mfu']:.1f}% | {r['peak_rss_mb']:.0f} | {ratio} | "
+                         f"{ideal} |")
         lines.append("")
         bf = {}
         for r in res["rows"]:
@@ -705,6 +800,43 @@ def _peak_and_step_tables(res: dict[str, Any]) -> list[str]:
             lines += ["bf16 autocast speed-up (fp32 step time / bf16 step time): " + "; ".join(
                 f"{s} {z} {v['fp32'] / v['bf16']:.2f}x" for (s, z), v in pairs), ""]
     return lines
+
+
+TRL_JSON = "benchmarks_trl.json"  # written by bench_trl.py
+
+
+def trl_tables(path: str) -> list[str]:
+    """bench_trl.py's measurements (reward.py / ppo.py vs TRL's RewardTrainer / PPOTrainer), when present."""
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        t = json.load(f)
+    a, wl = t["args"], t["workload"]
+    lines = [f"## Against TRL (bench_trl.py, {t['date']}, {t['threads']} thread(s), {a['repeats']} alternating "
+             f"repeats, {t['wall_s']:.0f} s)", "",
+             f"Same 3.5M-parameter Llama, same token ids, {t['threads']} torch thread(s); load average before / after "
+             f"{t['load_before'][0]:.2f} / {t['load_after'][0]:.2f}. TRL: RewardTrainer from trl "
+             f"{t['versions'].get('rm', '?').split()[0]}, PPOTrainer from trl {t['versions'].get('ppo', '?').split()[0]} "
+             f"(transformers / torch: {' / '.join(t['versions'].get('rm', '? ? ?').split()[1:])}).", "",
+             f"RM: {a['batch']} pairs per step, --max-len {a['max_len']}, mean length {wl['mean_len']:.0f} tokens, "
+             f"longest of a batch {wl['longest_mean']:.0f} on average, {100 * wl['padding_share']:.0f} % of a padded "
+             f"batch is padding; {a['rm_steps']} timed steps per run. PPO: {a['ppo_prompts']} prompts x 4 rollouts, "
+             f"{a['ppo_new_tokens']} new tokens, 1 epoch, 1 mini-batch; {a['ppo_iterations']} timed iterations per run.",
+             "", "| step | dtype | contender | median s per step / iteration (each run) | TRL time / its time "
+             "(per repeat) | real tok/s |", "|---|---|---|---|---|---|"]
+    for key, runs in t["runs"].items():
+        part, dtype = key.split("/")
+        for name, rs in runs.items():
+            meds = [r["median_s"] for r in rs]
+            ratio = t.get("ratios", {}).get(f"{key}/{name}")
+            label = {"ours": "reward.py (packed)" if part == "rm" else "ppo.py", "trl": "TRL",
+                     "ours_padded": "reward.py padded (before)"}[name]
+            tps = f"{wl['real_tokens_per_step'] / statistics.median(meds):.0f}" if part == "rm" else ""
+            lines.append(f"| {'RM step' if part == 'rm' else 'PPO iteration'} | {dtype} | {label} | "
+                         + ", ".join(f"{m:.3f}" for m in meds) + " | "
+                         + (f"{min(ratio):.2f}–{max(ratio):.2f} (median {statistics.median(ratio):.2f})"
+                            if ratio else "") + f" | {tps} |")
+    return lines + [""]
 
 
 def _ppo_profile_and_world2_tables(res: dict[str, Any]) -> list[str]:

@@ -68,6 +68,7 @@ from transformers import AutoModelForSequenceClassification
 import common
 import data
 import distributed
+import packing
 import reward
 from common import arg, check, non_negative, or_sentinel, positive
 from data import CHAT_TEMPLATE_HELP, CHAT_TEMPLATE_MODES, DATA_FORMAT_HELP, DATA_FORMATS
@@ -175,7 +176,9 @@ def reward_gaps(scores: torch.Tensor) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------------------------
 # Algorithm 1, lines 4–7: the meta step
 # ----------------------------------------------------------------------------------------------------------------
-Batch = tuple[torch.Tensor, torch.Tensor]  # (input_ids, attention_mask), right-padded
+# A batch of sequences: packed (packing.Packed, what the stage runs: no FLOPs on padding) or right-padded
+# (input_ids, attention_mask) — the reference the packed layout is tested against. Rewards come in sequence order.
+Batch = packing.Packed | tuple[torch.Tensor, torch.Tensor]
 
 
 def meta_gradient(model: torch.nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
@@ -185,8 +188,8 @@ def meta_gradient(model: torch.nn.Module, params: dict[str, torch.Tensor], buffe
     """∇_θ L_θ'(X_t) with θ' = θ + η ∇_θ J_θ(X_s) — Algorithm 1, lines 4–7 up to the optimiser step.
 
     params   θ by name: the model's own parameters (world size 1) or gathered full copies (under FSDP2)
-    pairs    X_t as one (2n, T) batch: rows 0..n−1 chosen, rows n..2n−1 rejected (reward.pair_batch)
-    meta     X_s as one (m·k, T) batch: row i·k + j is response j of prompt i
+    pairs    X_t as one batch of 2n sequences: 0..n−1 chosen, n..2n−1 rejected (reward.pair_sequences)
+    meta     X_s as one batch of m·k sequences: sequence i·k + j is response j of prompt i
     average  turns this process's ∇J into the mean over all processes (identity at world size 1); it must be
              differentiable for order 2 (an autograd-aware all-reduce)
     measure_adapted  also report J at θ' (one extra no-grad forward of X_s), to show the ascent raised J
@@ -196,10 +199,11 @@ def meta_gradient(model: torch.nn.Module, params: dict[str, torch.Tensor], buffe
 
     def r(theta: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
         """r_θ(x, y) evaluated at the parameters `theta` (a dict), not at the module's own: torch.func."""
-        ids, mask = batch
         with common.autocast(device, bf16):
+            if isinstance(batch, packing.Packed):
+                return reward.reward_dtype(reward.packed_rewards(model, batch, {**theta, **buffers}))  # (B,)
             out = functional_call(model, {**theta, **buffers}, args=(),
-                                  kwargs=dict(input_ids=ids, attention_mask=mask, use_cache=False))
+                                  kwargs=dict(input_ids=batch[0], attention_mask=batch[1], use_cache=False))
         return reward.reward_dtype(out.logits[:, 0])  # (B,) in the model's dtype (bf16 autocast: float32)
 
     names, theta = list(params), list(params.values())
@@ -321,6 +325,8 @@ def meta_gradient_inplace(model: torch.nn.Module, pairs: list[Batch], meta: list
 
     def rewards(batch: Batch) -> torch.Tensor:  # r at the module's own (current) parameters, (B,)
         with common.autocast(device, bf16):
+            if isinstance(batch, packing.Packed):
+                return reward.reward_dtype(reward.packed_rewards(model, batch))
             return reward.reward_dtype(reward.rewards(model, *batch))
 
     # J at θ: backward leaves ∇J in p.grad (FSDP2 averages it over processes)
@@ -389,11 +395,13 @@ def choose_meta_step(impl: str, args: Args, model: torch.nn.Module, tokenizer, k
     --micro-batch-size; the functional routes were checked to need one), leaves ∇_θ L_θ'(X_t) in every `p.grad`
     and returns the step's statistics (J, L_adapted, step_norm, ...)."""
     def batches(X_t: list[dict], X_s: list[dict]) -> tuple[list[Batch], list[Batch]]:
-        mb = args.micro_batch_size
-        pairs = [reward.pair_batch(tokenizer, X_t[i: i + mb], args.max_len, args.chat_template)[:2]
+        mb, pad = args.micro_batch_size, tokenizer.pad_token_id  # packed: no FLOPs on padding (packing.py)
+        pairs = [reward.pair_sequences(tokenizer, X_t[i: i + mb], args.max_len, args.chat_template)[0]
                  for i in range(0, n_local, mb)]
-        meta = [meta_batch(tokenizer, X_s[i: i + mb], args.max_len, args.chat_template) for i in range(0, m_local, mb)]
-        return [(a.to(device), b.to(device)) for a, b in pairs], [(a.to(device), b.to(device)) for a, b in meta]
+        meta = [meta_sequences(tokenizer, X_s[i: i + mb], args.max_len, args.chat_template)
+                for i in range(0, m_local, mb)]
+        return ([packing.pack(seqs, pad).to(device) for seqs in pairs],
+                [packing.pack(seqs, pad).to(device) for seqs in meta])
 
     if impl == "inplace":
         def meta_step(X_t: list[dict], X_s: list[dict], measure_adapted: bool) -> dict[str, float]:
@@ -424,11 +432,15 @@ def choose_meta_step(impl: str, args: Args, model: torch.nn.Module, tokenizer, k
 # ----------------------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------------------
-def meta_batch(tokenizer, items: list[dict], max_len: int, chat_template: str = "auto") -> Batch:
-    """X_s: m items {prompt, responses[k]} -> one (m·k, T) batch, row i·k + j = response j of prompt i."""
-    seqs = [data.encode(tokenizer, it["prompt"], resp, max_len, chat_template)[0]
+def meta_sequences(tokenizer, items: list[dict], max_len: int, chat_template: str = "auto") -> list[list[int]]:
+    """X_s: m items {prompt, responses[k]} -> m·k token-id lists, sequence i·k + j = response j of prompt i."""
+    return [data.encode(tokenizer, it["prompt"], resp, max_len, chat_template)[0]
             for it in items for resp in it["responses"]]
-    return data.pad(seqs, tokenizer.pad_token_id)
+
+
+def meta_batch(tokenizer, items: list[dict], max_len: int, chat_template: str = "auto") -> Batch:
+    """X_s as one right-padded (m·k, T) batch (the reference layout; the stage packs `meta_sequences`)."""
+    return data.pad(meta_sequences(tokenizer, items, max_len, chat_template), tokenizer.pad_token_id)
 
 
 def read_meta_set(path: str) -> tuple[list[dict], int]:

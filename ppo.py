@@ -85,6 +85,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import common
 import data
 import distributed
+import packing
 import reward
 import sampling
 import testbed
@@ -209,12 +210,6 @@ def collate(prompts: list[str], queries: list[list[int]], responses: list[list[i
     return Rollouts(list(prompts), ids, attention_mask, response_mask, ended, P)
 
 
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip the left padding, so a prompt's first token is position 0 as in SFT and RM training
-    (without them Hugging Face counts columns, and a left-padded prompt would start at position P − len)."""
-    return (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)  # (B, T)
-
-
 @torch.no_grad()
 def rollout(policy, tokenizer, prompts: list[str], args: Args, world: int, device: torch.device) -> Rollouts:
     """PPO step 1: sample one response per prompt (prompts already repeated n times), in generate() calls of
@@ -236,63 +231,73 @@ def rollout(policy, tokenizer, prompts: list[str], args: Args, world: int, devic
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Forward passes (PPO step 3, and again with gradients in step 6)
+# Forward passes (PPO step 3, and again with gradients in step 6). The (B, P + R) layout above is what the method's
+# tensors use; the models never see it: each micro-batch is packed without padding (packing.py) — a rollout is its
+# prompt + response tokens, positions from 0 — and each head runs only where it is read: the LM head and the
+# critic's head at the positions that predict a response token, the RM's head at the last one. Same numbers as the
+# padded (B, P + R) forward to float rounding (tests/test_packing.py), no FLOPs on padding columns.
 # ----------------------------------------------------------------------------------------------------------------
-def response_logits(policy, batch: Rollouts, bf16: bool = False) -> torch.Tensor:
-    """Logits that predict each response token: (B, R, V) float32.
+@dataclasses.dataclass
+class PackedRollouts:
+    packed: packing.Packed      # the rollouts' tokens without padding
+    predict: torch.Tensor       # (N,) flat index of the position that predicts each response token
+    tokens: torch.Tensor        # (N,) the response tokens, in the order of response_mask's ones, row by row
+    response_mask: torch.Tensor  # (B, R) bool
 
-    The logits at column c predict the token at column c + 1, so the response tokens (columns P .. P+R-1) are
-    predicted by columns P-1 .. P+R-2: one shift to the left."""
-    device = next(policy.parameters()).device
-    mask = batch.attention_mask.to(device)
-    with common.autocast(device, bf16):
-        logits = policy(input_ids=batch.input_ids.to(device), attention_mask=mask, position_ids=position_ids(mask),
-                        use_cache=False).logits  # (B, P + R, V)
-    return logits[:, batch.prompt_len - 1: -1].float()  # (B, R, V)
+    def grid(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-response-token values (N,) -> (B, R), zero on padding (differentiable)."""
+        return torch.zeros(self.response_mask.shape, dtype=values.dtype,
+                           device=values.device).masked_scatter(self.response_mask.to(values.device), values)
 
 
-def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor,
-                         temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """log π(y_t) of the sampled tokens under softmax(logits / T), and the entropy of that distribution at every
-    position, from one log_softmax: (B, R, V), (B, R) -> (B, R), (B, R).
+def pack_rollouts(batch: Rollouts, device: torch.device) -> PackedRollouts:
+    """A micro-batch of rollouts, packed once for all the models that read it. Rollout b is its q_b prompt tokens
+    and r_b response tokens; response token t is predicted at position q_b − 1 + t of it."""
+    P = batch.prompt_len
+    q_len, r_len = batch.attention_mask[:, :P].sum(1), batch.response_mask.sum(1)
+    seqs = [row[P - q: P + r] for row, q, r in zip(batch.input_ids.tolist(), q_len.tolist(), r_len.tolist())]
+    packed = packing.pack(seqs, pad_id=0)  # the tail's token ids are never read
+    mask = batch.response_mask.bool()
+    return PackedRollouts(packed.to(device), packed.spans(q_len - 1, r_len).to(device),
+                          batch.response[mask].to(device), mask.to(device))
+
+
+def response_logits(policy, pr: PackedRollouts, bf16: bool = False) -> torch.Tensor:
+    """Logits that predict each response token: (N, V) float32, the LM head on those N positions only."""
+    with common.autocast(pr.tokens.device, bf16):
+        return policy.lm_head(packing.hidden(policy, pr.packed)[pr.predict]).float()
+
+
+def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float,
+                         with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log π(y_t) of the sampled tokens under softmax(logits / T), and (`with_entropy`: make_experience's policy
+    only, a metric) the entropy of that distribution: (N, V), (N,) -> (N,), (N,) or None.
 
     Dividing by the sampling temperature makes this the distribution the tokens were sampled from (before top-p
-    and the repetition penalty, see deliberate choice 2); without it the ratio of step 6 would not start at 1."""
-    logp = torch.log_softmax(logits / temperature, dim=-1)  # (B, R, V)
-    logprobs = logp.gather(-1, tokens.to(logp.device).unsqueeze(-1)).squeeze(-1)
-    return logprobs, -(logp.exp() * logp).sum(-1)
+    and the repetition penalty, see deliberate choice 2); without it the ratio of step 6 would not start at 1.
+    Without the entropy only the gather is kept: no (N, V) exp and product for the reference model and the update."""
+    logp = torch.log_softmax(logits / temperature, dim=-1)  # (N, V)
+    logprobs = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return logprobs, (-(logp.exp() * logp).sum(-1) if with_entropy else None)
 
 
-def head_on_every_position(model, batch: Rollouts, bf16: bool = False) -> torch.Tensor:
-    """The linear head of an RM-shaped model (AutoModelForSequenceClassification, one output) applied to the final
-    hidden state of every column: (B, P + R) float32.
-
-    The RM itself only returns the head's output at the last non-pad token. Calling the backbone `model.model(...)`
-    directly does not work under FSDP2: the root's parameters (embeddings, final norm, head) are all-gathered by
-    the *root* module's forward hook, and without it the embedding sees a sharded DTensor and raises. So the root
-    forward runs with output_hidden_states=True (its last entry is the final, normed hidden state); after the root
-    forward the root's parameters stay unsharded (FSDP2 does not reshard the root after forward), so `model.score`
-    can be applied to it, and in backward the root's gradients are reduce-scattered as usual. Checked: gradients
-    on 2 processes equal 1 process (tests/test_ppo_distributed.py)."""
-    device = next(model.parameters()).device
-    mask = batch.attention_mask.to(device)
-    with common.autocast(device, bf16):
-        out = model(input_ids=batch.input_ids.to(device), attention_mask=mask, position_ids=position_ids(mask),
-                    use_cache=False, output_hidden_states=True)
-        return model.score(out.hidden_states[-1]).squeeze(-1).float()  # (B, P + R)
-
-
-def critic_values(critic, batch: Rollouts, bf16: bool = False) -> torch.Tensor:
+def critic_values(critic, pr: PackedRollouts, bf16: bool = False) -> torch.Tensor:
     """V(x, y_<t) for every response token t: the value of the state *before* token t is emitted, read at the
-    column that predicts it (the same shift as the logits). (B, R)"""
-    return head_on_every_position(critic, batch, bf16)[:, batch.prompt_len - 1: -1]
+    position that predicts it (as the logits). The critic is RM-shaped (AutoModelForSequenceClassification): its
+    linear head applied to those positions' final hidden states. (B, R), zero on padding.
+
+    Under FSDP2 the head is called after the root forward, whose pre-forward hook gathered the root's parameters
+    (embeddings, final norm, head) and leaves them unsharded until backward, where the root's gradients are
+    reduce-scattered as usual (packing.hidden; checked: 2 processes == 1, tests/test_ppo_distributed.py)."""
+    with common.autocast(pr.tokens.device, bf16):
+        values = critic.score(packing.hidden(critic, pr.packed)[pr.predict])[:, 0].float()  # (N,)
+    return pr.grid(values)
 
 
-def rm_scores(rm, batch: Rollouts, bf16: bool = False) -> torch.Tensor:
-    """r_φ(x, y) read at the last response token (the EOS), as the RM was trained (reward.rewards). (B,)"""
-    last = batch.prompt_len + batch.response_mask.sum(1) - 1  # (B,) column of the last response token
-    values = head_on_every_position(rm, batch, bf16)          # (B, P + R)
-    return values[torch.arange(len(last)), last.to(values.device)]
+def rm_scores(rm, pr: PackedRollouts, bf16: bool = False) -> torch.Tensor:
+    """r_φ(x, y) read at the last response token (the EOS), as the RM was trained (reward.packed_rewards). (B,)"""
+    with common.autocast(pr.tokens.device, bf16):
+        return reward.packed_rewards(rm, pr.packed).float()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -376,22 +381,21 @@ def make_experience(policy, ref, rm, critic, batch: Rollouts, args: Args, world:
     Returns tensors on CPU: raw_scores (B,), logprobs, ref_logprobs, entropy, values (B, R)."""
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("raw_scores", "logprobs", "ref_logprobs", "entropy",
                                                             "values")}
+    device = next(policy.parameters()).device
     for start in range(0, len(batch.prompts), args.micro_batch_size):
-        part = batch.rows(slice(start, start + args.micro_batch_size))
+        pr = pack_rollouts(batch.rows(slice(start, start + args.micro_batch_size)), device)
         # PPO step 2: the RM's score at the EOS
-        parts["raw_scores"].append(rm_scores(rm, part, args.bf16).cpu())
+        parts["raw_scores"].append(rm_scores(rm, pr, args.bf16).cpu())
         # PPO step 3: log π_θ (with its entropy), log π_ref and V, all at temperature T / on the same tokens
-        logits = response_logits(policy, part, args.bf16)  # (b, R, V)
-        logprobs, entropy = logprobs_and_entropy(logits, part.response, args.temperature)
-        parts["logprobs"].append(logprobs.cpu())
-        parts["entropy"].append(entropy.cpu())
-        ref_logprobs, _ = logprobs_and_entropy(response_logits(ref, part, args.bf16), part.response, args.temperature)
-        parts["ref_logprobs"].append(ref_logprobs.cpu())
-        parts["values"].append(critic_values(critic, part, args.bf16).cpu())
+        logprobs, entropy = logprobs_and_entropy(response_logits(policy, pr, args.bf16), pr.tokens, args.temperature,
+                                                 with_entropy=True)
+        parts["logprobs"].append(pr.grid(logprobs).cpu())
+        parts["entropy"].append(pr.grid(entropy).cpu())
+        ref_logprobs, _ = logprobs_and_entropy(response_logits(ref, pr, args.bf16), pr.tokens, args.temperature)
+        parts["ref_logprobs"].append(pr.grid(ref_logprobs).cpu())
+        parts["values"].append(critic_values(critic, pr, args.bf16).cpu())  # (b, R), zero on padding
     distributed.reshard(policy, ref, rm, critic)
-    exp = {k: torch.cat(v) for k, v in parts.items()}
-    exp["values"] = exp["values"] * batch.response_mask  # (B, R), zero on padding
-    return exp
+    return {k: torch.cat(v) for k, v in parts.items()}
 
 
 def score_stats(raw_scores: torch.Tensor, world: int) -> tuple[float, float]:
@@ -438,14 +442,15 @@ def ppo_update(policy, critic, policy_opt, critic_opt, batch: Rollouts, exp: dic
             n_tokens = distributed.all_reduce_sum(mask[rows].sum().item(), world)
             for start in range(0, len(rows), args.micro_batch_size):
                 idx = rows[start: start + args.micro_batch_size]
-                part = batch.rows(idx)
+                pr = pack_rollouts(batch.rows(idx), device)
                 old = {k: exp[k][idx].to(device) for k in ("logprobs", "advantages", "values", "returns")}
                 mb_mask = mask[idx].to(device)
-                logits = response_logits(policy, part, args.bf16)                  # (b, R, V)
-                logprobs, _ = logprobs_and_entropy(logits, part.response, args.temperature)
+                logprobs, _ = logprobs_and_entropy(response_logits(policy, pr, args.bf16), pr.tokens,
+                                                   args.temperature)
+                logprobs = pr.grid(logprobs)                                         # (b, R)
                 pg = policy_loss(logprobs, old["logprobs"], old["advantages"], mb_mask, args.ratio_clip)
                 (pg.sum() * world / n_tokens).backward()
-                values = critic_values(critic, part, args.bf16)                     # (b, R)
+                values = critic_values(critic, pr, args.bf16)                       # (b, R)
                 vf = value_loss(values, old["values"], old["returns"], mb_mask, args.value_clip)
                 (vf.sum() * world / n_tokens).backward()
                 with torch.no_grad():

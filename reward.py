@@ -16,8 +16,9 @@ Paper defaults (Llama-2-7B): lr 5e-6, global batch 16 pairs, 1 epoch.
 
 Deliberate choices the paper leaves open
   1. Constant learning rate (no schedule is stated); AdamW betas (0.9, 0.95), no weight decay, gradient clip 1.0.
-  2. Chosen and rejected responses go through the model in one forward pass (2n sequences), right-padded; the
-     score is read at the last non-pad token, which is the EOS appended to every response (data.encode).
+  2. Chosen and rejected responses go through the model in one forward pass (2n sequences), packed without
+     padding (packing.py: no FLOPs on pad tokens, same loss and gradients as the right-padded batch to float
+     rounding); the score is read at each sequence's last token, the EOS appended to every response (data.encode).
   3. The head is initialised by transformers (normal, std = initializer_range) under the run's seed.
 """
 from __future__ import annotations
@@ -30,11 +31,13 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.func import functional_call
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import common
 import data
 import distributed
+import packing
 import testbed
 from common import arg, check, non_negative, or_sentinel, positive
 from data import CHAT_TEMPLATE_HELP, CHAT_TEMPLATE_MODES, DATA_FORMAT_HELP, DATA_FORMATS
@@ -97,16 +100,35 @@ def rewards(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: tor
     return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
 
 
-def pair_batch(tokenizer, pairs: list[dict], max_len: int,
-               chat_template: str = "auto") -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Tokenise n pairs into one (2n, T) batch: rows 0..n-1 chosen, rows n..2n-1 rejected. Returns (ids, mask, n
-    truncated sequences)."""
+def packed_rewards(model: torch.nn.Module, batch: packing.Packed,
+                   params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """r_θ(x, y) of packed sequences (packing.Packed, S sequences) -> (S,): the head applied to the final hidden
+    state at each sequence's last token (its EOS) — what `rewards` reads from the padded batch, without the padding.
+    `params`: evaluate at these parameters (and buffers) instead of the module's own (torch.func.functional_call;
+    meta_rm.meta_gradient). The head runs on S vectors only, not on every token as inside transformers' forward."""
+    if params is None:
+        return model.score(packing.hidden(model, batch)[batch.last])[:, 0]
+    call = lambda **kwargs: functional_call(model, params, args=(), kwargs=kwargs)
+    return F.linear(packing.hidden(model, batch, call)[batch.last], params["score.weight"])[:, 0]
+
+
+def pair_sequences(tokenizer, pairs: list[dict], max_len: int,
+                   chat_template: str = "auto") -> tuple[list[list[int]], int]:
+    """Token ids of n pairs: 2n sequences, 0..n-1 chosen, n..2n-1 rejected. Returns (sequences, n truncated)."""
     seqs, n_truncated = [], 0
     for key in ("chosen", "rejected"):
         for p in pairs:
             ids, _, truncated = data.encode(tokenizer, p["prompt"], p[key], max_len, chat_template)
             seqs.append(ids)
             n_truncated += truncated
+    return seqs, n_truncated
+
+
+def pair_batch(tokenizer, pairs: list[dict], max_len: int,
+               chat_template: str = "auto") -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Tokenise n pairs into one right-padded (2n, T) batch: rows 0..n-1 chosen, rows n..2n-1 rejected. Returns
+    (ids, mask, n truncated sequences). The padded layout is the reference the packed one is tested against."""
+    seqs, n_truncated = pair_sequences(tokenizer, pairs, max_len, chat_template)
     ids, mask = data.pad(seqs, tokenizer.pad_token_id)
     return ids, mask, n_truncated
 
@@ -185,9 +207,8 @@ def score_texts(model, tokenizer, prompts: list[str], responses: list[str], *, m
     for start in range(0, len(idx), chunk):
         mine = idx[start + rank * batch_size: start + (rank + 1) * batch_size]
         seqs = [data.encode(tokenizer, prompts[i], responses[i], max_len, chat_template)[0] for i in mine]
-        ids, mask = data.pad(seqs, tokenizer.pad_token_id)
-        with common.autocast(device, bf16):
-            r = reward_dtype(rewards(model, ids.to(device), mask.to(device)))
+        with common.autocast(device, bf16):  # packed, as in training: no FLOPs on padding
+            r = reward_dtype(packed_rewards(model, packing.pack(seqs, tokenizer.pad_token_id).to(device)))
         if world > 1:
             parts = [torch.empty_like(r) for _ in range(world)]
             dist.all_gather(parts, r)
@@ -279,10 +300,10 @@ def main(argv: list[str] | None = None) -> None:
         loss_sum, correct = 0.0, 0.0
         for micro in range(accum):
             part = mine[micro * args.micro_batch_size: (micro + 1) * args.micro_batch_size]
-            ids, mask, truncated = pair_batch(tokenizer, part, args.max_len, args.chat_template)
+            seqs, truncated = pair_sequences(tokenizer, part, args.max_len, args.chat_template)
             n_truncated += truncated
-            with common.autocast(device, args.bf16):
-                r = reward_dtype(rewards(model, ids.to(device), mask.to(device)))  # (2n,)
+            with common.autocast(device, args.bf16):  # packed: no FLOPs on padding (packing.py)
+                r = reward_dtype(packed_rewards(model, packing.pack(seqs, tokenizer.pad_token_id).to(device)))  # (2n,)
             r_w, r_l = r[: len(part)], r[len(part):]
             loss = bradley_terry_loss(r_w, r_l)
             (loss * len(part) / args.batch_size * world).backward()

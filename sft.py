@@ -13,7 +13,9 @@ Paper defaults (Llama-2-7B): lr 2e-5, 2 epochs, warm-up 0.3 epoch then linear de
 
 Deliberate choices the paper leaves open
   1. Loss on response tokens only (prompt and padding are masked with -100); the EOS token is part of the target,
-     so the model learns to stop.
+     so the model learns to stop. A micro-batch is packed without padding (packing.py) and the LM head runs only
+     on the positions that predict a response token (`packed_targets`): the same loss and gradients as the padded
+     batch to float rounding, no FLOPs on padding or on the prompt's logits.
   2. The loss is the mean NLL per response token over the whole *global* batch (not a mean of per-micro-batch
      means), so the gradient does not depend on how the batch is split over micro-batches and ranks.
   3. AdamW with betas (0.9, 0.95), no weight decay; gradient norm clipped to 1.0.
@@ -32,6 +34,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import common
 import data
 import distributed
+import packing
 import sampling
 import testbed
 from common import arg, check, non_negative, or_sentinel, positive
@@ -98,6 +101,28 @@ def sft_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     Position t's logits predict token t+1, so logits drop the last column and labels drop the first."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
                            reduction="sum")
+
+
+def packed_targets(packed: packing.Packed, labels: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions of a packed batch whose next token is labelled, and those labels: flat indices (N,) into
+    `packing.hidden`'s rows and targets (N,) — `sft_loss_sum`'s one-token shift, done once per sequence.
+
+    Each sequence's labels are laid where its tokens are, except its first label (never a target: nothing predicts
+    the first token), so position j's next label is never another sequence's: after a sequence's last token comes
+    the next sequence's first slot or the tail, both -100."""
+    flat = torch.full((packed.computed_tokens + 1,), -100, dtype=torch.long)
+    for start, y in zip(packed.starts.tolist(), labels):
+        flat[start + 1: start + len(y)] = torch.tensor(y[1:], dtype=torch.long)
+    next_label = flat[1:]  # (rows · C,): the label of the token after position j
+    idx = (next_label != -100).nonzero()[:, 0]
+    return idx, next_label[idx]
+
+
+def packed_loss_sum(model: torch.nn.Module, packed: packing.Packed, idx: torch.Tensor,
+                    targets: torch.Tensor) -> torch.Tensor:
+    """`sft_loss_sum` on a packed batch: summed NLL of the targets, the LM head applied at `idx` only."""
+    logits = model.lm_head(packing.hidden(model, packed)[idx])  # (N, V)
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
@@ -183,12 +208,10 @@ def main(argv: list[str] | None = None) -> None:
         nll = 0.0
         for micro in range(accum):
             part = mine[micro * args.micro_batch_size: (micro + 1) * args.micro_batch_size]
-            ids, mask = data.pad([x for x, _ in part], tokenizer.pad_token_id)
-            labels, _ = data.pad([y for _, y in part], -100)
-            ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+            packed = packing.pack([x for x, _ in part], tokenizer.pad_token_id)  # no FLOPs on padding
+            idx, targets = packed_targets(packed, [y for _, y in part])
             with common.autocast(device, args.bf16):
-                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (b, T, V)
-            loss_sum = sft_loss_sum(logits, labels)
+                loss_sum = packed_loss_sum(model, packed.to(device), idx.to(device), targets.to(device))
             (loss_sum * world / n_tokens).backward()
             nll += loss_sum.item()
         grad_norm = distributed.clip_grad_norm(model, args.grad_clip, f"sft step {step + 1}: gradient norm")

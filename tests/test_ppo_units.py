@@ -176,15 +176,16 @@ def test_logprobs_recomputed_equal_generation_scores_and_eos_truncation(tok):
     queries = [[t for t in q if t != tok.pad_token_id] for q in enc.input_ids.tolist()]
     responses = [r[: r.index(tok.eos_token_id) + 1] if tok.eos_token_id in r else r for r in response.tolist()]
     batch = ppo.collate(PROMPTS * 3, queries, responses, tok.pad_token_id, tok.eos_token_id)
+    pr = ppo.pack_rollouts(batch, torch.device("cpu"))  # ppo's packed forward (no padding columns)
     with torch.no_grad():
-        logprobs, _ = ppo.logprobs_and_entropy(ppo.response_logits(model, batch), batch.response, T)
+        logprobs = pr.grid(ppo.logprobs_and_entropy(ppo.response_logits(model, pr), pr.tokens, T)[0])
     mask = batch.response_mask.bool()
     assert mask.sum() > 30
     # float32: KV-cached decoding and one full forward sum in different orders; observed differences ~1e-6
     torch.testing.assert_close(logprobs[mask], gen_logprobs[:, : mask.shape[1]][mask], rtol=0, atol=1e-5)
     # without the division by T the log-probs would be clearly different
     with torch.no_grad():
-        untempered, _ = ppo.logprobs_and_entropy(ppo.response_logits(model, batch), batch.response, 1.0)
+        untempered = pr.grid(ppo.logprobs_and_entropy(ppo.response_logits(model, pr), pr.tokens, 1.0)[0])
     assert (untempered[mask] - gen_logprobs[:, : mask.shape[1]][mask]).abs().max() > 1e-2
 
     # truncation: the mask covers exactly the tokens up to and including the first EOS; nothing after it
@@ -225,8 +226,8 @@ def test_rollout_cuts_each_response_after_its_first_eos(tok):
 
 
 def test_rm_score_in_ppo_layout_equals_reward_py(tok):
-    # The RM is trained on right-padded [prompt response EOS] (reward.py); PPO feeds left-padded prompts and reads
-    # the head at the EOS column with position ids that skip the padding. Both must give the same r(x, y).
+    # The RM is trained on [prompt response EOS] (reward.py); PPO rebuilds each rollout from its left-padded prompt
+    # and right-padded response columns, packs it and reads the head at its EOS. Both must give the same r(x, y).
     torch.manual_seed(2)
     rm = LlamaForSequenceClassification(tiny_config(tok, num_labels=1)).eval()
     rng = random.Random(0)
@@ -239,8 +240,9 @@ def test_rm_score_in_ppo_layout_equals_reward_py(tok):
     resp_ids = [tok(r, add_special_tokens=False).input_ids + [tok.eos_token_id] for r in responses]
     batch = ppo.collate(PROMPTS, queries, resp_ids, tok.pad_token_id, tok.eos_token_id)
     with torch.no_grad():
-        got = ppo.rm_scores(rm, batch)
-        values = ppo.critic_values(rm, batch)  # the same head at the column before each response token
+        pr = ppo.pack_rollouts(batch, torch.device("cpu"))
+        got = ppo.rm_scores(rm, pr)
+        values = ppo.critic_values(rm, pr)  # the same head at the position before each response token
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     assert values.shape == batch.response_mask.shape
 
