@@ -478,7 +478,8 @@ def ppo_update(policy, critic, policy_opt, critic_opt, batch: Rollouts, exp: dic
 # ----------------------------------------------------------------------------------------------------------------
 def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(π(·|ctx) ‖ π_ref(·|ctx)) at every position, exactly over the vocabulary, for π = softmax(logits / T) and
-    π_ref = softmax(ref_logits / T): (B, R, V), (B, R, V) -> (B, R).
+    π_ref = softmax(ref_logits / T): (..., V), (..., V) -> (...) (ppo.py passes the (N, V)
+    logits of the packed response tokens).
 
     Summed over the tokens of a response sampled from π, it is an unbiased estimate of the sequence-level
     KL(π(·|x) ‖ π_ref(·|x)) (the chain rule: the sequence KL is the expected sum of the per-step KLs along π's own
@@ -521,15 +522,15 @@ def evaluate_policy(policy, ref, rm, tokenizer, prompts: list[str], args: Args, 
         batch = collate(chunk, queries, responses, tokenizer.pad_token_id, tokenizer.eos_token_id)
         for m_start in range(0, len(chunk), args.micro_batch_size):
             part = batch.rows(slice(m_start, m_start + args.micro_batch_size))
-            mask = part.response_mask.float()
-            kl = token_kl(response_logits(policy, part, args.bf16), response_logits(ref, part, args.bf16),
-                          args.temperature).cpu()
-            sums["kl"] += (kl * mask).sum().item()
-            sums["score"] += rm_scores(rm, part, args.bf16).sum().item()
+            pr = pack_rollouts(part, device)
+            kl = token_kl(response_logits(policy, pr, args.bf16), response_logits(ref, pr, args.bf16),
+                          args.temperature)  # (N,): one per response token of the micro-batch
+            sums["kl"] += kl.sum().item()
+            sums["score"] += rm_scores(rm, pr, args.bf16).sum().item()
             gold = testbed.gold_scores(part.prompts, response_texts(part, tokenizer))
             has_gold = has_gold and gold is not None
             sums["gold"] += sum(gold) if gold is not None else 0.0
-            sums["response_len"] += mask.sum().item()
+            sums["response_len"] += part.response_mask.sum().item()
             sums["eos_rate"] += part.ended.float().sum().item()
             sums["count"] += len(part.prompts)
     distributed.reshard(policy, ref, rm)

@@ -122,12 +122,11 @@ def seed_numbers(out: str, seed: int, keys: list[str]) -> dict[str, Any]:
     rms_file = os.path.join(root, "eval", "rms", "results.json")
     if os.path.exists(rms_file):
         for name, r in _read_json(rms_file).get("reward_models", {}).items():
+            ood, gaps = r["ood_test"], r.get("gaps", {})  # no gaps without a meta set (a vanilla-only study)
             res["rms"][name] = {"acc": r["test"]["acc"], "acc_gold": r["test"].get("acc_gold"),
-                                "ood_acc": r["ood_test"]["acc"], "ood_acc_gold": r["ood_test"].get("ood_acc_gold",
-                                                                                                   r["ood_test"].get(
-                                                                                                       "acc_gold")),
-                                "gap_mean": r["gaps"]["gap_mean"], "gaps_below_0.2": r["gaps"]["normalised_below_0.2"],
-                                "J": r["gaps"]["J"]}
+                                "ood_acc": ood["acc"], "ood_acc_gold": ood.get("ood_acc_gold", ood.get("acc_gold")),
+                                "gap_mean": gaps.get("gap_mean"), "gaps_below_0.2": gaps.get("normalised_below_0.2"),
+                                "J": gaps.get("J")}
     for key in keys:
         metrics = os.path.join(root, *rm_dir_parts(key), "metrics.jsonl") if rm_dir_parts(key) else None
         if metrics and os.path.exists(metrics):

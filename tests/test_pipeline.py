@@ -101,7 +101,7 @@ def test_task_names_to_keys():
 # ----------------------------------------------------------------------------------------------------------------
 def test_toy_study_end_to_end_and_resume(tmp_path):
     out = tmp_path / "study"
-    cmd = ["pipeline.py", "--toy", "--seeds", "2", "--rounds", "1", "--arms", "vanilla,metarm,eta0,oracle",
+    cmd = ["pipeline.py", "--toy", "--seeds", "2", "--rounds", "1", "--arms", "vanilla,metarm,eta0,oracle,dpo",
            "--out", str(out)]
     rc, stdout, stderr = run_command(cmd, timeout=900)
     assert rc == 0, stdout[-3000:] + stderr[-3000:]
