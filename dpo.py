@@ -34,7 +34,7 @@ and one epoch over D, as the reward model gets. The testbed's values are `TESTBE
 Deliberate choices the DPO paper leaves open
   1. π_ref's log-probabilities are computed once per batch, under no_grad, on exactly the batch the policy sees —
      not precomputed over D before training. One epoch reads each pair once, so precomputing would cost the same
-     forwards; the reference sees the same padded tensors through the same kernels, so at step 1, where π_θ = π_ref,
+     forwards; the reference sees the same packed tensors through the same kernels, so at step 1, where π_θ = π_ref,
      both log-probabilities are bitwise equal and the loss is log 2 exactly; and --resume needs nothing more. The
      price: π_ref's weights stay in memory (sharded under FSDP2, with no gradients or optimiser state: about a
      quarter of what π_θ needs with AdamW) and one no-grad forward per step (about a third of the policy's forward
@@ -68,6 +68,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import common
 import data
 import distributed
+import packing
 import sft
 import testbed
 from common import arg, check, non_negative, or_sentinel, positive
@@ -187,6 +188,18 @@ def sequence_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention
     return -nll.sum(dim=1)
 
 
+def packed_logprobs(model: torch.nn.Module, examples: list[tuple], pad_id: int, bf16: bool = False) -> torch.Tensor:
+    """sequence_logprobs of collate(examples) — (2n,): n chosen, then n rejected — on a packed batch (packing.py):
+    the sequences end to end without padding, the LM head only where a response token is predicted. Equal to the
+    padded computation to float rounding (tests/test_dpo.py); what training and evaluation run."""
+    seqs = [e[0] for e in examples] + [e[2] for e in examples]
+    labels = [e[1] for e in examples] + [e[3] for e in examples]
+    n_prompt = torch.tensor([sum(t == -100 for t in lab) for lab in labels])  # sft_labels: −100 on the prompt
+    device = next(model.parameters()).device
+    with common.autocast(device, bf16):
+        return packing.response_logprobs(model, packing.pack(seqs, pad_id).to(device), n_prompt)
+
+
 def lr_at(step: int, warmup_steps: int, peak: float) -> float:
     """Linear warm-up then constant; `step` is the 0-based index of the optimiser step about to run.
 
@@ -231,7 +244,7 @@ def pair_logprobs(model, examples: list[tuple], pad_id: int, *, world: int, rank
     chosen, rejected = [], []
     for start in range(0, len(idx), chunk):
         mine = [examples[i] for i in idx[start + rank * batch_size: start + (rank + 1) * batch_size]]
-        logps = sequence_logprobs(model, *collate(mine, pad_id), bf16=bf16)  # (2b,)
+        logps = packed_logprobs(model, mine, pad_id, bf16)  # (2b,)
         if world > 1:
             parts = [torch.empty_like(logps) for _ in range(world)]
             dist.all_gather(parts, logps)
@@ -353,11 +366,11 @@ def main(argv: list[str] | None = None) -> None:
         for micro in range(accum):
             part = mine[micro * args.micro_batch_size: (micro + 1) * args.micro_batch_size]
             b = len(part)
-            ids, mask, labels = collate(part, tokenizer.pad_token_id)  # (2b, T): b chosen rows, then b rejected
+            # (2b,): b chosen, then b rejected; packed, no FLOPs on padding (packing.py)
             with torch.no_grad():  # choice 1: π_ref on exactly this batch, no graph kept
-                ref_logps = sequence_logprobs(ref, ids, mask, labels, args.bf16)  # (2b,)
+                ref_logps = packed_logprobs(ref, part, tokenizer.pad_token_id, args.bf16)
             distributed.reshard(ref)  # a no-grad forward leaves an FSDP2 root gathered (docs/design.md §9)
-            logps = sequence_logprobs(policy, ids, mask, labels, args.bf16)       # (2b,) with the graph
+            logps = packed_logprobs(policy, part, tokenizer.pad_token_id, args.bf16)  # with the graph
             loss, r_w, r_l = dpo_loss(logps[:b], logps[b:], ref_logps[:b], ref_logps[b:], args.beta)
             (loss * b / args.batch_size * world).backward()
             sums["loss"] += loss.item() * b

@@ -185,8 +185,9 @@ def test_labels_mask_the_prompt_and_keep_the_eos(tiny):
 
 
 def test_sequence_logprobs_match_the_per_token_loop(tiny):
-    # The same pair's log-probabilities, batched, against the loop twin: right padding (what training uses), left
-    # padding, the pair alone, and in other company (reversed order, a long sequence added). The twin sums in
+    # The same pair's log-probabilities, batched, against the loop twin: right padding, left padding, the pair
+    # alone, in other company (reversed order, a long sequence added), and packed without padding (packing.py;
+    # what training and evaluation run). The twin sums in
     # float64, the function in fp32 (sums of -35 to -200 nats here): measured differences up to 2e-5; atol 5e-5,
     # far below one token's log-probability (about -6 nats on this random model), so a shift or a scored prompt
     # token shows.
@@ -203,9 +204,10 @@ def test_sequence_logprobs_match_the_per_token_loop(tiny):
         long_pair = dpo.encode_pair(tokenizer, {"prompt": pairs[0]["prompt"], "chosen": pairs[0]["chosen"] * 3,
                                                 "rejected": pairs[0]["rejected"] * 3}, 64)[0]
         company = dpo.sequence_logprobs(model, *dpo.collate([long_pair, *examples[::-1]], tokenizer.pad_token_id))
+        packed = dpo.packed_logprobs(model, examples, tokenizer.pad_token_id)  # what training and evaluation run
     n = len(examples)
     for got in (right, left, torch.cat([alone[0::2], alone[1::2]]),
-                torch.cat([company[1: n + 1].flip(0), company[n + 2:].flip(0)])):
+                torch.cat([company[1: n + 1].flip(0), company[n + 2:].flip(0)]), packed):
         assert got.dtype == torch.float32
         torch.testing.assert_close(got.double(), expected, rtol=0, atol=5e-5)
     # the prompt is not scored: counting the prompt's tokens too would change every value by a lot
