@@ -222,7 +222,7 @@ def _order(key: str) -> tuple:
 
 def verdicts(agg: dict[str, Any], seeds: dict[int, dict]) -> list[str]:
     """One line per comparison, from the intervals: every arm vs vanilla on gold (greedy), MetaRM vs the η = 0
-    control and vs the oracle round by round."""
+    control, vs the oracle round by round, and vs DPO."""
     lines = []
     for key, entry in agg["policies"].items():
         if "gold_minus_vanilla" in entry:
@@ -230,7 +230,7 @@ def verdicts(agg: dict[str, Any], seeds: dict[int, dict]) -> list[str]:
     for key in agg["policies"]:
         if key.startswith("metarm_r"):
             r = key[len("metarm_r"):]
-            for other in (f"eta0_r{r}", f"oracle_r{r}"):
+            for other in (f"eta0_r{r}", f"oracle_r{r}", "dpo"):  # dpo: the paper's Table 2 comparison
                 a, b = per_seed(seeds, "policies", key, "gold"), per_seed(seeds, "policies", other, "gold")
                 if set(a) & set(b):
                     lines.append(stats.verdict(f"{label(key)} − {label(other)}", stats.paired_difference(a, b),
