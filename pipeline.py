@@ -25,7 +25,7 @@ stages run at once, each with --threads threads, so the cores are never oversubs
 marker in OUT/.done/: running the same command again skips it, so a crash costs only the stages in flight.
 
 Commands
-    python pipeline.py                         # the default: 3 seeds, vanilla / MetaRM / η = 0 / oracle, 1 round
+    python pipeline.py                         # the default: 5 seeds, every arm, 1 round (~1 h on 2 cores)
     python pipeline.py --study                 # the full study: 5 seeds, every arm, 3 rounds
     python pipeline.py --eta-sweep 0,0.03,0.1,0.3,1 --arms vanilla,metarm --rounds 1 --out runs/eta_sweep
     python pipeline.py --nproc 2 --jobs 1      # every stage under torchrun with 2 processes (FSDP2)
@@ -107,9 +107,9 @@ SEEDS = Valid("an integer in [1, 12] (report.py's exact bootstrap enumerates the
 class Args:
     out: str = arg("runs/pipeline", "output folder: testbed/, sft/, seed<s>/…, logs/, report.md, results.json, "
                                     "figures/")
-    seeds: int = arg(3, "seeds 0 … N−1; each seed has its own RMs, meta sets and PPO runs (the world and the SFT "
+    seeds: int = arg(5, "seeds 0 … N−1; each seed has its own RMs, meta sets and PPO runs (the world and the SFT "
                         "model are shared)", valid=SEEDS)
-    arms: str = arg("vanilla,metarm,eta0,oracle", "comma-separated arms: " + ", ".join(ARMS) + " (vanilla is always run: "
+    arms: str = arg(",".join(ARMS), "comma-separated arms: " + ", ".join(ARMS) + " (vanilla is always run: "
                     "it is the baseline of every comparison)")
     rounds: int = arg(1, "MetaRM rounds after the vanilla RM (paper: 4 for dialogue, 5 for summarisation)",
                       valid=non_negative)

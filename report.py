@@ -428,7 +428,9 @@ def write(out: str, seeds: list[int], arms: list[str], rounds: int, sweep: list[
         json.dump(results, f, indent=1)
     n = len(per)
     lines = [f"# MetaRM on the testbed: {n} seed{'s' if n != 1 else ''}, arms {', '.join(arms)}, {rounds} rounds", "",
-             f"Wall time {wall_seconds / 60:.1f} min ({settings.get('jobs')} stages at a time x "
+             (f"Wall time of the last pipeline.py invocation {wall_seconds / 60:.1f} min (stages skipped as done "
+              "not counted)" if wall_seconds else "Wall time not recorded (report.py run on its own)") +
+             f" ({settings.get('jobs')} stages at a time x "
              f"{settings.get('threads')} thread(s) x {settings.get('nproc')} process(es)); model "
              f"{settings.get('model_size')}, meta order {settings.get('meta_order')}"
              f"{', OOD meta set' if settings.get('ood') else ''}{', TOY sizes (numbers mean nothing)' if settings.get('toy') else ''}. "
