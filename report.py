@@ -392,7 +392,8 @@ def tables(agg: dict[str, Any]) -> list[str]:
     lines += ["", "## Reward models: accuracy on held-out pairs (labels / gold order) and reward gaps (Fig. 5)", "",
               "| RM | acc | acc (gold) | OOD acc | OOD acc (gold) | gap mean | normalised gaps < 0.2 |",
               "|---|---|---|---|---|---|---|"]
-    lines += [f"| {label(k)} | {fmt(r['acc'])} | {fmt(r['acc_gold'])} | {fmt(r['ood_acc'])} | "
+    lines += [f"| {'vanilla RM₀' if k == 'vanilla' else label(k)} | {fmt(r['acc'])} | {fmt(r['acc_gold'])} | "
+              f"{fmt(r['ood_acc'])} | "
               f"{fmt(r['ood_acc_gold'])} | {fmt(r['gap_mean'])} | {fmt(r['gaps_below_0.2'], 2)} |"
               for k, r in agg["rms"].items()]
     if agg["mechanism"]:
