@@ -154,6 +154,12 @@ class Task:
     prepare: Callable[[], None] | None = None
 
 
+def metarm_eta(eta: float) -> float:
+    """The η the metarm arm runs with: --eta, or TESTBED's when --eta is -1."""
+    flags = TESTBED["meta_rm"]
+    return eta if eta >= 0 else float(flags[flags.index("--eta") + 1])
+
+
 def per_process(flags: list[str], nproc: int) -> list[str]:
     """The micro-batch sizes in TESTBED / TOY are for one process: with N processes each takes 1/N of them, so the
     global batch (micro-batch x accumulation x processes) stays the same."""
@@ -442,7 +448,8 @@ def main(argv: list[str] | None = None) -> None:
                         sweep=sweep, wall_seconds=time.time() - t_start, stage_seconds=seconds,
                         settings={"jobs": jobs, "threads": args.threads, "nproc": args.nproc,
                                   "model_size": args.model_size, "meta_order": args.meta_order, "ood": args.ood,
-                                  "toy": args.toy, "rm_init": args.rm_init, "ppo_init": args.ppo_init})
+                                  "toy": args.toy, "rm_init": args.rm_init, "ppo_init": args.ppo_init,
+                                  "eta": metarm_eta(args.eta)})
     print(f"\n{text}\nwrote {args.out}/report.md, results.json and figures/ ({(time.time() - t_start) / 60:.1f} min)")
 
 

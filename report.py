@@ -269,7 +269,8 @@ def gao_fit(d: list[float], gain: list[float]) -> dict[str, float] | None:
             else float("inf")}
 
 
-def draw_figures(out: str, seeds: dict[int, dict], keys: list[str], sweep: list[float]) -> dict[str, str]:
+def draw_figures(out: str, seeds: dict[int, dict], keys: list[str], sweep: list[float],
+                 metarm_eta: float | None = None) -> dict[str, str]:
     """figures/gold_vs_sqrt_kl.png (gold and proxy against √KL, seed bands), figures/best_of_n.png,
     figures/eta_sweep.png (with a sweep). Returns {name: relative path}."""
     plt = evaluate._pyplot()
@@ -308,7 +309,13 @@ def draw_figures(out: str, seeds: dict[int, dict], keys: list[str], sweep: list[
         figures["best_of_n"] = "figures/best_of_n.png"
     if sweep:
         fig, ax = plt.subplots(figsize=(5.5, 4))
-        pts = [(eta, interval(per_seed(seeds, "policies", f"sweep_eta{eta:g}", "gold"))) for eta in sweep]
+        sources = {eta: f"sweep_eta{eta:g}" for eta in sweep}
+        # the arms are points of the sweep too: the η = 0 control (reward.py, bit for bit meta_rm.py at η = 0,
+        # tests/test_meta_rm.py) and MetaRM round 1 at the study's η, same seeds and data
+        sources.setdefault(0.0, "eta0_r1")
+        if metarm_eta is not None:
+            sources.setdefault(metarm_eta, "metarm_r1")
+        pts = [(eta, interval(per_seed(seeds, "policies", key, "gold"))) for eta, key in sorted(sources.items())]
         pts = [(e, i) for e, i in pts if i]
         if pts:
             xs = list(range(len(pts)))
@@ -418,7 +425,7 @@ def write(out: str, seeds: list[int], arms: list[str], rounds: int, sweep: list[
     per = {s: n for s, n in per.items() if n["policies"]}
     agg = aggregate(per, keys) if per else {"policies": {}, "rms": {}, "mechanism": {}, "verdicts": [],
                                             "sft_gold": None}
-    figures = draw_figures(out, per, keys, sweep) if per else {}
+    figures = draw_figures(out, per, keys, sweep, settings.get("eta")) if per else {}
     stage_totals: dict[str, float] = {}
     for script, sec in stage_seconds.values():
         stage_totals[script] = stage_totals.get(script, 0.0) + sec
@@ -466,8 +473,10 @@ def main(argv: list[str] | None = None) -> None:
     args = _read_json(os.path.join(out, "args.json"))
     arms = ["vanilla"] + [a for a in args["arms"].split(",") if a and a != "vanilla"]
     sweep = [float(x) for x in args.get("eta_sweep", "").split(",") if x.strip()]
-    print(write(out, list(range(args["seeds"])), arms, args["rounds"], sweep, 0.0, {}, {k: args.get(k) for k in (
-        "jobs", "threads", "nproc", "model_size", "meta_order", "ood", "toy")}))
+    import pipeline  # here, not at the top: pipeline.py imports this module
+    settings = {k: args.get(k) for k in ("jobs", "threads", "nproc", "model_size", "meta_order", "ood", "toy")}
+    print(write(out, list(range(args["seeds"])), arms, args["rounds"], sweep, 0.0, {},
+                {**settings, "eta": pipeline.metarm_eta(args.get("eta", -1.0))}))
 
 
 if __name__ == "__main__":

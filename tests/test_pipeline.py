@@ -102,13 +102,14 @@ def test_task_names_to_keys():
 def test_toy_study_end_to_end_and_resume(tmp_path):
     out = tmp_path / "study"
     cmd = ["pipeline.py", "--toy", "--seeds", "2", "--rounds", "1", "--arms", "vanilla,metarm,eta0,oracle,dpo",
-           "--out", str(out)]
+           "--eta-sweep", "0.1", "--out", str(out)]
     rc, stdout, stderr = run_command(cmd, timeout=900)
     assert rc == 0, stdout[-3000:] + stderr[-3000:]
     for s in (0, 1):
         for stage in ("rm0", "vanilla/ppo", "S1", "metarm/round1/rm", "metarm/round1/ppo", "eta0/round1/rm",
                       "eta0/round1/ppo", "oracle/round1/rm", "oracle/round1/ppo", "eval/vanilla", "eval/metarm_r1",
-                      "eval/eta0_r1", "eval/oracle_r1", "eval/rms", "best_of_n"):
+                      "eval/eta0_r1", "eval/oracle_r1", "eval/rms", "best_of_n", "dpo", "eval/dpo",
+                      "sweep/eta0.1/rm", "sweep/eta0.1/ppo", "eval/sweep_eta0.1"):
             assert (out / ".done" / f"seed{s}" / stage).exists(), (s, stage)
         # the oracle trained on D plus the gold-labelled pairs of S_1
         n_d = sum(1 for _ in open(out / "testbed" / "data" / "pairs_train.jsonl"))
@@ -117,7 +118,7 @@ def test_toy_study_end_to_end_and_resume(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["seeds"] == [0, 1]
     agg = results["aggregate"]
-    assert set(agg["policies"]) == {"vanilla", "metarm_r1", "eta0_r1", "oracle_r1"}
+    assert set(agg["policies"]) == {"vanilla", "metarm_r1", "eta0_r1", "oracle_r1", "dpo", "sweep_eta0.1"}
     for key, entry in agg["policies"].items():
         assert entry["gold"]["n"] == 2
         w = entry["vs_sft"]
@@ -128,14 +129,15 @@ def test_toy_study_end_to_end_and_resume(tmp_path):
     per = results["per_seed"]
     diffs = [per[s]["policies"]["metarm_r1"]["gold"] - per[s]["policies"]["vanilla"]["gold"] for s in ("0", "1")]
     assert agg["policies"]["metarm_r1"]["gold_minus_vanilla"]["mean"] == pytest.approx(sum(diffs) / 2)
-    assert set(agg["rms"]) == {"vanilla", "metarm_r1", "eta0_r1", "oracle_r1"}
+    assert set(agg["rms"]) == {"vanilla", "metarm_r1", "eta0_r1", "oracle_r1", "sweep_eta0.1"}
     assert "metarm_r1" in agg["mechanism"] and agg["mechanism"]["metarm_r1"]["cos_grad"]["n"] == 2
-    assert len(agg["verdicts"]) == 5 and all("(2 seeds)" in v for v in agg["verdicts"])
+    # 5 arms vs vanilla (MetaRM, η = 0, oracle, DPO, the sweep point), then MetaRM vs η = 0, vs the oracle, vs DPO
+    assert len(agg["verdicts"]) == 8 and all("(2 seeds)" in v for v in agg["verdicts"])
     text = (out / "report.md").read_text()
     for heading in ("## Verdicts", "## The testbed's criteria", "## Table 1 shape", "## Table 2 shape",
                     "## Reward models", "## Why MetaRM does what it does"):
         assert heading in text
-    for png in ("gold_vs_sqrt_kl.png", "best_of_n.png"):
+    for png in ("gold_vs_sqrt_kl.png", "best_of_n.png", "eta_sweep.png"):
         assert (out / "figures" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert os.path.exists(out / "seed1" / "metarm" / "round1" / "ppo" / "model.safetensors")
 
