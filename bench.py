@@ -743,12 +743,13 @@ def write_markdown(res: dict[str, Any], path: str) -> None:
     lines = [f"# Benchmarks (bench.py, {m['date']})", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} (CPU), {res['threads']} threads. "
              f"Load average before / after the run: {', '.join(f'{x:.2f}' for x in m['load_before'])} / "
-             f"{', '.join(f'{x:.2f}' for x in m['load_after'])} (other jobs share the 2 cores: absolute times are "
-             f"noisy, ratios measured within one run less so). Whole run: {res['wall_s']:.0f} s. "
+             f"{', '.join(f'{x:.2f}' for x in m['load_after'])} (the run's own threads are in the second; on a "
+             f"machine shared with other jobs absolute times are noisy, ratios measured within one run less so). "
+             f"Whole run: {res['wall_s']:.0f} s. "
              "No GPU numbers: this task had no GPU machine.", ""]
     if res.get("carried"):  # rows kept from an earlier run (see its note), when only part of the bench was rerun
         lines += [res["carried"], ""]
-    lines += _peak_and_step_tables(res) + _ppo_profile_and_world2_tables(res) + trl_tables(TRL_JSON)
+    lines += _peak_and_step_tables(res) + _ppo_profile_and_world2_tables(res) + trl_tables(TRL_JSON, res.get("peak"))
     # The hand-written reading of the numbers (from "## Reading" on) is kept when the tables are regenerated.
     if os.path.isfile(path):
         with open(path) as f:
@@ -805,8 +806,9 @@ def _peak_and_step_tables(res: dict[str, Any]) -> list[str]:
 TRL_JSON = "benchmarks_trl.json"  # written by bench_trl.py
 
 
-def trl_tables(path: str) -> list[str]:
-    """bench_trl.py's measurements (reward.py / ppo.py vs TRL's RewardTrainer / PPOTrainer), when present."""
+def trl_tables(path: str, peak: dict[str, Any] | None = None) -> list[str]:
+    """bench_trl.py's measurements (reward.py / ppo.py vs TRL's RewardTrainer / PPOTrainer), when present; with
+    this run's matmul `peak`, the least time one PPO iteration's FLOPs need."""
     if not os.path.isfile(path):
         return []
     with open(path) as f:
@@ -829,13 +831,62 @@ def trl_tables(path: str) -> list[str]:
         for name, rs in runs.items():
             meds = [r["median_s"] for r in rs]
             ratio = t.get("ratios", {}).get(f"{key}/{name}")
-            label = {"ours": "reward.py (packed)" if part == "rm" else "ppo.py", "trl": "TRL",
-                     "ours_padded": "reward.py padded (before)"}[name]
+            label = trl_label(part, name, t)
             tps = f"{wl['real_tokens_per_step'] / statistics.median(meds):.0f}" if part == "rm" else ""
             lines.append(f"| {'RM step' if part == 'rm' else 'PPO iteration'} | {dtype} | {label} | "
                          + ", ".join(f"{m:.3f}" for m in meds) + " | "
                          + (f"{min(ratio):.2f}–{max(ratio):.2f} (median {statistics.median(ratio):.2f})"
                             if ratio else "") + f" | {tps} |")
+    return lines + [""] + ppo_parts_table(t) + ppo_floor(t, peak)
+
+
+def ppo_floor(t: dict[str, Any], peak: dict[str, Any] | None) -> list[str]:
+    """One ppo.py iteration's FLOPs (bench_trl.ppo_flops) at the matmul peak: no implementation of the same work
+    on this machine is faster, so 3 x TRL is out of reach wherever this floor is above a third of TRL's time."""
+    f = t.get("ppo_flops")
+    if not f or not peak:
+        return []
+    total = f["experience"] + f["update"] + f["generation"]
+    cells = []
+    for dtype in ("fp32", "bf16"):
+        trl = t["runs"].get(f"ppo/{dtype}", {}).get("trl")
+        if trl and dtype in peak:
+            med = statistics.median(r["median_s"] for r in trl)
+            cells.append(f"{dtype}: at least {total / peak[dtype]['flops']:.3f} s at {peak[dtype]['flops'] / 1e9:.0f} "
+                         f"GFLOP/s, against TRL's {med:.3f} s (a third: {med / 3:.3f} s)")
+    return [f"FLOPs of one ppo.py iteration on the rollouts of its first run ({f['rollouts']} rollouts, {f['tokens']} "
+            f"tokens; counted on real tokens, bench_trl.ppo_flops): experience {f['experience'] / 1e9:.1f}, update "
+            f"{f['update'] / 1e9:.1f}, generation {f['generation'] / 1e9:.1f} GFLOP. At the matmul peak of the "
+            "bench.py run above — " + "; ".join(cells) + ".", ""]
+
+
+def trl_label(part: str, name: str, t: dict[str, Any]) -> str:
+    """The name of a bench_trl.py contender in the tables."""
+    before = f"ppo.py before packing ({t.get('before_commit', '?')})"
+    return {"ours": "reward.py (packed)" if part == "rm" else "ppo.py", "trl": "TRL",
+            "ours_padded": "reward.py padded (before)", "ours_before": before}[name]
+
+
+def ppo_parts_table(t: dict[str, Any]) -> list[str]:
+    """Each part of a PPO iteration (bench_trl.py): the median over repeats of each run's median, and its share."""
+    rows = [(key.split("/")[1], name, rs) for key, runs in t["runs"].items() if key.startswith("ppo/")
+            for name, rs in runs.items() if all(r.get("parts") for r in rs)]
+    if not rows:
+        return []
+    names = ("generation", "experience", "update", "other")
+    lines = ["### Where a PPO iteration spends its time (the same runs)", "",
+             "generation = sampling the rollouts (step 1); experience = the RM, policy, reference and critic forwards "
+             "and the advantages (steps 2-5); update = step 6; other = the iteration's metrics (for TRL: everything "
+             "that is not its `batch_generation`). Seconds: the median over repeats of each run's median, so the "
+             "parts need not add up to the iteration exactly.", "",
+             "| dtype | contender | iteration s | " + " | ".join(names) + " |", "|---|---|---|---|---|---|---|"]
+    for dtype, name, rs in rows:
+        total = statistics.median(r["median_s"] for r in rs)
+        cells = []
+        for k in names:
+            v = [r["parts"][k] for r in rs if k in r["parts"]]
+            cells.append(f"{statistics.median(v):.3f} s ({100 * statistics.median(v) / total:.0f} %)" if v else "")
+        lines.append(f"| {dtype} | {trl_label('ppo', name, t)} | {total:.3f} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
@@ -911,7 +962,7 @@ def main(argv: list[str] | None = None) -> None:
     t_start = time.time()
     res: dict[str, Any] = {"machine": machine(), "threads": args.threads, "args": dataclasses.asdict(args),
                            "rows": []}
-    peaks = {"fp32": 1.0, "bf16": 1.0}
+    peaks = {"fp32": math.nan, "bf16": math.nan}  # MFU is not known unless the peak part ran
     if "peak" in parts:
         res["peak"] = {"fp32": matmul_peak(torch.float32, 10), "bf16": matmul_peak(torch.bfloat16, 10)}
         peaks = {k: v["flops"] for k, v in res["peak"].items()}

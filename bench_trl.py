@@ -6,6 +6,8 @@ releases, from the last one that has it — 1.12.0 ships it as trl.experimental.
     python3 -m venv /tmp/trl-venv-1.16.0 && /tmp/trl-venv-1.16.0/bin/pip install torch==2.13.0 trl==1.16.0
     python3 -m venv /tmp/trl-venv-1.12.0 && /tmp/trl-venv-1.12.0/bin/pip install torch==2.13.0 trl==1.12.0
     python bench_trl.py --trl-python /tmp/trl-venv-1.16.0/bin/python --trl-ppo-python /tmp/trl-venv-1.12.0/bin/python
+With `--before-code DIR` (a checkout of this project from before packing: `git worktree add --detach DIR 3d60a11^1`)
+ppo.py as it was then is a third PPO contender, so "before" and "after" are measured in the same run.
 The numbers go to benchmarks_trl.json; bench.py renders them in BENCHMARKS.md ("Against TRL").
 
 The workload (written once under --workdir by this project's code):
@@ -19,8 +21,10 @@ The workload (written once under --workdir by this project's code):
   PPO     --ppo-prompts testbed prompts x 4 rollouts, --ppo-new-tokens new tokens, 1 epoch, 1 mini-batch; sampling
           at T 0.8 with top-p 1 and no repetition penalty (what TRL's PPOTrainer does), cut at EOS
 Each measurement is a fresh child process (this project's venv for ours, the TRL venv for TRL) that times
---rm-steps steps / --ppo-iterations iterations after a warm-up; the children alternate (ours, TRL, ours, TRL, ...)
---repeats times, so a ratio compares runs made under the same machine load. Torch threads: --threads in every child.
+--rm-steps steps / --ppo-iterations iterations after a warm-up (PPO: also each part of the iteration —
+generation, the experience forwards with the advantages, the update, the rest; TRL: its generation and the rest);
+the children alternate (ours, TRL, ours, TRL, ...) --repeats times, so a ratio compares runs made under the same
+machine load. Torch threads: --threads in every child.
 """
 from __future__ import annotations
 
@@ -167,13 +171,18 @@ def child_rm_trl(work: dict, a: argparse.Namespace) -> list[float]:
     return times[a.warmup:]
 
 
+# The parts of a PPO iteration, in order: sampling (step 1), the experience forwards and the advantages (steps
+# 2-5), the update (step 6), everything else (the iteration's metrics; for TRL: all that is not generation).
+PPO_PARTS = ("generation", "experience", "update", "other")
+
+
 def ppo_prompts(work: dict, a: argparse.Namespace) -> list[str]:
     return [p for p in work["prompts"][: a.ppo_prompts] for _ in range(4)]
 
 
-def child_ppo_ours(work: dict, a: argparse.Namespace) -> list[float]:
+def child_ppo_ours(work: dict, a: argparse.Namespace) -> tuple[list[float], dict[str, list[float]]]:
     """ppo.py's iteration as its loop runs it: rollout, make_experience, compute_advantages, ppo_update, the
-    iteration's metrics (decoded texts, gold reward)."""
+    iteration's metrics (decoded texts, gold reward). Returns the iteration times and each part's times."""
     import ppo
     import reward
     from transformers import AutoModelForCausalLM
@@ -194,25 +203,45 @@ def child_ppo_ours(work: dict, a: argparse.Namespace) -> list[float]:
     popt = torch.optim.AdamW(policy.parameters(), lr=1e-6, betas=(0.9, 0.95), weight_decay=0.0)
     copt = torch.optim.AdamW(critic.parameters(), lr=1e-6, betas=(0.9, 0.95), weight_decay=0.0)
     gen, times = torch.Generator().manual_seed(0), []
+    parts: dict[str, list[float]] = {k: [] for k in PPO_PARTS}
     for it in range(a.warmup + a.ppo_iterations):
-        t0 = time.perf_counter()
+        t = [time.perf_counter()]
         batch = ppo.rollout(policy, tok, ppo_prompts(work, a), args, 1, device)
+        t.append(time.perf_counter())
         exp = ppo.make_experience(policy, ref, rm, critic, batch, args, 1)
         ppo.compute_advantages(exp, batch, args, 1)
+        t.append(time.perf_counter())
         ppo.ppo_update(policy, critic, popt, copt, batch, exp, args, 1, gen)
+        t.append(time.perf_counter())
         ppo.rollout_metrics(batch, exp, ppo.response_texts(batch, tok), 1)
-        times.append(time.perf_counter() - t0)
-    return times[a.warmup:]
+        t.append(time.perf_counter())
+        if it >= a.warmup:
+            times.append(t[-1] - t[0])
+            for k, t0, t1 in zip(PPO_PARTS, t, t[1:]):
+                parts[k].append(t1 - t0)
+    # the last iteration's rollouts, for the FLOP count: (prompt tokens, response tokens) of each
+    lengths = list(zip(batch.attention_mask[:, :batch.prompt_len].sum(1).tolist(), batch.response_mask.sum(1).tolist()))
+    return times, parts, lengths
 
 
-def child_ppo_trl(work: dict, a: argparse.Namespace) -> list[float]:
+def child_ppo_trl(work: dict, a: argparse.Namespace) -> tuple[list[float], dict[str, list[float]]]:
     """TRL's PPOTrainer (the last release that has it): the same four models, prompts, sampling temperature,
     response length, batch (one mini-batch of all rollouts, 1 epoch), EOS as the stop token; no sample generations,
     logging or saving. Step times from a callback."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
-    from trl.experimental.ppo import PPOConfig, PPOTrainer
+    from trl.experimental.ppo import PPOConfig, PPOTrainer, ppo_trainer
 
+    generation: list[float] = []  # seconds in TRL's batch_generation, per iteration (it is called once per iteration)
+    batch_generation = ppo_trainer.batch_generation
+
+    def timed_generation(*args, **kw):
+        t0 = time.perf_counter()
+        out = batch_generation(*args, **kw)
+        generation.append(time.perf_counter() - t0)
+        return out
+
+    ppo_trainer.batch_generation = timed_generation
     tok = AutoTokenizer.from_pretrained(work["model"])
     load_lm = lambda: AutoModelForCausalLM.from_pretrained(work["model"], dtype=torch.float32)
     load_rm = lambda: AutoModelForSequenceClassification.from_pretrained(work["model"], num_labels=1,
@@ -240,29 +269,34 @@ def child_ppo_trl(work: dict, a: argparse.Namespace) -> list[float]:
                          reward_model=load_rm(), value_model=load_rm(), train_dataset=ds, callbacks=[Stamp()])
     torch.set_num_threads(a.threads)
     trainer.train()
-    times = [b - s for s, b in zip(stamps, stamps[1:])]
-    return times[a.warmup:]
+    times = [b - s for s, b in zip(stamps, stamps[1:])][a.warmup:]
+    gen = generation[a.warmup:]
+    return times, {"generation": gen, "other": [t - g for t, g in zip(times, gen)]}
 
 
 def child(a: argparse.Namespace) -> None:
     torch.set_num_threads(a.threads)
+    if a.code_dir:  # another checkout of this project (--before-code): its ppo.py / reward.py are imported
+        sys.path.insert(0, os.path.abspath(a.code_dir))
     with open(os.path.join(a.workdir, "workload.json")) as f:
         work = json.load(f)
     fn = {"rm_ours": lambda: child_rm_ours(work, a, True), "rm_ours_padded": lambda: child_rm_ours(work, a, False),
           "rm_trl": lambda: child_rm_trl(work, a), "ppo_ours": lambda: child_ppo_ours(work, a),
           "ppo_trl": lambda: child_ppo_trl(work, a)}[a.child]
-    times = fn()
-    print("RESULT " + json.dumps({"times": times, "threads": torch.get_num_threads()}), flush=True)
+    out = fn()
+    times, parts, lengths = (out + (None,))[:3] if isinstance(out, tuple) else (out, {}, None)
+    print("RESULT " + json.dumps({"times": times, "parts": parts, "lengths": lengths,
+                                  "threads": torch.get_num_threads()}), flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Driver (this project's venv): alternate the children, collect the ratios
 # ----------------------------------------------------------------------------------------------------------------
-def run_child(python: str, name: str, dtype: str, a: argparse.Namespace) -> dict:
+def run_child(python: str, name: str, dtype: str, a: argparse.Namespace, code_dir: str = "") -> dict:
     cmd = [python, os.path.abspath(__file__), "--child", name, "--dtype", dtype, "--workdir", a.workdir,
            "--threads", str(a.threads), "--warmup", str(a.warmup), "--rm-steps", str(a.rm_steps), "--batch",
            str(a.batch), "--max-len", str(a.max_len), "--ppo-iterations", str(a.ppo_iterations), "--ppo-prompts",
-           str(a.ppo_prompts), "--ppo-new-tokens", str(a.ppo_new_tokens)]
+           str(a.ppo_prompts), "--ppo-new-tokens", str(a.ppo_new_tokens), "--code-dir", code_dir]
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "PYTHONPATH": HERE, "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     t0 = time.time()
@@ -272,9 +306,30 @@ def run_child(python: str, name: str, dtype: str, a: argparse.Namespace) -> dict
         raise SystemExit(f"{name} {dtype} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
     out = json.loads(line[len("RESULT "):])
     med = statistics.median(out["times"])
-    print(f"  {name:15s} {dtype}  median {med:.4f} s  ({len(out['times'])} timed, child {time.time() - t0:.0f} s, "
+    label = name + (" (before)" if code_dir else "")
+    print(f"  {label:24s} {dtype}  median {med:.4f} s  ({len(out['times'])} timed, child {time.time() - t0:.0f} s, "
           f"load {os.getloadavg()[0]:.2f})", flush=True)
-    return {"median_s": med, "times": out["times"]}
+    return {"median_s": med, "times": out["times"], "lengths": out.get("lengths"),
+            "parts": {k: statistics.median(v) for k, v in out.get("parts", {}).items() if v}}
+
+
+def ppo_flops(model_dir: str, lengths: list[list[int]]) -> dict[str, float]:
+    """FLOPs of one ppo.py iteration on these rollouts ((prompt, response) tokens each), counted on real tokens
+    (bench.real_flops): experience = policy and reference (trunk + LM head at the response positions) + RM and
+    critic (trunk; their heads are 1 x d); update = forward + backward (3 x) of policy and critic; generation =
+    prefill + cached decode (bench.generation_flops). What the iteration costs at the matmul peak is a floor."""
+    import bench
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    s = bench.shape(model)                                   # N counts the LM head
+    V, d = model.config.vocab_size, model.config.hidden_size
+    trunk = bench.real_flops(dict(s, N=s["N"] - V * d), [q + r for q, r in lengths])
+    head = 2 * V * d * sum(r for _, r in lengths)
+    return {"experience": 2 * (trunk + head) + 2 * trunk, "update": 3 * (trunk + head) + 3 * trunk,
+            "generation": bench.generation_flops(s, len(lengths), max(q for q, _ in lengths),
+                                                 max(r for _, r in lengths)),
+            "rollouts": len(lengths), "tokens": sum(q + r for q, r in lengths)}
 
 
 def trl_version(python: str) -> str:
@@ -293,24 +348,32 @@ def driver(a: argparse.Namespace) -> None:
     plans = []
     if "rm" in a.parts:
         res["versions"]["rm"] = trl_version(a.trl_python)
-        plans.append(("rm", [("ours", sys.executable, "rm_ours"), ("trl", a.trl_python, "rm_trl"),
-                             ("ours_padded", sys.executable, "rm_ours_padded")]))
+        plans.append(("rm", [("ours", sys.executable, "rm_ours", ""), ("trl", a.trl_python, "rm_trl", ""),
+                             ("ours_padded", sys.executable, "rm_ours_padded", "")]))
     if "ppo" in a.parts:
         res["versions"]["ppo"] = trl_version(a.trl_ppo_python)
-        plans.append(("ppo", [("ours", sys.executable, "ppo_ours"), ("trl", a.trl_ppo_python, "ppo_trl")]))
+        ppo_contenders = [("ours", sys.executable, "ppo_ours", ""), ("trl", a.trl_ppo_python, "ppo_trl", "")]
+        if a.before_code:  # ppo.py as it was before packing, from another checkout, alternating with the others
+            res["before_commit"] = subprocess.run(["git", "-C", a.before_code, "log", "-1", "--format=%h %cs"],
+                                                  capture_output=True, text=True).stdout.strip()
+            ppo_contenders.append(("ours_before", sys.executable, "ppo_ours", a.before_code))
+        plans.append(("ppo", ppo_contenders))
     print(f"workload: {json.dumps(stats)}; TRL {res['versions']}", flush=True)
     for part, contenders in plans:
         for dtype in a.dtypes.split(","):
-            runs = res["runs"].setdefault(f"{part}/{dtype}", {name: [] for name, _, _ in contenders})
+            runs = res["runs"].setdefault(f"{part}/{dtype}", {name: [] for name, _, _, _ in contenders})
             for rep in range(a.repeats):  # alternate: ours, TRL, ours, TRL, ...
-                for name, python, child_name in contenders:
-                    runs[name].append(run_child(python, child_name, dtype, a))
+                for name, python, child_name, code_dir in contenders:
+                    runs[name].append(run_child(python, child_name, dtype, a, code_dir))
             for name in runs:
                 if name != "trl":
                     ratios = [t["median_s"] / o["median_s"] for o, t in zip(runs[name], runs["trl"])]
                     res.setdefault("ratios", {})[f"{part}/{dtype}/{name}"] = ratios
                     print(f"{part} {dtype}: TRL time / {name} time per repeat: "
                           + ", ".join(f"{r:.2f}" for r in ratios), flush=True)
+    ours = res["runs"].get("ppo/fp32", {}).get("ours") or res["runs"].get("ppo/bf16", {}).get("ours")
+    if ours and ours[0].get("lengths"):
+        res["ppo_flops"] = ppo_flops(work["model"], ours[0]["lengths"])
     res["load_after"] = os.getloadavg()
     res["wall_s"] = time.time() - t_start
     with open(a.out_json, "w") as f:
@@ -337,7 +400,11 @@ def main() -> None:
     p.add_argument("--workdir", default="runs/bench_trl")
     p.add_argument("--out-json", default="benchmarks_trl.json")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--before-code", default="",
+                   help="a checkout of this project from before packing (e.g. `git worktree add /tmp/before "
+                        "3d60a11^1`): its ppo.py is timed as a third PPO contender, 'ppo.py before'")
     p.add_argument("--child", default="", help="internal: run one measurement")
+    p.add_argument("--code-dir", default="", help="internal: the checkout whose modules the child imports")
     p.add_argument("--dtype", default="fp32", help="internal: the child's precision")
     a = p.parse_args()
     child(a) if a.child else driver(a)
