@@ -160,6 +160,16 @@ def metarm_eta(eta: float) -> float:
     return eta if eta >= 0 else float(flags[flags.index("--eta") + 1])
 
 
+def with_flag(flags: list[str], flag: str, value: str) -> list[str]:
+    """`flags` with `flag`'s value set to `value` (replaced where it is there, else appended), so a printed command
+    names each flag once."""
+    flags = list(flags)
+    if flag in flags:
+        flags[flags.index(flag) + 1] = value
+        return flags
+    return flags + [flag, value]
+
+
 def per_process(flags: list[str], nproc: int) -> list[str]:
     """The micro-batch sizes in TESTBED / TOY are for one process: with N processes each takes 1/N of them, so the
     global batch (micro-batch x accumulation x processes) stays the same."""
@@ -175,7 +185,7 @@ def stage_flags(args: Args) -> dict[str, list[str]]:
     hp = {stage: per_process(flags + (TOY.get(stage, []) if args.toy else []), args.nproc)
           for stage, flags in TESTBED.items()}
     if args.eta >= 0:
-        hp["meta_rm"] += ["--eta", str(args.eta)]
+        hp["meta_rm"] = with_flag(hp["meta_rm"], "--eta", str(args.eta))
     for part in filter(str.strip, args.stage_flags.split(";")):
         stage, sep, flags = part.partition(":")
         check(sep == ":" and stage.strip() in hp, f"--stage-flags {part.strip()!r}: expected 'stage: --flag value', "
@@ -274,8 +284,8 @@ def seed_tasks(args: Args, hp: dict[str, list[str]], w: World, s: int, arms: lis
         tasks.append(Task(f"{base}/rm", "meta_rm.py", [
             "--model", at(f"{root}/rm0"), "--train", w.file("pairs_train"), *pairs, "--meta",
             f"{at(root)}/S1/meta_train.jsonl", "--meta-heldout", f"{at(root)}/S1/meta_heldout.jsonl", "--out",
-            at(f"{base}/rm"), "--meta-order", str(args.meta_order), "--seed", str(100 * s + 1), *hp["meta_rm"],
-            "--eta", f"{eta:g}"], [f"{root}/S1", f"{root}/rm0"]))
+            at(f"{base}/rm"), "--meta-order", str(args.meta_order), "--seed", str(100 * s + 1),
+            *with_flag(hp["meta_rm"], "--eta", f"{eta:g}")], [f"{root}/S1", f"{root}/rm0"]))
         ppo(f"{base}/ppo", f"{base}/rm", [])
     if "dpo" in arms:
         tasks.append(Task(f"{root}/dpo", "dpo.py", ["--model", w.sft, "--train", w.file("pairs_train"), *pairs,

@@ -68,6 +68,18 @@ def test_micro_batches_are_split_over_processes():
 # ----------------------------------------------------------------------------------------------------------------
 # report.py by hand
 # ----------------------------------------------------------------------------------------------------------------
+def test_every_meta_rm_command_names_eta_once_with_its_own_value():
+    # --eta 0.2 sets the metarm arm's η; each sweep point runs meta_rm.py with its own η. A flag given twice would
+    # be decided by argparse's last-one-wins: the printed command must say what runs, once.
+    args = pipeline.Args(out="/nonexistent/out", seeds=2, eta=0.2, eta_sweep="0.05,1", rounds=2)
+    tasks = pipeline.plan(args, pipeline.stage_flags(args), ["vanilla", "metarm"], [0.05, 1.0])
+    etas = {t.name: t.flags[t.flags.index("--eta") + 1] for t in tasks if t.script == "meta_rm.py"}
+    assert all(t.flags.count("--eta") == 1 for t in tasks if t.script == "meta_rm.py")
+    assert etas == {f"seed{s}/{part}": eta for s in range(2) for part, eta in (
+        ("metarm/round1/rm", "0.2"), ("metarm/round2/rm", "0.2"), ("sweep/eta0.05/rm", "0.05"),
+        ("sweep/eta1/rm", "1"))}
+
+
 def test_smoothed_and_curve_numbers_by_hand():
     # moving average of 3: [1, 2, 6, 1, 1] -> [1, 1.5, 3, 3, 8/3]
     assert report.smoothed([1, 2, 6, 1, 1]) == pytest.approx([1, 1.5, 3, 3, 8 / 3])
