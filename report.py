@@ -222,15 +222,17 @@ def _order(key: str) -> tuple:
 
 def verdicts(agg: dict[str, Any], seeds: dict[int, dict]) -> list[str]:
     """One line per comparison, from the intervals: every arm vs vanilla on gold (greedy), MetaRM vs the η = 0
-    control, vs the oracle round by round, and vs DPO."""
+    control, vs the oracle round by round, and vs DPO; each η-sweep point vs the η = 0 control."""
     lines = []
     for key, entry in agg["policies"].items():
         if "gold_minus_vanilla" in entry:
             lines.append(stats.verdict(f"{label(key)} − vanilla PPO", entry["gold_minus_vanilla"], "gold"))
     for key in agg["policies"]:
-        if key.startswith("metarm_r"):
-            r = key[len("metarm_r"):]
-            for other in (f"eta0_r{r}", f"oracle_r{r}", "dpo"):  # dpo: the paper's Table 2 comparison
+        if key.startswith("metarm_r") or key.startswith("sweep_eta"):
+            r = key[len("metarm_r"):] if key.startswith("metarm_r") else "1"  # the sweep is of round 1
+            # each sweep point against the η = 0 control: both train RM₀ one more epoch over D, only η differs
+            others = (f"eta0_r{r}", f"oracle_r{r}", "dpo") if key.startswith("metarm_r") else ("eta0_r1",)
+            for other in others:  # dpo: the paper's Table 2 comparison
                 a, b = per_seed(seeds, "policies", key, "gold"), per_seed(seeds, "policies", other, "gold")
                 if set(a) & set(b):
                     lines.append(stats.verdict(f"{label(key)} − {label(other)}", stats.paired_difference(a, b),

@@ -143,8 +143,12 @@ def test_toy_study_end_to_end_and_resume(tmp_path):
     assert agg["policies"]["metarm_r1"]["gold_minus_vanilla"]["mean"] == pytest.approx(sum(diffs) / 2)
     assert set(agg["rms"]) == {"vanilla", "metarm_r1", "eta0_r1", "oracle_r1", "sweep_eta0.1"}
     assert "metarm_r1" in agg["mechanism"] and agg["mechanism"]["metarm_r1"]["cos_grad"]["n"] == 2
-    # 5 arms vs vanilla (MetaRM, η = 0, oracle, DPO, the sweep point), then MetaRM vs η = 0, vs the oracle, vs DPO
-    assert len(agg["verdicts"]) == 8 and all("(2 seeds)" in v for v in agg["verdicts"])
+    # 5 arms vs vanilla (MetaRM, η = 0, oracle, DPO, the sweep point), then MetaRM vs η = 0, vs the oracle, vs DPO,
+    # and the sweep point vs η = 0 (only η differs between them)
+    assert len(agg["verdicts"]) == 9 and all("(2 seeds)" in v for v in agg["verdicts"])
+    sweep_vs_eta0 = [v for v in agg["verdicts"] if v.startswith("MetaRM r1, η = 0.1 − η = 0 control r1")]
+    d = [per[s]["policies"]["sweep_eta0.1"]["gold"] - per[s]["policies"]["eta0_r1"]["gold"] for s in ("0", "1")]
+    assert len(sweep_vs_eta0) == 1 and f"{sum(d) / 2:+.3f} gold" in sweep_vs_eta0[0]
     text = (out / "report.md").read_text()
     for heading in ("## Verdicts", "## The testbed's criteria", "## Table 1 shape", "## Table 2 shape",
                     "## Reward models", "## Why MetaRM does what it does"):
