@@ -180,9 +180,10 @@ def ppo_prompts(work: dict, a: argparse.Namespace) -> list[str]:
     return [p for p in work["prompts"][: a.ppo_prompts] for _ in range(4)]
 
 
-def child_ppo_ours(work: dict, a: argparse.Namespace) -> tuple[list[float], dict[str, list[float]]]:
+def child_ppo_ours(work: dict, a: argparse.Namespace) -> tuple[list[float], dict[str, list[float]], list]:
     """ppo.py's iteration as its loop runs it: rollout, make_experience, compute_advantages, ppo_update, the
-    iteration's metrics (decoded texts, gold reward). Returns the iteration times and each part's times."""
+    iteration's metrics (decoded texts, gold reward). Returns the iteration times, each part's times and the
+    (prompt, response) token counts of the last iteration's rollouts."""
     import ppo
     import reward
     from transformers import AutoModelForCausalLM
@@ -224,7 +225,7 @@ def child_ppo_ours(work: dict, a: argparse.Namespace) -> tuple[list[float], dict
     return times, parts, lengths
 
 
-def child_ppo_trl(work: dict, a: argparse.Namespace) -> tuple[list[float], dict[str, list[float]]]:
+def child_ppo_trl(work: dict, a: argparse.Namespace) -> tuple[list[float], dict[str, list[float]], None]:
     """TRL's PPOTrainer (the last release that has it): the same four models, prompts, sampling temperature,
     response length, batch (one mini-batch of all rollouts, 1 epoch), EOS as the stop token; no sample generations,
     logging or saving. Step times from a callback."""
@@ -271,7 +272,7 @@ def child_ppo_trl(work: dict, a: argparse.Namespace) -> tuple[list[float], dict[
     trainer.train()
     times = [b - s for s, b in zip(stamps, stamps[1:])][a.warmup:]
     gen = generation[a.warmup:]
-    return times, {"generation": gen, "other": [t - g for t, g in zip(times, gen)]}
+    return times, {"generation": gen, "other": [t - g for t, g in zip(times, gen)]}, None
 
 
 def child(a: argparse.Namespace) -> None:
@@ -284,7 +285,7 @@ def child(a: argparse.Namespace) -> None:
           "rm_trl": lambda: child_rm_trl(work, a), "ppo_ours": lambda: child_ppo_ours(work, a),
           "ppo_trl": lambda: child_ppo_trl(work, a)}[a.child]
     out = fn()
-    times, parts, lengths = (out + (None,))[:3] if isinstance(out, tuple) else (out, {}, None)
+    times, parts, lengths = out if isinstance(out, tuple) else (out, {}, None)  # the RM children: times only
     print("RESULT " + json.dumps({"times": times, "parts": parts, "lengths": lengths,
                                   "threads": torch.get_num_threads()}), flush=True)
 
@@ -401,8 +402,8 @@ def main() -> None:
     p.add_argument("--out-json", default="benchmarks_trl.json")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--before-code", default="",
-                   help="a checkout of this project from before packing (e.g. `git worktree add /tmp/before "
-                        "3d60a11^1`): its ppo.py is timed as a third PPO contender, 'ppo.py before'")
+                   help="a checkout of this project from before packing (e.g. `git worktree add --detach "
+                        "/tmp/before 3d60a11^1`): its ppo.py is timed as a third PPO contender, 'ppo.py before'")
     p.add_argument("--child", default="", help="internal: run one measurement")
     p.add_argument("--code-dir", default="", help="internal: the checkout whose modules the child imports")
     p.add_argument("--dtype", default="fp32", help="internal: the child's precision")

@@ -228,16 +228,23 @@ def verdicts(agg: dict[str, Any], seeds: dict[int, dict]) -> list[str]:
         if "gold_minus_vanilla" in entry:
             lines.append(stats.verdict(f"{label(key)} − vanilla PPO", entry["gold_minus_vanilla"], "gold"))
     for key in agg["policies"]:
-        if key.startswith("metarm_r") or key.startswith("sweep_eta"):
-            r = key[len("metarm_r"):] if key.startswith("metarm_r") else "1"  # the sweep is of round 1
-            # each sweep point against the η = 0 control: both train RM₀ one more epoch over D, only η differs
-            others = (f"eta0_r{r}", f"oracle_r{r}", "dpo") if key.startswith("metarm_r") else ("eta0_r1",)
-            for other in others:  # dpo: the paper's Table 2 comparison
-                a, b = per_seed(seeds, "policies", key, "gold"), per_seed(seeds, "policies", other, "gold")
-                if set(a) & set(b):
-                    lines.append(stats.verdict(f"{label(key)} − {label(other)}", stats.paired_difference(a, b),
-                                               "gold"))
+        for other in compared_with(key):
+            a, b = per_seed(seeds, "policies", key, "gold"), per_seed(seeds, "policies", other, "gold")
+            if set(a) & set(b):
+                lines.append(stats.verdict(f"{label(key)} − {label(other)}", stats.paired_difference(a, b), "gold"))
     return lines
+
+
+def compared_with(key: str) -> tuple[str, ...]:
+    """The policies a policy is compared with besides vanilla PPO: MetaRM round r with the η = 0 control and the
+    oracle of round r and with DPO (the paper's Table 2 comparison); an η-sweep point (round 1) with the η = 0
+    control, since both train RM₀ one more epoch over D and only η differs."""
+    if key.startswith("metarm_r"):
+        r = key[len("metarm_r"):]
+        return f"eta0_r{r}", f"oracle_r{r}", "dpo"
+    if key.startswith("sweep_eta"):
+        return ("eta0_r1",)
+    return ()
 
 
 # ----------------------------------------------------------------------------------------------------------------
