@@ -65,15 +65,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import common
-import data
-import distributed
-import packing
 import sft
-import testbed
-from common import arg, check, non_negative, or_sentinel, positive
-from data import CHAT_TEMPLATE_HELP, CHAT_TEMPLATE_MODES, DATA_FORMAT_HELP, DATA_FORMATS
-from distributed import NOT_RESUMABLE, RESUME_HELP, SAVE_EVERY_HELP
+from plumbing import common, data, distributed, packing
+from plumbing.common import arg, check, non_negative, or_sentinel, positive
+from plumbing.data import CHAT_TEMPLATE_HELP, CHAT_TEMPLATE_MODES, DATA_FORMAT_HELP, DATA_FORMATS
+from plumbing.distributed import NOT_RESUMABLE, RESUME_HELP, SAVE_EVERY_HELP
+from testbed import gold
 
 # Hyper-parameters of the testbed run (the tiny ~1M-parameter Llama after `sft.py --lr 3e-3`; 4000 training pairs,
 # prompts <= 20 and responses <= 26 tokens), chosen on the DPO arm's own behaviour only: the implicit reward's
@@ -264,8 +261,8 @@ def evaluate(policy_logps: tuple[torch.Tensor, torch.Tensor], ref_logps: tuple[t
     out = {"acc": (r_w > r_l).float().mean().item(), "margin": (r_w - r_l).mean().item(), "loss": loss.item(),
            "logratio_chosen": r_w.mean().item() / beta, "logratio_rejected": r_l.mean().item() / beta}
     prompts = [p["prompt"] for p in pairs]
-    g_w = testbed.gold_scores(prompts, [p["chosen"] for p in pairs])
-    g_l = testbed.gold_scores(prompts, [p["rejected"] for p in pairs])
+    g_w = gold.gold_scores(prompts, [p["chosen"] for p in pairs])
+    g_l = gold.gold_scores(prompts, [p["rejected"] for p in pairs])
     if g_w is not None and g_l is not None:
         # agreement with the gold ordering, over the pairs whose gold scores differ
         gold_says = torch.tensor(g_w) - torch.tensor(g_l)

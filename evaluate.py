@@ -88,15 +88,12 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import common
-import data
-import distributed
 import meta_rm
 import reward
-import sampling
-import testbed
-from common import arg, at_least, check, in_unit, in_unit_above_0, non_negative, or_sentinel, positive
-from data import CHAT_TEMPLATE_HELP, CHAT_TEMPLATE_MODES, DATA_FORMAT_HELP, DATA_FORMATS
+from plumbing import common, data, distributed, sampling
+from plumbing.common import arg, at_least, check, in_unit, in_unit_above_0, non_negative, or_sentinel, positive
+from plumbing.data import CHAT_TEMPLATE_HELP, CHAT_TEMPLATE_MODES, DATA_FORMAT_HELP, DATA_FORMATS
+from testbed import gold
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -742,7 +739,7 @@ def compare_policies(args: Args, world: int, rank: int,
     entry["max_invalid"] = args.max_invalid
     if args.judge == "llm" and args.both_orders:
         entry["orders_disagree"] = sum(bool(j.get("orders_disagree")) for j in judgments)
-    gold_a, gold_b = testbed.gold_rewards(prompts, responses_a), testbed.gold_rewards(prompts, responses_b)
+    gold_a, gold_b = gold.gold_rewards(prompts, responses_a), gold.gold_rewards(prompts, responses_b)
     if None not in gold_a + gold_b:  # the testbed: whatever the judge, report the mean gold reward of both
         entry["gold_mean_a"] = sum(gold_a) / len(gold_a)
         entry["gold_mean_b"] = sum(gold_b) / len(gold_b)
@@ -780,7 +777,7 @@ def judge(args: Args, prompts: list[str], responses_a: list[str], responses_b: l
     endpoint is gone: the rest would each wait for their retries), and marks what it did not ask invalid with
     that reason."""
     if args.judge == "gold":
-        return judge_by_scores(testbed.gold_rewards(prompts, responses_a), testbed.gold_rewards(prompts, responses_b),
+        return judge_by_scores(gold.gold_rewards(prompts, responses_a), gold.gold_rewards(prompts, responses_b),
                                args.margin)
     if args.judge == "rm":
         model, tokenizer = load_rm(args.judge_rm, args, world, device)

@@ -65,14 +65,11 @@ import torch.distributed as dist
 from torch.func import functional_call
 from transformers import AutoModelForSequenceClassification
 
-import common
-import data
-import distributed
-import packing
 import reward
-from common import arg, check, non_negative, or_sentinel, positive
-from data import CHAT_TEMPLATE_HELP, CHAT_TEMPLATE_MODES, DATA_FORMAT_HELP, DATA_FORMATS
-from distributed import NOT_RESUMABLE, RESUME_HELP, SAVE_EVERY_HELP
+from plumbing import common, data, distributed, packing
+from plumbing.common import arg, check, non_negative, or_sentinel, positive
+from plumbing.data import CHAT_TEMPLATE_HELP, CHAT_TEMPLATE_MODES, DATA_FORMAT_HELP, DATA_FORMATS
+from plumbing.distributed import NOT_RESUMABLE, RESUME_HELP, SAVE_EVERY_HELP
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -82,15 +82,11 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import common
-import data
-import distributed
-import packing
 import reward
-import sampling
-import testbed
-from common import arg, check, finite, in_unit, in_unit_above_0, non_negative, positive
-from data import CHAT_TEMPLATE_HELP, CHAT_TEMPLATE_MODES, DATA_FORMAT_HELP, DATA_FORMATS
+from plumbing import common, data, distributed, packing, sampling
+from plumbing.common import arg, check, finite, in_unit, in_unit_above_0, non_negative, positive
+from plumbing.data import CHAT_TEMPLATE_HELP, CHAT_TEMPLATE_MODES, DATA_FORMAT_HELP, DATA_FORMATS
+from testbed import gold
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -527,7 +523,7 @@ def evaluate_policy(policy, ref, rm, tokenizer, prompts: list[str], args: Args, 
                           args.temperature)  # (N,): one per response token of the micro-batch
             sums["kl"] += kl.sum().item()
             sums["score"] += rm_scores(rm, pr, args.bf16).sum().item()
-            gold = testbed.gold_scores(part.prompts, response_texts(part, tokenizer))
+            gold = gold.gold_scores(part.prompts, response_texts(part, tokenizer))
             has_gold = has_gold and gold is not None
             sums["gold"] += sum(gold) if gold is not None else 0.0
             sums["response_len"] += part.response_mask.sum().item()
@@ -564,7 +560,7 @@ def rollout_metrics(batch: Rollouts, exp: dict[str, torch.Tensor], texts: list[s
                "total_reward": exp["rewards"].sum(1).mean().item(),
                "response_len": mask.sum(1).mean().item(),
                "eos_rate": batch.ended.float().mean().item()}
-    gold = testbed.gold_scores(batch.prompts, texts)             # None when the prompts are not the testbed's
+    gold = gold.gold_scores(batch.prompts, texts)             # None when the prompts are not the testbed's
     if gold is not None:
         metrics["gold"] = sum(gold) / len(gold)
     metrics = distributed.all_reduce_mean(metrics, world)

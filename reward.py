@@ -34,14 +34,11 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-import common
-import data
-import distributed
-import packing
-import testbed
-from common import arg, check, non_negative, or_sentinel, positive
-from data import CHAT_TEMPLATE_HELP, CHAT_TEMPLATE_MODES, DATA_FORMAT_HELP, DATA_FORMATS
-from distributed import NOT_RESUMABLE, RESUME_HELP, SAVE_EVERY_HELP
+from plumbing import common, data, distributed, packing
+from plumbing.common import arg, check, non_negative, or_sentinel, positive
+from plumbing.data import CHAT_TEMPLATE_HELP, CHAT_TEMPLATE_MODES, DATA_FORMAT_HELP, DATA_FORMATS
+from plumbing.distributed import NOT_RESUMABLE, RESUME_HELP, SAVE_EVERY_HELP
+from testbed import gold
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -229,8 +226,8 @@ def evaluate(model, tokenizer, pairs: list[dict], *, max_len: int, world: int, r
     out = {"acc": (r_w > r_l).float().mean().item(), "reward_chosen": r_w.mean().item(),
            "reward_rejected": r_l.mean().item(), "margin": (r_w - r_l).mean().item(),
            "loss": bradley_terry_loss(r_w, r_l).item()}
-    g_w = testbed.gold_scores(prompts, [p["chosen"] for p in pairs])
-    g_l = testbed.gold_scores(prompts, [p["rejected"] for p in pairs])
+    g_w = gold.gold_scores(prompts, [p["chosen"] for p in pairs])
+    g_l = gold.gold_scores(prompts, [p["rejected"] for p in pairs])
     if g_w is not None and g_l is not None:
         # agreement with the gold ordering, over the pairs whose gold scores differ
         gold_says = torch.tensor(g_w) - torch.tensor(g_l)

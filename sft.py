@@ -31,15 +31,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import common
-import data
-import distributed
-import packing
-import sampling
-import testbed
-from common import arg, check, non_negative, or_sentinel, positive
-from data import CHAT_TEMPLATE_HELP, CHAT_TEMPLATE_MODES, DATA_FORMAT_HELP, DATA_FORMATS
-from distributed import NOT_RESUMABLE, RESUME_HELP, SAVE_EVERY_HELP
+from plumbing import common, data, distributed, packing, sampling
+from plumbing.common import arg, check, non_negative, or_sentinel, positive
+from plumbing.data import CHAT_TEMPLATE_HELP, CHAT_TEMPLATE_MODES, DATA_FORMAT_HELP, DATA_FORMATS
+from plumbing.distributed import NOT_RESUMABLE, RESUME_HELP, SAVE_EVERY_HELP
+from testbed import gold
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -251,7 +247,7 @@ def sample_report(model, tokenizer, args: Args, world: int, rank: int, prompts: 
                                          rank=rank, chat_template=args.chat_template)
     report = {"eos_rate": sum(ended) / len(ended),
               "mean_response_words": sum(len(t.split()) for t in texts) / len(texts)}
-    gold = testbed.gold_scores(prompts, texts)
+    gold = gold.gold_scores(prompts, texts)
     if gold is not None:
         report["gold_reward"] = sum(gold) / len(gold)
     return report

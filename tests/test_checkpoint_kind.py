@@ -14,7 +14,7 @@ import evaluate
 import meta_rm
 import ppo
 import reward
-from common import UserError
+from plumbing.common import UserError
 from conftest import run_command
 
 

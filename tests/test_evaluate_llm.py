@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-import data
 import evaluate
+from plumbing import data
 from conftest import run_command
 
 

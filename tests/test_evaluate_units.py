@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import evaluate
-from common import UserError
+from plumbing.common import UserError
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -6,9 +6,8 @@ import os
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-import data
-import distributed
 import reward
+from plumbing import data, distributed
 
 CPU = torch.device("cpu")
 

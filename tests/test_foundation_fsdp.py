@@ -19,11 +19,8 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-import common
-import data
-import distributed
 import reward
-import sampling
+from plumbing import common, data, distributed, sampling
 
 HERE = os.path.abspath(__file__)
 

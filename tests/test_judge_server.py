@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import evaluate
-from common import UserError
+from plumbing.common import UserError
 from conftest import REPO, run_command, subprocess_env
 
 SERVER = os.path.join(REPO, "tests", "helpers", "judge_server.py")

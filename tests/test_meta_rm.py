@@ -316,7 +316,7 @@ def _two_process_float64(result: str) -> None:
 
     import torch.distributed as dist
 
-    import distributed
+    from plumbing import distributed
 
     rank, world, _ = distributed.init_distributed()
     model, X_t, X_s = gpt2_float64()
@@ -461,6 +461,6 @@ def test_meta_set_with_k_below_two_is_refused(world, tmp_path):
 if __name__ == "__main__":
     import sys
 
-    import common
+    from plumbing import common
 
     common.run_main(lambda: _two_process_float64(sys.argv[1]))

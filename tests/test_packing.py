@@ -17,12 +17,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import data
 import meta_rm
-import packing
 import ppo
 import reward
 import sft
+from plumbing import data, packing
 
 
 def close(got, expected, rel=1e-5):

@@ -6,8 +6,7 @@ import os
 
 import pytest
 
-import pipeline
-import report
+from study import pipeline, report
 from conftest import run_command
 
 
@@ -113,7 +112,7 @@ def test_task_names_to_keys():
 # ----------------------------------------------------------------------------------------------------------------
 def test_toy_study_end_to_end_and_resume(tmp_path):
     out = tmp_path / "study"
-    cmd = ["pipeline.py", "--toy", "--seeds", "2", "--rounds", "1", "--arms", "vanilla,metarm,eta0,oracle,dpo",
+    cmd = ["-m", "study", "--toy", "--seeds", "2", "--rounds", "1", "--arms", "vanilla,metarm,eta0,oracle,dpo",
            "--eta-sweep", "0.1", "--out", str(out)]
     rc, stdout, stderr = run_command(cmd, timeout=900)
     assert rc == 0, stdout[-3000:] + stderr[-3000:]
@@ -164,12 +163,12 @@ def test_toy_study_end_to_end_and_resume(tmp_path):
 
 
 def test_toy_study_two_processes(tmp_path):
-    # `python pipeline.py --nproc 2`: every stage but the testbed under torchrun (FSDP2, gloo)
+    # `python -m study --nproc 2`: every stage but the testbed under torchrun (FSDP2, gloo)
     out = tmp_path / "study2"
-    rc, stdout, stderr = run_command(["pipeline.py", "--toy", "--seeds", "1", "--rounds", "1", "--arms",
+    rc, stdout, stderr = run_command(["-m", "study", "--toy", "--seeds", "1", "--rounds", "1", "--arms",
                                       "vanilla,metarm", "--nproc", "2", "--out", str(out)], timeout=1200)
     assert rc == 0, stdout[-3000:] + stderr[-3000:]
-    assert stdout.count("$ python testbed.py") == 1
+    assert stdout.count("$ python -m testbed") == 1
     assert stdout.count("$ torchrun --standalone --nproc_per_node=2 ") == stdout.count("\n$ ") - 1
     results = json.loads((out / "results.json").read_text())
     assert set(results["aggregate"]["policies"]) == {"vanilla", "metarm_r1"}

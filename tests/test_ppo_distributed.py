@@ -46,8 +46,8 @@ def fixed_rollouts(tok):
 def worker(folder: str, out_file: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import common
-    import distributed
+    from plumbing import common
+    from plumbing import distributed
     import ppo
     import reward
 
@@ -141,6 +141,6 @@ def test_one_ppo_update_two_processes_equals_one(tmp_path):
 
 if __name__ == "__main__":
     worker(sys.argv[1], sys.argv[2])
-    import common
+    from plumbing import common
 
     common.run_main(lambda: None)  # tears down the process group and exits cleanly under torchrun

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-import stats
+from study import stats
 
 
 def test_bootstrap_three_values_by_hand():

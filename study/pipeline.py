@@ -54,10 +54,10 @@ import threading
 import time
 from typing import Callable
 
-import common
 import dpo
-import report
-from common import Valid, arg, check, non_negative, or_sentinel, positive
+from plumbing import common
+from plumbing.common import Valid, arg, check, non_negative, or_sentinel, positive
+from study import report
 
 # Hyper-parameters of the testbed (tiny Llama, ~1M parameters, trained from random initialisation); sequences are
 # short (prompt <= 20, response <= 31 tokens), hence --max-len 64 and 32 new tokens.
@@ -213,7 +213,7 @@ def plan(args: Args, hp: dict[str, list[str]], arms: list[str], sweep: list[floa
     out = os.path.abspath(args.out)
     w = World(out, os.path.join(out, "testbed", "data"), os.path.join(out, "testbed", "base_model"),
               os.path.join(out, "sft"))
-    tasks = [Task("testbed", "testbed.py", ["--out", os.path.join(out, "testbed"), "--seed", str(args.world_seed),
+    tasks = [Task("testbed", "testbed", ["--out", os.path.join(out, "testbed"), "--seed", str(args.world_seed),
                                             "--model-size", args.model_size, *hp["testbed"]], []),
              Task("sft", "sft.py", ["--model", w.base_model, "--data", w.file("sft_train"), "--eval-prompts",
                                     w.file("eval_prompts"), "--out", w.sft, "--seed", str(args.world_seed),
@@ -314,7 +314,7 @@ def evaluation_tasks(hp: dict[str, list[str]], w: World, s: int, tasks: list[Tas
         "--ood-pairs-test", w.file("ood_pairs_test"), "--prompts", w.file("eval_prompts"),
         *(["--gap-set", f"{at(gap_set)}/meta_heldout.jsonl"] if gap_set else []), "--out", at(f"{root}/eval/rms"),
         *hp["evaluate"]], rms + ([gap_set] if gap_set else [])))
-    out.append(Task(f"{root}/best_of_n", "best_of_n.py", ["--policy", w.sft, "--rm", at(f"{root}/rm0"), "--prompts",
+    out.append(Task(f"{root}/best_of_n", "study.best_of_n", ["--policy", w.sft, "--rm", at(f"{root}/rm0"), "--prompts",
                                                           w.file("eval_prompts"), "--out", at(f"{root}/best_of_n"),
                                                           "--seed", str(s), *hp["best_of_n"]], [f"{root}/rm0"]))
     return out
@@ -337,8 +337,10 @@ def concatenate(path: str, sources: list[str]) -> Callable[[], None]:
 # ----------------------------------------------------------------------------------------------------------------
 def command(args: Args, task: Task) -> tuple[list[str], str]:
     """(the argv to run, the command as a user would type it)."""
-    script_flags = [task.script, *task.flags, *resume_flags(args, task.script)]
-    if args.nproc == 1 or task.script == "testbed.py":
+    # a stage file at the root (sft.py) runs as a script, a module of a folder (study.best_of_n) with -m
+    target = [task.script] if task.script.endswith(".py") else ["-m", task.script]
+    script_flags = [*target, *task.flags, *resume_flags(args, task.script)]
+    if args.nproc == 1 or task.script == "testbed":
         return [sys.executable, *script_flags], shlex.join(["python", *script_flags])
     launcher = ["--standalone", f"--nproc_per_node={args.nproc}"]
     return ([sys.executable, "-m", "torch.distributed.run", *launcher, *script_flags],

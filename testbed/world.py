@@ -1,55 +1,23 @@
-"""Synthetic assistant world with a hidden gold reward: the data, tokenizer and base model every stage starts from.
+"""The testbed's world generator: the data files, tokenizer and base model every stage starts from.
 
 No preference data set or pretrained 7B model can be reached from these machines, so the pipeline
 (SFT -> RM -> MetaRM -> PPO -> evaluation) runs on a small invented world instead, generated in a few seconds from a
 seed. Like the gold reward model of Gao et al. (2022, "Scaling laws for reward model over-optimization") the world
-has a **gold reward**, a pure-python function of (prompt, response). Learned models never see it: the reward model
-only sees preference LABELS drawn from it with noise (a Bradley–Terry annotator), and evaluate.py uses it as the
-judge. This makes the MetaRM paper's phenomenon measurable: a reward model trained on SFT-era pairs learns surface
-features that go with quality there (a courtesy phrase, a friendly closing line, naming the asked-about item, a
-longer sentence) and PPO pushes those features beyond the range the pairs covered, where the gold reward penalises
-them (courtesy spam, repetition, rambling).
+has a **gold reward** (`testbed/gold.py`: task families, the gold formula, the annotator), a pure-python function of
+(prompt, response). Learned models never see it: the reward model only sees preference LABELS drawn from it with
+noise (a Bradley–Terry annotator), and evaluate.py uses it as the judge. This makes the MetaRM paper's phenomenon
+measurable: a reward model trained on SFT-era pairs learns surface features that go with quality there (a courtesy
+phrase, a friendly closing line, naming the asked-about item, a longer sentence) and PPO pushes those features beyond
+the range the pairs covered, where the gold reward penalises them (courtesy spam, repetition, rambling).
 
 Texts follow HH-RLHF: prompt = "\\n\\nHuman: <question>\\n\\nAssistant:", response = " <answer>" (leading space, no
 EOS string: each stage appends the tokenizer's EOS token itself).
-
-Task families (each question has a few phrasings; `FAMILIES` below holds them all)
-  in-distribution  repeat    "Please say the word 'zorp' 3 times."           -> "zorp zorp zorp"
-                   sort      "Sort the letters d b f."                        -> "b d f"
-                   reverse   "Reverse the list: zorp, fim, blip."             -> "blip, fim, zorp"
-                   lookup    "What colour is the glimmet?"                    -> "The glimmet is blue."  (fixed table)
-                   add       "What is 3 plus 5?"                              -> "3 plus 5 is 8."
-  OOD only         count     "How many words are in 'zorp fim blip'?"         -> "There are 3 words."
-                   opposite  "What is the opposite of hot?"                   -> "The opposite of hot is cold."
-
-Gold reward = the sum of five components (`gold_components`). The response is lower-cased and split into words
-[a-z0-9]+; courtesy phrases ("Sure!", "Of course!", ...) are counted and removed first, the rest ("content words" C)
-is scored. The "best response" of a prompt is "Sure! " + the answer sentence above; `best_response(prompt)`.
-
-  component   weight                          what it measures
-  task        +2.0 * s,  s in [0, 1]          s = 1 if the correct answer's words occur in C as a contiguous run;
-                                              else 0.5 * (share of the answer's words present, as a multiset) -
-                                              partial credit for right items in the wrong order or count.
-                                              s is halved when C also holds a competing candidate answer (another
-                                              colour, number, letter, made-up word, ... not in the answer or prompt).
-  relevance   +0.5 * share                    share of the prompt's key items (the object, the operands, the word to
-                                              repeat, ...) that C mentions at least once.
-  courtesy    +0.3 if exactly one phrase;     one short courtesy phrase is pleasant; more than one is grovelling.
-              -0.3 * (n - 1) if n >= 2
-  repetition  -0.3 per excess word            excess = sum over words w of max(0, count_C(w) - allowed(w)), allowed(w)
-                                              = max(1, count of w in the best answer) - "zorp" may appear 3 times when
-                                              the task asks for 3, any word may appear once.
-  rambling    -0.1 per excess word            excess = max(0, |C| - |best answer words| - 3): three words of slack, so
-                                              "The answer is 8." or one short closing line ("Hope this helps.") is
-                                              free, a second closing line or a repeated answer is not.
-
-Best responses score 2.8; an empty response scores 0. Component weights are module constants (`W_TASK`, ...).
 
 Why the features are *spurious* for a learned RM: in the preference pairs the better responses tend to carry one
 courtesy phrase, a friendly closing line ("Hope this helps.") and a full sentence naming the item; multi-courtesy
 and repeated answers are rare. Within that range "more of it" correlates with gold; beyond it gold falls.
 
-Files written by `python testbed.py --out DIR [--seed 0]` (a few seconds):
+Files written by `python -m testbed --out DIR [--seed 0]` (a few seconds):
   DIR/data/sft_train.jsonl        {prompt, response}         demonstrations of middling quality (~60% correct)
   DIR/data/pairs_train.jsonl      {prompt, chosen, rejected} labels from a noisy Bradley–Terry annotator on gold:
   DIR/data/pairs_test.jsonl                                  P(a preferred to b) = sigmoid((gold_a - gold_b) / tau)
@@ -63,8 +31,8 @@ Files written by `python testbed.py --out DIR [--seed 0]` (a few seconds):
 Same seed -> byte-identical files (every random draw comes from a `random.Random(seed + k)`, never a global RNG).
 
 Commands:
-  python testbed.py --out runs/testbed                      # tiny model (~1.1M params), default data sizes
-  python testbed.py --out runs/testbed_m --model-size medium --seed 1
+  python -m testbed --out runs/testbed                      # tiny model (~1.1M params), default data sizes
+  python -m testbed --out runs/testbed_m --model-size medium --seed 1
 
 Deliberate choices:
   1. The world (fact table, word lists, gold reward) is fixed in code; the seed only changes which samples are drawn.
@@ -78,20 +46,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import random
-import re
 import shutil
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Callable
 
-import common
-from common import UserError, arg, at_least, check, non_negative, parse_args, positive, run_main, save_args
-from data import write_jsonl
-
+from plumbing import common
+from plumbing.common import UserError, arg, at_least, check, non_negative, parse_args, positive, run_main, save_args
+from plumbing.data import write_jsonl
+from testbed.gold import (CLOSING, COLOURS, COURTESY, FAMILIES, IN_DISTRIBUTION, LETTERS, OBJECT_COLOUR, OOD,
+                          OPPOSITE, W_TASK, WORDS, best_response, bradley_terry_label, format_prompt,
+                          gold_components, gold_reward, parse_prompt, sigmoid)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Args
@@ -126,61 +93,15 @@ class Args:
     overwrite: bool = arg(False, "replace a different testbed already in --out")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The world: word lists and tables (fixed; independent of the seed)
-# ---------------------------------------------------------------------------------------------------------------
-WORDS = ("zorp", "blip", "fim", "quax", "drell", "snib", "wug", "tove", "glim", "prax", "nork", "vell", "yimp",
-         "dax", "florb", "krat", "mip", "sprock", "tib", "zund", "grob", "lurn", "pif", "chab", "rux", "snorf",
-         "veeb", "wex", "jolp", "trun")
-LETTERS = tuple("bcdfghkmpt")  # no vowels: "a" is an English word ("Have a nice day.")
-COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "pink", "brown")
-OBJECT_COLOUR = {  # the invented fact table of the lookup family (24 objects, 3 per colour)
-    "glimmet": "blue", "wibbet": "red", "zanther": "green", "quillet": "yellow", "mossop": "purple",
-    "trindle": "orange", "pogger": "pink", "skellum": "brown", "brindle": "green", "yarrock": "blue",
-    "dibble": "yellow", "fennet": "red", "gorrow": "purple", "hubbin": "pink", "jaspin": "orange",
-    "kettock": "brown", "morrin": "red", "nibbet": "green", "orrel": "blue", "pindle": "yellow",
-    "ruckle": "purple", "sabble": "orange", "tazzle": "pink", "vorrin": "brown",
-}
-OPPOSITE = {}  # OOD family "opposite": both directions of 12 pairs
-for _a, _b in (("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"), ("light", "dark"),
-               ("happy", "sad"), ("early", "late"), ("open", "closed"), ("full", "empty"), ("hard", "soft"),
-               ("loud", "quiet"), ("wet", "dry")):
-    OPPOSITE[_a], OPPOSITE[_b] = _b, _a
-NUMBERS = frozenset(str(i) for i in range(100))
-
-# Courtesy phrases are counted (and removed) before the rest is scored; closing lines are just extra words.
-COURTESY = ("Sure!", "Of course!", "Certainly!", "Happy to help!", "Absolutely!")
-CLOSING = ("Hope this helps.", "Have a nice day.", "Thanks for asking.", "Anything else?", "Enjoy!")
-
-# Gold reward weights (module docstring has the table)
-W_TASK, W_RELEVANCE, W_COURTESY = 2.0, 0.5, 0.3
-W_REPETITION, W_RAMBLING, RAMBLING_SLACK = 0.3, 0.1, 3
-
-
-def words(text: str) -> list[str]:
-    """Normalised words: lower case, runs of [a-z0-9]; punctuation and quotes are dropped."""
-    return re.findall(r"[a-z0-9]+", text.lower())
-
-
-COURTESY_WORDS = tuple(tuple(words(c)) for c in COURTESY)
-
 
 # ---------------------------------------------------------------------------------------------------------------
-# Task families. Each question template names its parameters in braces; the same template both writes a question
-# (`str.format`) and parses one back (a regex built from it), so the two can never disagree.
+# How each family's questions and wrong answers are drawn (the questions' templates and the right answers are
+# testbed/gold.py's `FAMILIES`; a family without a `visible` error uses its `corrupt` one in both worlds)
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Family:
-    name: str
-    ood: bool
-    templates: tuple[str, ...]
+class Sampler:
     sample: Callable[[random.Random], dict]           # rng -> params (strings, as they appear in the question)
-    solve: Callable[[dict], tuple | None]              # params -> answer words, None when params are not valid
-    keys: Callable[[dict], tuple]                      # params -> key items a relevant answer mentions
-    sentence: Callable[[dict, tuple], str]             # (params, answer words) -> the answer as a full sentence
-    bare: Callable[[tuple], str]                       # answer words -> the answer alone
     corrupt: Callable[[dict, random.Random], tuple]    # (params, rng) -> a wrong answer's words ("subtle" errors)
-    domain: frozenset                                  # words that could be an answer of this family
     visible: Callable[[dict, random.Random], tuple] | None = None  # a wrong answer that shows in its words
 
 
@@ -192,11 +113,6 @@ def _shuffled_other(rng: random.Random, items: list, forbidden: list) -> list:
             return out
 
 
-def _solve_repeat(p):
-    n = int(p["n"])
-    return (p["word"],) * n if p["word"] in WORDS and 2 <= n <= 4 else None
-
-
 def _corrupt_repeat(p, rng):
     n = int(p["n"])
     if rng.random() < 0.6:
@@ -206,11 +122,6 @@ def _corrupt_repeat(p, rng):
 
 def _visible_repeat(p, rng):
     return (rng.choice([w for w in WORDS if w != p["word"]]),) * int(p["n"])  # another word, the right count
-
-
-def _solve_sort(p):
-    ls = p["letters"].split(" ")
-    return tuple(sorted(ls)) if all(c in LETTERS for c in ls) and len(set(ls)) == len(ls) >= 3 else None
 
 
 def _corrupt_sort(p, rng):
@@ -229,11 +140,6 @@ def _visible_sort(p, rng):
     return tuple(out)
 
 
-def _solve_reverse(p):
-    items = p["items"].split(", ")
-    return tuple(reversed(items)) if all(w in WORDS for w in items) and len(set(items)) == len(items) >= 3 else None
-
-
 def _corrupt_reverse(p, rng):
     items = p["items"].split(", ")
     if rng.random() < 0.5:
@@ -248,227 +154,35 @@ def _visible_reverse(p, rng):
     return tuple(out)
 
 
-def _solve_add(p):
-    a, b = int(p["a"]), int(p["b"])
-    return (str(a + b),) if 1 <= a <= 9 and 1 <= b <= 9 else None  # no 0: the sum never equals an operand
-
-
 def _corrupt_add(p, rng):
     return (str(int(p["a"]) + int(p["b"]) + rng.choice((-2, -1, 1, 2))),)
 
 
-def _solve_count(p):
-    ws = p["words"].split(" ")
-    return (str(len(ws)),) if all(w in WORDS for w in ws) and 2 <= len(ws) <= 5 else None
 
-
-FAMILIES = {f.name: f for f in (
-    Family(
-        "repeat", False, ("Please say the word '{word}' {n} times.", "Repeat '{word}' {n} times."),
-        sample=lambda rng: {"word": rng.choice(WORDS), "n": str(rng.randint(2, 4))},
-        solve=_solve_repeat, keys=lambda p: (p["word"],),
-        sentence=lambda p, ans: " ".join(ans), bare=lambda ans: " ".join(ans),
-        corrupt=_corrupt_repeat, domain=frozenset(WORDS), visible=_visible_repeat),
-    Family(
-        "sort", False, ("Sort the letters {letters}.", "Put these letters in order: {letters}."),
-        sample=lambda rng: {"letters": " ".join(rng.sample(LETTERS, rng.randint(3, 4)))},
-        solve=_solve_sort, keys=lambda p: tuple(p["letters"].split(" ")),
-        sentence=lambda p, ans: " ".join(ans), bare=lambda ans: " ".join(ans),
-        corrupt=_corrupt_sort, domain=frozenset(LETTERS), visible=_visible_sort),
-    Family(
-        "reverse", False, ("Reverse the list: {items}.", "Say these words backwards: {items}."),
-        sample=lambda rng: {"items": ", ".join(rng.sample(WORDS, 3))},
-        solve=_solve_reverse, keys=lambda p: tuple(p["items"].split(", ")),
-        sentence=lambda p, ans: ", ".join(ans), bare=lambda ans: ", ".join(ans),
-        corrupt=_corrupt_reverse, domain=frozenset(WORDS), visible=_visible_reverse),
-    Family(
-        "lookup", False, ("What colour is the {obj}?", "Tell me the colour of the {obj}."),
-        sample=lambda rng: {"obj": rng.choice(sorted(OBJECT_COLOUR))},
-        solve=lambda p: (OBJECT_COLOUR[p["obj"]],) if p["obj"] in OBJECT_COLOUR else None,
-        keys=lambda p: (p["obj"],),
-        sentence=lambda p, ans: f"The {p['obj']} is {ans[0]}.", bare=lambda ans: ans[0],
-        corrupt=lambda p, rng: (rng.choice([c for c in COLOURS if c != OBJECT_COLOUR[p["obj"]]]),),
-        domain=frozenset(COLOURS)),
-    Family(
-        "add", False, ("What is {a} plus {b}?", "Add {a} and {b}."),
-        sample=lambda rng: {"a": str(rng.randint(1, 9)), "b": str(rng.randint(1, 9))},
-        solve=_solve_add, keys=lambda p: (p["a"], p["b"]),
-        sentence=lambda p, ans: f"{p['a']} plus {p['b']} is {ans[0]}.", bare=lambda ans: ans[0],
-        corrupt=_corrupt_add, domain=NUMBERS,
-        visible=lambda p, rng: (rng.choice((p["a"], p["b"])),)),  # an operand echoed (never the sum: no 0)
-    Family(
-        "count", True, ("How many words are in '{words}'?", "Count the words in: {words}."),
-        sample=lambda rng: {"words": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 5)))},
-        solve=_solve_count, keys=lambda p: ("words",),
-        sentence=lambda p, ans: f"There are {ans[0]} words.", bare=lambda ans: ans[0],
-        corrupt=lambda p, rng: (str(len(p["words"].split(" ")) + rng.choice((-1, 1))),), domain=NUMBERS),
-    Family(
-        "opposite", True, ("What is the opposite of {word}?", "Give the opposite of the word '{word}'."),
-        sample=lambda rng: {"word": rng.choice(sorted(OPPOSITE))},
-        solve=lambda p: (OPPOSITE[p["word"]],) if p["word"] in OPPOSITE else None, keys=lambda p: (p["word"],),
-        sentence=lambda p, ans: f"The opposite of {p['word']} is {ans[0]}.", bare=lambda ans: ans[0],
-        corrupt=lambda p, rng: (rng.choice([w for w in sorted(OPPOSITE) if w not in (p["word"],
-                                                                                     OPPOSITE[p["word"]])]),),
-        domain=frozenset(OPPOSITE)),
-)}
-IN_DISTRIBUTION = tuple(n for n, f in FAMILIES.items() if not f.ood)
-OOD = tuple(n for n, f in FAMILIES.items() if f.ood)
-
-_PARAM_PATTERN = {"word": r"[a-z]+", "n": r"\d+", "letters": r"[a-z](?: [a-z])*", "items": r"[a-z]+(?:, [a-z]+)*",
-                  "obj": r"[a-z]+", "a": r"\d+", "b": r"\d+", "words": r"[a-z]+(?: [a-z]+)*"}
-_TEMPLATE_REGEX = [
-    (fam, re.compile("^" + re.sub(r"\\\{(\w+)\\\}", lambda m: f"(?P<{m.group(1)}>{_PARAM_PATTERN[m.group(1)]})",
-                                  re.escape(t)) + "$"))
-    for fam in FAMILIES.values() for t in fam.templates
-]
-_PROMPT_REGEX = re.compile(r"^\n\nHuman: (.*)\n\nAssistant:$", re.DOTALL)
-
-
-def format_prompt(question: str) -> str:
-    return f"\n\nHuman: {question}\n\nAssistant:"
-
-
-@dataclass(frozen=True)
-class Task:
-    """One parsed testbed question: everything the gold reward needs."""
-    family: str
-    params: tuple              # sorted (name, value) pairs
-    answer: tuple              # the correct answer's words, e.g. ("zorp", "zorp", "zorp")
-    keys: tuple                # key items of the prompt, e.g. ("glimmet",)
-    best_words: tuple          # words of the best answer sentence (courtesy excluded)
-
-    @property
-    def p(self) -> dict:
-        return dict(self.params)
-
-
-@lru_cache(maxsize=65536)
-def parse_prompt(prompt: str) -> Task | None:
-    """The task behind a testbed prompt, or None when `prompt` is not one (cached: prompts repeat a lot)."""
-    m = _PROMPT_REGEX.match(prompt)
-    if m is None:
-        return None
-    question = m.group(1)
-    for fam, rx in _TEMPLATE_REGEX:
-        q = rx.match(question)
-        if q is None:
-            continue
-        p = q.groupdict()
-        answer = fam.solve(p)
-        if answer is None:
-            return None
-        return Task(fam.name, tuple(sorted(p.items())), answer, fam.keys(p), tuple(words(fam.sentence(p, answer))))
-    return None
-
-
-def is_testbed_prompt(prompt: str) -> bool:
-    return parse_prompt(prompt) is not None
-
-
-def family_of(prompt: str) -> str | None:
-    task = parse_prompt(prompt)
-    return None if task is None else task.family
-
-
-def best_response(prompt: str) -> str:
-    """The gold-optimal response (one of them): one courtesy phrase + the answer sentence. Raises on a foreign
-    prompt."""
-    task = parse_prompt(prompt)
-    if task is None:
-        raise ValueError(f"not a testbed prompt: {prompt!r}")
-    return " Sure! " + FAMILIES[task.family].sentence(task.p, task.answer)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Gold reward
-# ---------------------------------------------------------------------------------------------------------------
-def _strip_courtesy(ws: list[str]) -> tuple[int, list[str]]:
-    """Count courtesy phrases (scanning left to right, longest first) and return (count, remaining words)."""
-    n, rest, i = 0, [], 0
-    while i < len(ws):
-        for phrase in COURTESY_WORDS:
-            if tuple(ws[i:i + len(phrase)]) == phrase:
-                n, i = n + 1, i + len(phrase)
-                break
-        else:
-            rest.append(ws[i])
-            i += 1
-    return n, rest
-
-
-def _contains_run(ws: list[str], run: tuple) -> bool:
-    k = len(run)
-    return any(tuple(ws[i:i + k]) == run for i in range(len(ws) - k + 1))
-
-
-def _multiset_overlap(ws: list[str], answer: tuple) -> int:
-    counts: dict[str, int] = {}
-    for w in ws:
-        counts[w] = counts.get(w, 0) + 1
-    hit = 0
-    for w in answer:
-        if counts.get(w, 0) > 0:
-            counts[w] -= 1
-            hit += 1
-    return hit
-
-
-def gold_components(prompt: str, response: str) -> dict[str, float] | None:
-    """The five components of the gold reward (module docstring); they sum to `gold_reward`. None for a prompt
-    that is not a testbed prompt."""
-    task = parse_prompt(prompt)
-    if task is None:
-        return None
-    fam = FAMILIES[task.family]
-    n_courtesy, content = _strip_courtesy(words(response))  # C: the content words
-
-    # task success s in [0, 1]: the whole answer as a contiguous run, else partial credit for its words
-    if _contains_run(content, task.answer):
-        s = 1.0
-    else:
-        s = 0.5 * _multiset_overlap(content, task.answer) / len(task.answer)
-    allowed_candidates = set(task.answer) | set(task.keys)
-    if any(w in fam.domain and w not in allowed_candidates for w in content):
-        s *= 0.5  # a competing candidate answer ("blue red") makes the answer ambiguous
-    relevance = sum(k in content for k in set(task.keys)) / len(set(task.keys))
-    courtesy = W_COURTESY if n_courtesy == 1 else -W_COURTESY * max(0, n_courtesy - 1)
-
-    best_counts: dict[str, int] = {}
-    for w in task.best_words:
-        best_counts[w] = best_counts.get(w, 0) + 1
-    counts: dict[str, int] = {}
-    for w in content:
-        counts[w] = counts.get(w, 0) + 1
-    excess_repeats = sum(max(0, c - max(1, best_counts.get(w, 0))) for w, c in counts.items())
-    excess_length = max(0, len(content) - len(task.best_words) - RAMBLING_SLACK)
-    return {"task": W_TASK * s, "relevance": W_RELEVANCE * relevance, "courtesy": courtesy,
-            "repetition": -W_REPETITION * excess_repeats, "rambling": -W_RAMBLING * excess_length}
-
-
-def gold_reward(prompt: str, response: str) -> float | None:
-    """Hidden gold reward of a response (higher is better; best responses score 2.8). None for a foreign prompt."""
-    comps = gold_components(prompt, response)
-    return None if comps is None else sum(comps.values())
-
-
-def gold_rewards(prompts: list[str], responses: list[str]) -> list[float | None]:
-    """`gold_reward` of each (prompt, response); None where the prompt is not the testbed's. The stages use it only
-    for reporting and evaluate.py as its `gold` judge; it never enters training."""
-    return [gold_reward(p, r) for p, r in zip(prompts, responses, strict=True)]
-
-
-def gold_scores(prompts: list[str], responses: list[str]) -> list[float] | None:
-    """`gold_rewards` when every prompt is the testbed's, else None (the data is not the testbed's: no report)."""
-    scores = gold_rewards(prompts, responses)
-    return None if any(s is None for s in scores) else scores
+SAMPLERS = {
+    "repeat": Sampler(lambda rng: {"word": rng.choice(WORDS), "n": str(rng.randint(2, 4))}, _corrupt_repeat,
+                      _visible_repeat),
+    "sort": Sampler(lambda rng: {"letters": " ".join(rng.sample(LETTERS, rng.randint(3, 4)))}, _corrupt_sort,
+                    _visible_sort),
+    "reverse": Sampler(lambda rng: {"items": ", ".join(rng.sample(WORDS, 3))}, _corrupt_reverse, _visible_reverse),
+    "lookup": Sampler(lambda rng: {"obj": rng.choice(sorted(OBJECT_COLOUR))},
+                      lambda p, rng: (rng.choice([c for c in COLOURS if c != OBJECT_COLOUR[p["obj"]]]),)),
+    "add": Sampler(lambda rng: {"a": str(rng.randint(1, 9)), "b": str(rng.randint(1, 9))}, _corrupt_add,
+                   lambda p, rng: (rng.choice((p["a"], p["b"])),)),  # an operand echoed (never the sum: no 0)
+    "count": Sampler(lambda rng: {"words": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 5)))},
+                     lambda p, rng: (str(len(p["words"].split(" ")) + rng.choice((-1, 1))),)),
+    "opposite": Sampler(lambda rng: {"word": rng.choice(sorted(OPPOSITE))},
+                        lambda p, rng: (rng.choice([w for w in sorted(OPPOSITE)
+                                                    if w not in (p["word"], OPPOSITE[p["word"]])]),)),
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Sampling questions and responses
 # ---------------------------------------------------------------------------------------------------------------
 def sample_prompt(rng: random.Random, families: tuple[str, ...]) -> str:
-    fam = FAMILIES[rng.choice(families)]
-    return format_prompt(rng.choice(fam.templates).format(**fam.sample(rng)))
+    name = rng.choice(families)
+    return format_prompt(rng.choice(FAMILIES[name].templates).format(**SAMPLERS[name].sample(rng)))
 
 
 @dataclass(frozen=True)
@@ -502,8 +216,8 @@ def pair_style(q: float, errors: str = "visible") -> Style:
 def sample_response(prompt: str, rng: random.Random, style: Style) -> str:
     """One response to a testbed prompt: [courtesy] answer [answer again] [closing line(s)], leading space."""
     task = parse_prompt(prompt)
-    fam, p = FAMILIES[task.family], task.p
-    wrong = fam.visible if style.errors == "visible" and fam.visible else fam.corrupt
+    fam, p, sampler = FAMILIES[task.family], task.p, SAMPLERS[task.family]
+    wrong = sampler.visible if style.errors == "visible" and sampler.visible else sampler.corrupt
     answer = task.answer if rng.random() < style.p_correct else wrong(p, rng)
     u = rng.random()
     if u < style.p_sentence:
@@ -531,9 +245,6 @@ def sample_response(prompt: str, rng: random.Random, style: Style) -> str:
     return " " + " ".join(parts)
 
 
-def sigmoid(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
-
 
 def sample_pairs(rng: random.Random, n: int, families: tuple[str, ...], tau: float,
                  exclude: set[str], errors: str = "visible") -> list[dict]:
@@ -549,34 +260,6 @@ def sample_pairs(rng: random.Random, n: int, families: tuple[str, ...], tau: flo
         pair = bradley_terry_label(prompt, a, b, tau, rng)
         if pair is not None:
             pairs.append(pair)
-    return pairs
-
-
-def bradley_terry_label(prompt: str, a: str, b: str, tau: float, rng: random.Random) -> dict | None:
-    """The testbed's annotator: {prompt, chosen, rejected} with a preferred to b with probability
-    sigmoid((gold_a - gold_b) / tau) (one draw from `rng`), or None — no draw — when the two responses are identical
-    or equally good (no preference to express). Used for the preference pairs D and for the oracle arm's fresh
-    labels, so both come from the same annotator."""
-    ga, gb = gold_reward(prompt, a), gold_reward(prompt, b)
-    if a == b or ga == gb:
-        return None
-    a_wins = rng.random() < sigmoid((ga - gb) / tau)
-    chosen, rejected = (a, b) if a_wins else (b, a)
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-
-
-def label_meta_set(items: list[dict], tau: float, seed: int) -> list[dict]:
-    """Fresh preference pairs from a meta set S {prompt, responses[k]}: every two responses of a prompt (C(k, 2)
-    pairs, in order i < j), labelled by `bradley_terry_label` with a `random.Random(seed)`; pairs without a
-    preference are left out. The oracle arm of the study: the labels MetaRM does without."""
-    rng = random.Random(seed)
-    pairs = []
-    for it in items:
-        for i in range(len(it["responses"])):
-            for j in range(i + 1, len(it["responses"])):
-                pair = bradley_terry_label(it["prompt"], it["responses"][i], it["responses"][j], tau, rng)
-                if pair is not None:
-                    pairs.append(pair)
     return pairs
 
 

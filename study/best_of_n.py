@@ -34,14 +34,11 @@ import os
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import common
-import data
-import distributed
 import reward
-import sampling
-import testbed
-from common import arg, check, in_unit_above_0, non_negative, or_sentinel, positive
-from data import CHAT_TEMPLATE_HELP, CHAT_TEMPLATE_MODES, DATA_FORMAT_HELP, DATA_FORMATS
+from plumbing import common, data, distributed, sampling
+from plumbing.common import arg, check, in_unit_above_0, non_negative, or_sentinel, positive
+from plumbing.data import CHAT_TEMPLATE_HELP, CHAT_TEMPLATE_MODES, DATA_FORMAT_HELP, DATA_FORMATS
+from testbed import gold
 
 
 @dataclasses.dataclass
@@ -95,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     distributed.check_positions(args.rm, "--max-len", args.max_len)
     prompts = data.read_prompts(args.prompts, args.data_format)
     prompts = prompts[: args.max_prompts] if args.max_prompts > 0 else prompts
-    check(testbed.gold_scores(prompts[:1], [""]) is not None,
+    check(gold.gold_scores(prompts[:1], [""]) is not None,
           f"{args.prompts}: not the testbed's prompts; best-of-n needs the gold reward to be worth running")
     common.prepare_output(args.out, args.overwrite)
     common.seed_everything(args.seed, rank)
@@ -117,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     rm.eval()
     proxy = reward.score_texts(rm, rm_tokenizer, repeated, texts, max_len=args.max_len, world=world, rank=rank,
                                batch_size=args.batch_size, bf16=args.bf16, chat_template=args.chat_template)
-    gold = torch.tensor(testbed.gold_scores(repeated, texts), dtype=torch.float64)
+    gold = torch.tensor(gold.gold_scores(repeated, texts), dtype=torch.float64)
     proxy, gold = proxy.view(len(prompts), args.samples), gold.view(len(prompts), args.samples)
 
     # ---- the curve ----

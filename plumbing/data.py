@@ -20,7 +20,7 @@ from typing import Any, Iterable
 
 import torch
 
-from common import UserError, check, print0
+from plumbing.common import UserError, check, print0
 
 
 # ---------------------------------------------------------------------------------------------------------------

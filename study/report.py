@@ -26,7 +26,7 @@ import sys
 from typing import Any
 
 import evaluate
-import stats
+from study import stats
 
 MARGIN = 0.01  # evaluate.py's default tie margin for the gold judge
 SMOOTH = 3     # points of the moving average on the held-out curves
@@ -482,7 +482,7 @@ def main(argv: list[str] | None = None) -> None:
     args = _read_json(os.path.join(out, "args.json"))
     arms = ["vanilla"] + [a for a in args["arms"].split(",") if a and a != "vanilla"]
     sweep = [float(x) for x in args.get("eta_sweep", "").split(",") if x.strip()]
-    import pipeline  # here, not at the top: pipeline.py imports this module
+    from study import pipeline  # here, not at the top: pipeline.py imports this module
     settings = {k: args.get(k) for k in ("jobs", "threads", "nproc", "model_size", "meta_order", "ood", "toy")}
     print(write(out, list(range(args["seeds"])), arms, args["rounds"], sweep, 0.0, {},
                 {**settings, "eta": pipeline.metarm_eta(args.get("eta", -1.0))}))

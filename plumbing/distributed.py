@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common import (MetricsLog, NothingToDo, UserError, check, check_finite, essential_fields, is_main,
+from plumbing.common import (MetricsLog, NothingToDo, UserError, check, check_finite, essential_fields, is_main,
                     lock_output, print0, save_args)
 
 

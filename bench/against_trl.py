@@ -5,10 +5,10 @@ TRL goes into throw-away virtualenvs (its RewardTrainer from a recent release; P
 releases, from the last one that has it — 1.12.0 ships it as trl.experimental.ppo; 1.13.0 to 1.16.0 do not):
     python3 -m venv /tmp/trl-venv-1.16.0 && /tmp/trl-venv-1.16.0/bin/pip install torch==2.13.0 trl==1.16.0
     python3 -m venv /tmp/trl-venv-1.12.0 && /tmp/trl-venv-1.12.0/bin/pip install torch==2.13.0 trl==1.12.0
-    python bench_trl.py --trl-python /tmp/trl-venv-1.16.0/bin/python --trl-ppo-python /tmp/trl-venv-1.12.0/bin/python
+    python -m bench.against_trl --trl-python /tmp/trl-venv-1.16.0/bin/python --trl-ppo-python /tmp/trl-venv-1.12.0/bin/python
 With `--before-code DIR` (a checkout of this project from before packing: `git worktree add --detach DIR 3d60a11^1`)
 ppo.py as it was then is a third PPO contender, so "before" and "after" are measured in the same run.
-The numbers go to benchmarks_trl.json; bench.py renders them in BENCHMARKS.md ("Against TRL").
+The numbers go to bench/benchmarks_trl.json; bench/stages.py renders them in BENCHMARKS.md ("Against TRL").
 
 The workload (written once under --workdir by this project's code):
   model   a 3.5M-parameter Llama (hidden 256, MLP 768, 4 layers, 8 heads, the testbed's 736-token BPE tokenizer),
@@ -39,17 +39,17 @@ import time
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The workload (this project's venv)
 # ----------------------------------------------------------------------------------------------------------------
 def make_workload(workdir: str, seed: int, n_pairs: int, max_len: int) -> dict:
-    import data
+    from plumbing import data
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    import bench
+    from bench import stages as bench
 
     folder = bench.make_testbed(workdir, "tiny", seed)
     model_dir = os.path.join(workdir, "llama3.5m")
@@ -106,9 +106,9 @@ def batch_stats(work: dict, batch: int) -> dict:
 def child_rm_ours(work: dict, a: argparse.Namespace, packed: bool) -> list[float]:
     """reward.py's inner loop, as the stage runs it: tokenise the micro-batch, (pack,) forward, Eq. (1), backward,
     clip, AdamW."""
-    import common
-    import distributed
-    import packing
+    from plumbing import common
+    from plumbing import distributed
+    from plumbing import packing
     import reward
 
     model, tok = reward.load_reward_model(work["model"], 1, torch.device("cpu"))
@@ -298,10 +298,10 @@ def run_child(python: str, name: str, dtype: str, a: argparse.Namespace, code_di
            "--threads", str(a.threads), "--warmup", str(a.warmup), "--rm-steps", str(a.rm_steps), "--batch",
            str(a.batch), "--max-len", str(a.max_len), "--ppo-iterations", str(a.ppo_iterations), "--ppo-prompts",
            str(a.ppo_prompts), "--ppo-new-tokens", str(a.ppo_new_tokens), "--code-dir", code_dir]
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "PYTHONPATH": HERE, "HF_HUB_OFFLINE": "1",
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     t0 = time.time()
-    p = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True)
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
     if p.returncode != 0 or line is None:
         raise SystemExit(f"{name} {dtype} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
@@ -319,7 +319,7 @@ def ppo_flops(model_dir: str, lengths: list[list[int]]) -> dict[str, float]:
     (bench.real_flops): experience = policy and reference (trunk + LM head at the response positions) + RM and
     critic (trunk; their heads are 1 x d); update = forward + backward (3 x) of policy and critic; generation =
     prefill + cached decode (bench.generation_flops). What the iteration costs at the matmul peak is a floor."""
-    import bench
+    from bench import stages as bench
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -340,7 +340,7 @@ def trl_version(python: str) -> str:
 
 def driver(a: argparse.Namespace) -> None:
     os.makedirs(a.workdir, exist_ok=True)
-    sys.path.insert(0, HERE)
+    sys.path.insert(0, ROOT)
     t_start = time.time()
     work = make_workload(a.workdir, a.seed, (a.warmup + a.rm_steps) * a.batch, a.max_len)
     stats = batch_stats(work, a.batch)
@@ -399,7 +399,7 @@ def main() -> None:
     p.add_argument("--ppo-prompts", type=int, default=4, help="prompts per PPO iteration (x 4 rollouts)")
     p.add_argument("--ppo-new-tokens", type=int, default=64)
     p.add_argument("--workdir", default="runs/bench_trl")
-    p.add_argument("--out-json", default="benchmarks_trl.json")
+    p.add_argument("--out-json", default="bench/benchmarks_trl.json")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--before-code", default="",
                    help="a checkout of this project from before packing (e.g. `git worktree add --detach "

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from data import pad, prompt_ids
-from distributed import reshard
+from plumbing.data import pad, prompt_ids
+from plumbing.distributed import reshard
 
 
 @torch.no_grad()

@@ -11,11 +11,11 @@ Batches are the default pipeline's (pipeline.py TESTBED): SFT 32 examples, RM n 
 k = 5, max length 64; PPO 16 prompts x 4 rollouts, 32 new tokens, 2 epochs of mini-batches of 32.
 
 Commands
-    python bench.py                                  # everything, tiny and medium, ~9 min on 2 cores
-    python bench.py --threads 1 --repeats 4          # what BENCHMARKS.md holds (a machine shared with other jobs)
-    python bench.py --parts peak,rm,meta --sizes tiny --repeats 3        # a part of it
-    python bench.py --no-world2                      # without the torchrun (2-process) sub-run
-    python bench.py --parts concurrent --merge       # two stages at once; the other numbers stay as they are
+    python -m bench.stages                                  # everything, tiny and medium, ~9 min on 2 cores
+    python -m bench.stages --threads 1 --repeats 4          # what BENCHMARKS.md holds (a machine shared with other jobs)
+    python -m bench.stages --parts peak,rm,meta --sizes tiny --repeats 3        # a part of it
+    python -m bench.stages --no-world2                      # without the torchrun (2-process) sub-run
+    python -m bench.stages --parts concurrent --merge       # two stages at once; the other numbers stay as they are
 The tables go to BENCHMARKS.md (--out-md) and the numbers to benchmarks.json (--out-json).
 
 What is measured, and how
@@ -56,16 +56,13 @@ from typing import Any, Callable
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import common
-import data
-import distributed
 import meta_rm
-import packing
 import ppo
 import reward
 import sft
-import testbed
-from common import arg, non_negative, positive
+from plumbing import common, data, distributed, packing
+from plumbing.common import arg, non_negative, positive
+from testbed import world as testbed_world
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -77,13 +74,13 @@ class Args:
                      "comma-separated parts: peak, sft, rm, meta, ppo, gen (KV cache on/off), profile (where a "
                      "medium bf16 step spends its time), world2 (torchrun, 2 processes vs 1), concurrent (two "
                      "stages at once: threads as torch's default vs as common.threads_for splits the cores)")
-    sizes: str = arg("tiny,medium", "testbed model sizes (testbed.MODEL_SIZES)")
+    sizes: str = arg("tiny,medium", "testbed model sizes (testbed_world.MODEL_SIZES)")
     dtypes: str = arg("fp32,bf16", "fp32 and/or bf16 (autocast) for every training step")
     repeats: int = arg(5, "timed repeats per measurement (median); medium uses max(2, repeats // 2)", valid=positive)
     warmup: int = arg(2, "untimed calls before timing", valid=non_negative)
     workdir: str = arg("runs/bench", "where the testbeds (data, tokenizer, random base model) are written")
-    out_md: str = arg("BENCHMARKS.md", "markdown table")
-    out_json: str = arg("benchmarks.json", "all numbers")
+    out_md: str = arg("bench/BENCHMARKS.md", "markdown table")
+    out_json: str = arg("bench/benchmarks.json", "all numbers")
     threads: int = arg(2, "torch threads of the single process (the 2-process run uses 1 per process); on a machine "
                        "shared with other jobs use 1: two threads that wait on each other are far slower there",
                        valid=positive)
@@ -205,19 +202,20 @@ def generation_flops_no_cache(s: dict[str, int], batch: int, P: int, R: int) -> 
 # ----------------------------------------------------------------------------------------------------------------
 # Data and models (from a testbed written by testbed.py)
 # ----------------------------------------------------------------------------------------------------------------
-MAX_LEN = 64  # pipeline.py TESTBED: --max-len 64
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: workers import from it
+MAX_LEN = 64  # study/pipeline.py TESTBED: --max-len 64
 
 
 def make_testbed(workdir: str, size: str, seed: int) -> str:
     folder = os.path.join(workdir, f"testbed_{size}")
     if not os.path.isfile(os.path.join(folder, "testbed.json")):
-        testbed.main(["--out", folder, "--model-size", size, "--seed", str(seed), "--overwrite"])
+        testbed_world.main(["--out", folder, "--model-size", size, "--seed", str(seed), "--overwrite"])
     return folder
 
 
 class Workload:
     """The batches of one testbed: SFT examples, preference pairs X_t, meta items X_s (k = 5 responses sampled
-    by testbed.sample_response, the lengths a policy's samples have), PPO prompts."""
+    by testbed_world.sample_response, the lengths a policy's samples have), PPO prompts."""
 
     def __init__(self, folder: str, seed: int):
         self.folder, self.base = folder, os.path.join(folder, "base_model")
@@ -228,7 +226,7 @@ class Workload:
         self.sft = [data.encode(self.tokenizer, r["prompt"], r["response"], MAX_LEN) for r in demos]
         self.pairs = rng.sample(data.read_jsonl(os.path.join(files, "pairs_train.jsonl")), 16)
         prompts = [r["prompt"] for r in data.read_jsonl(os.path.join(files, "rl_prompts.jsonl"))]
-        self.meta_items = [{"prompt": p, "responses": [testbed.sample_response(p, rng, testbed.SFT_STYLE)
+        self.meta_items = [{"prompt": p, "responses": [testbed_world.sample_response(p, rng, testbed_world.SFT_STYLE)
                                                        for _ in range(5)]} for p in rng.sample(prompts, 16)]
         self.ppo_prompts = rng.sample(prompts, 16)
 
@@ -662,7 +660,7 @@ def bench_world2(args: Args) -> dict[str, Any]:
     for size in args.sizes.split(","):
         w = Workload(make_testbed(args.workdir, size, args.seed), args.seed)
         out[size] = {"world1": world_steps(w, 1, 0, args, size)}
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc_per_node=2",
            __file__, "--worker", "world2", "--sizes", args.sizes, "--workdir", args.workdir, "--repeats",
            str(args.repeats), "--seed", str(args.seed)]
@@ -718,7 +716,7 @@ def bench_concurrent(args: Args) -> dict[str, Any]:
            str(max(args.repeats, 10)), "--warmup", str(args.warmup), "--seed", str(args.seed)]
 
     def run(threads: int, n: int) -> list[dict[str, float]]:
-        env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+        env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | {"PYTHONPATH": ROOT}
         procs = [subprocess.Popen(cmd + ["--threads", str(threads)], stdout=subprocess.PIPE, text=True, env=env)
                  for _ in range(n)]
         outs = [p.communicate()[0] for p in procs]
@@ -740,7 +738,7 @@ def bench_concurrent(args: Args) -> dict[str, Any]:
 def write_markdown(res: dict[str, Any], path: str) -> None:
     """BENCHMARKS.md: the machine, every table, and the hand-written reading kept from the file already there."""
     m = res["machine"]
-    lines = [f"# Benchmarks (bench.py, {m['date']})", "",
+    lines = [f"# Benchmarks (bench/stages.py, {m['date']})", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} (CPU), {res['threads']} threads. "
              f"Load average before / after the run: {', '.join(f'{x:.2f}' for x in m['load_before'])} / "
              f"{', '.join(f'{x:.2f}' for x in m['load_after'])} (the run's own threads are in the second; on a "
@@ -803,18 +801,18 @@ def _peak_and_step_tables(res: dict[str, Any]) -> list[str]:
     return lines
 
 
-TRL_JSON = "benchmarks_trl.json"  # written by bench_trl.py
+TRL_JSON = "bench/benchmarks_trl.json"  # written by bench/against_trl.py
 
 
 def trl_tables(path: str, peak: dict[str, Any] | None = None) -> list[str]:
-    """bench_trl.py's measurements (reward.py / ppo.py vs TRL's RewardTrainer / PPOTrainer), when present; with
+    """bench/against_trl.py's measurements (reward.py / ppo.py vs TRL's RewardTrainer / PPOTrainer), when present; with
     this run's matmul `peak`, the least time one PPO iteration's FLOPs need."""
     if not os.path.isfile(path):
         return []
     with open(path) as f:
         t = json.load(f)
     a, wl = t["args"], t["workload"]
-    lines = [f"## Against TRL (bench_trl.py, {t['date']}, {t['threads']} thread(s), {a['repeats']} alternating "
+    lines = [f"## Against TRL (bench/against_trl.py, {t['date']}, {t['threads']} thread(s), {a['repeats']} alternating "
              f"repeats, {t['wall_s']:.0f} s)", "",
              f"Same 3.5M-parameter Llama, same token ids, {t['threads']} torch thread(s); load average before / after "
              f"{t['load_before'][0]:.2f} / {t['load_after'][0]:.2f}. TRL: RewardTrainer from trl "
@@ -841,7 +839,7 @@ def trl_tables(path: str, peak: dict[str, Any] | None = None) -> list[str]:
 
 
 def ppo_floor(t: dict[str, Any], peak: dict[str, Any] | None) -> list[str]:
-    """One ppo.py iteration's FLOPs (bench_trl.ppo_flops) at the matmul peak: no implementation of the same work
+    """One ppo.py iteration's FLOPs (bench.against_trl.ppo_flops) at the matmul peak: no implementation of the same work
     on this machine is faster, so 3 x TRL is out of reach wherever this floor is above a third of TRL's time."""
     f = t.get("ppo_flops")
     if not f or not peak:
@@ -855,20 +853,20 @@ def ppo_floor(t: dict[str, Any], peak: dict[str, Any] | None) -> list[str]:
             cells.append(f"{dtype}: at least {total / peak[dtype]['flops']:.3f} s at {peak[dtype]['flops'] / 1e9:.0f} "
                          f"GFLOP/s, against TRL's {med:.3f} s (a third: {med / 3:.3f} s)")
     return [f"FLOPs of one ppo.py iteration on the rollouts of its first run ({f['rollouts']} rollouts, {f['tokens']} "
-            f"tokens; counted on real tokens, bench_trl.ppo_flops): experience {f['experience'] / 1e9:.1f}, update "
+            f"tokens; counted on real tokens, bench.against_trl.ppo_flops): experience {f['experience'] / 1e9:.1f}, update "
             f"{f['update'] / 1e9:.1f}, generation {f['generation'] / 1e9:.1f} GFLOP. At the matmul peak of the "
-            "bench.py run above — " + "; ".join(cells) + ".", ""]
+            "bench/stages.py run above — " + "; ".join(cells) + ".", ""]
 
 
 def trl_label(part: str, name: str, t: dict[str, Any]) -> str:
-    """The name of a bench_trl.py contender in the tables."""
+    """The name of a bench/against_trl.py contender in the tables."""
     before = f"ppo.py before packing ({t.get('before_commit', '?')})"
     return {"ours": "reward.py (packed)" if part == "rm" else "ppo.py", "trl": "TRL",
             "ours_padded": "reward.py padded (before)", "ours_before": before}[name]
 
 
 def ppo_parts_table(t: dict[str, Any]) -> list[str]:
-    """Each part of a PPO iteration (bench_trl.py): the median over repeats of each run's median, and its share."""
+    """Each part of a PPO iteration (bench/against_trl.py): the median over repeats of each run's median, and its share."""
     rows = [(key.split("/")[1], name, rs) for key, runs in t["runs"].items() if key.startswith("ppo/")
             for name, rs in runs.items() if all(r.get("parts") for r in rs)]
     if not rows:
