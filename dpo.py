@@ -63,14 +63,15 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import sft
-from plumbing import common, data, distributed, packing
+from plumbing import common, data, distributed, packing, sampling
 from plumbing.common import arg, check, non_negative, or_sentinel, positive
 from plumbing.data import CHAT_TEMPLATE_HELP, CHAT_TEMPLATE_MODES, DATA_FORMAT_HELP, DATA_FORMATS
 from plumbing.distributed import NOT_RESUMABLE, RESUME_HELP, SAVE_EVERY_HELP
-from testbed import gold
+from testbed.gold import gold_scores
 
 # Hyper-parameters of the testbed run (the tiny ~1M-parameter Llama after `sft.py --lr 3e-3`; 4000 training pairs,
 # prompts <= 20 and responses <= 26 tokens), chosen on the DPO arm's own behaviour only: the implicit reward's
@@ -261,8 +262,8 @@ def evaluate(policy_logps: tuple[torch.Tensor, torch.Tensor], ref_logps: tuple[t
     out = {"acc": (r_w > r_l).float().mean().item(), "margin": (r_w - r_l).mean().item(), "loss": loss.item(),
            "logratio_chosen": r_w.mean().item() / beta, "logratio_rejected": r_l.mean().item() / beta}
     prompts = [p["prompt"] for p in pairs]
-    g_w = gold.gold_scores(prompts, [p["chosen"] for p in pairs])
-    g_l = gold.gold_scores(prompts, [p["rejected"] for p in pairs])
+    g_w = gold_scores(prompts, [p["chosen"] for p in pairs])
+    g_l = gold_scores(prompts, [p["rejected"] for p in pairs])
     if g_w is not None and g_l is not None:
         # agreement with the gold ordering, over the pairs whose gold scores differ
         gold_says = torch.tensor(g_w) - torch.tensor(g_l)
@@ -312,8 +313,16 @@ def main(argv: list[str] | None = None) -> None:
                   f"{accum} accumulation x {world} processes, {threads} thread(s) each, beta {args.beta}")
 
     # ---- models and optimiser: π_θ trained, π_ref frozen; dropout off in both (choice 3) ----
-    policy = distributed.load_model(AutoModelForCausalLM, args.out if state else args.model, world, device)
-    ref = distributed.load_model(AutoModelForCausalLM, args.model, world, device)
+    def load(path: str) -> torch.nn.Module:
+        model = distributed.empty_model(AutoModelForCausalLM, path)  # the architecture on the meta device
+        if world > 1:  # FSDP2: each decoder layer is one unit (gathered for its forward, then freed), then the root
+            for layer in distributed.decoder_layers(model):
+                fully_shard(layer)
+            fully_shard(model)
+        return distributed.load_weights(model, path, world, device)  # rank 0 reads, every rank gets its shards
+
+    policy = load(args.out if state else args.model)
+    ref = load(args.model)
     policy.eval()
     ref.eval()
     ref.requires_grad_(False)
@@ -404,7 +413,9 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- what the DPO policy does: EOS rate, and gold reward on the testbed (as sft.py reports) ----
     if eval_prompts:
-        report = sft.sample_report(policy, tokenizer, args, world, rank, eval_prompts)
+        report = sampling.sample_report(policy, tokenizer, eval_prompts, max_new_tokens=args.max_new_tokens,
+                                        world=world, rank=rank, chat_template=args.chat_template,
+                                        gold=gold_scores)
         log.log(**{"final_" + k: v for k, v in report.items()})
         common.print0("dpo samples: " + ", ".join(f"{k} {v:.3f}" for k, v in report.items()))
 

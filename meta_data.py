@@ -28,12 +28,13 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from plumbing import common, data, distributed, sampling
 from plumbing.common import arg, at_least, check, in_unit_above_0, non_negative, or_sentinel, positive
 from plumbing.data import CHAT_TEMPLATE_HELP, CHAT_TEMPLATE_MODES, DATA_FORMAT_HELP, DATA_FORMATS
-from testbed import gold
+from testbed.gold import gold_scores, label_meta_set, parse_prompt
 
 
 @dataclasses.dataclass
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_prompts > 0:
         prompts = prompts[: args.max_prompts]
     check(0 <= args.heldout < len(prompts), f"--heldout {args.heldout} must be below the {len(prompts)} prompts")
-    check(not args.oracle_pairs or all(gold.parse_prompt(p) is not None for p in prompts),
+    check(not args.oracle_pairs or all(parse_prompt(p) is not None for p in prompts),
           f"--oracle-pairs: {args.prompts} holds prompts that are not the testbed's (the oracle needs its gold reward)")
     check(args.oracle_tau > 0, "--oracle-tau must be positive")
     common.prepare_output(args.out, args.overwrite)
@@ -88,7 +89,12 @@ def main(argv: list[str] | None = None) -> None:
     heldout = set(order[: args.heldout])
 
     tokenizer = AutoTokenizer.from_pretrained(args.policy)
-    model = distributed.load_model(AutoModelForCausalLM, args.policy, world, device)
+    model = distributed.empty_model(AutoModelForCausalLM, args.policy)  # the architecture on the meta device
+    if world > 1:  # FSDP2: each decoder layer is one unit (gathered for its forward, then freed), then the root
+        for layer in distributed.decoder_layers(model):
+            fully_shard(layer)
+        fully_shard(model)
+    model = distributed.load_weights(model, args.policy, world, device)  # rank 0 reads, broadcasts the shards
     model.eval()
     # each prompt repeated k times, so one generate call samples all k responses of several prompts at once
     per_call = args.batch_size // args.k
@@ -111,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         data.write_jsonl(os.path.join(args.out, "meta_heldout.jsonl"),
                          [r for i, r in enumerate(records) if i in heldout])
         if args.oracle_pairs:
-            oracle = gold.label_meta_set([r for i, r in enumerate(records) if i not in heldout], args.oracle_tau,
+            oracle = label_meta_set([r for i, r in enumerate(records) if i not in heldout], args.oracle_tau,
                                             args.seed)
             data.write_jsonl(os.path.join(args.out, "oracle_pairs.jsonl"), oracle)
             common.print0(f"wrote {len(oracle)} gold-labelled pairs to {args.out}/oracle_pairs.jsonl")
@@ -120,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         common.print0(f"wrote {len(records) - len(heldout)} train + {len(heldout)} held-out prompts x k = {args.k} "
                       f"to {args.out} ({distinct:.2f} distinct responses per prompt on average)")
         stats = {"prompts": len(records), "k": args.k, "distinct_per_prompt": distinct}
-        gold = gold.gold_scores([r["prompt"] for r in records for _ in range(args.k)],
+        gold = gold_scores([r["prompt"] for r in records for _ in range(args.k)],
                                    [s for r in records for s in r["responses"]])
         if gold is not None:
             stats["gold_mean"] = sum(gold) / len(gold)

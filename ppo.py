@@ -80,13 +80,14 @@ import os
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from torch.distributed.fsdp import fully_shard
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import reward
 from plumbing import common, data, distributed, packing, sampling
 from plumbing.common import arg, check, finite, in_unit, in_unit_above_0, non_negative, positive
 from plumbing.data import CHAT_TEMPLATE_HELP, CHAT_TEMPLATE_MODES, DATA_FORMAT_HELP, DATA_FORMATS
-from testbed import gold
+from testbed.gold import gold_scores
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -523,7 +524,7 @@ def evaluate_policy(policy, ref, rm, tokenizer, prompts: list[str], args: Args, 
                           args.temperature)  # (N,): one per response token of the micro-batch
             sums["kl"] += kl.sum().item()
             sums["score"] += rm_scores(rm, pr, args.bf16).sum().item()
-            gold = gold.gold_scores(part.prompts, response_texts(part, tokenizer))
+            gold = gold_scores(part.prompts, response_texts(part, tokenizer))
             has_gold = has_gold and gold is not None
             sums["gold"] += sum(gold) if gold is not None else 0.0
             sums["response_len"] += part.response_mask.sum().item()
@@ -560,7 +561,7 @@ def rollout_metrics(batch: Rollouts, exp: dict[str, torch.Tensor], texts: list[s
                "total_reward": exp["rewards"].sum(1).mean().item(),
                "response_len": mask.sum(1).mean().item(),
                "eos_rate": batch.ended.float().mean().item()}
-    gold = gold.gold_scores(batch.prompts, texts)             # None when the prompts are not the testbed's
+    gold = gold_scores(batch.prompts, texts)             # None when the prompts are not the testbed's
     if gold is not None:
         metrics["gold"] = sum(gold) / len(gold)
     metrics = distributed.all_reduce_mean(metrics, world)
@@ -594,7 +595,7 @@ def main(argv: list[str] | None = None) -> None:
     for flag, path in (("--sft", args.sft), ("--policy", args.policy)):
         distributed.check_checkpoint(path, flag)
         distributed.check_positions(path, "--max-new-tokens", args.max_new_tokens, reserve=1)
-    reward.check_reward_model(args.rm, "--rm")  # an SFT checkpoint here would be PPO against a random head
+    distributed.check_reward_model(args.rm, "--rm")  # an SFT checkpoint here would be PPO against a random head
     tokenizer = AutoTokenizer.from_pretrained(args.sft)
     for path in (args.policy, args.rm):
         other = AutoTokenizer.from_pretrained(path)
@@ -618,10 +619,19 @@ def main(argv: list[str] | None = None) -> None:
     common.prepare_output(args.out, args.overwrite, args.resume, state)
 
     # ---- models: policy and critic are trained; reference and RM are frozen. Dropout off everywhere (choice 7) ----
-    policy = distributed.load_model(AutoModelForCausalLM, args.out if state else args.policy, world, device)
-    ref = distributed.load_model(AutoModelForCausalLM, args.sft, world, device)
-    rm, _ = reward.load_reward_model(args.rm, world, device)
-    critic, _ = reward.load_reward_model(critic_path if state else args.rm, world, device)
+    def load(cls, path: str, **overrides) -> torch.nn.Module:
+        model = distributed.empty_model(cls, path, **overrides)  # the architecture on the meta device
+        if world > 1:  # FSDP2: each decoder layer is one unit (gathered for its forward, then freed), then the root
+            for layer in distributed.decoder_layers(model):
+                fully_shard(layer)
+            fully_shard(model)
+        return distributed.load_weights(model, path, world, device)  # rank 0 reads, every rank gets its shards
+
+    head = dict(num_labels=1, pad_token_id=tokenizer.pad_token_id)  # the RM's and the critic's one output
+    policy = load(AutoModelForCausalLM, args.out if state else args.policy)
+    ref = load(AutoModelForCausalLM, args.sft)
+    rm = load(AutoModelForSequenceClassification, args.rm, **head)
+    critic = load(AutoModelForSequenceClassification, critic_path if state else args.rm, **head)
     for model in (policy, ref, rm, critic):
         model.eval()
     ref.requires_grad_(False)

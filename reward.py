@@ -31,14 +31,15 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.func import functional_call
+from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from plumbing import common, data, distributed, packing
+from plumbing.distributed import check_reward_model, check_reward_tokenizer, load_reward_model  # TEMPORARY (evaluate.py)
 from plumbing.common import arg, check, non_negative, or_sentinel, positive
 from plumbing.data import CHAT_TEMPLATE_HELP, CHAT_TEMPLATE_MODES, DATA_FORMAT_HELP, DATA_FORMATS
 from plumbing.distributed import NOT_RESUMABLE, RESUME_HELP, SAVE_EVERY_HELP
-from testbed import gold
+from testbed.gold import gold_scores
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -97,16 +98,12 @@ def rewards(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: tor
     return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
 
 
-def packed_rewards(model: torch.nn.Module, batch: packing.Packed,
-                   params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+def packed_rewards(model: torch.nn.Module, batch: packing.Packed) -> torch.Tensor:
     """r_θ(x, y) of packed sequences (packing.Packed, S sequences) -> (S,): the head applied to the final hidden
     state at each sequence's last token (its EOS) — what `rewards` reads from the padded batch, without the padding.
-    `params`: evaluate at these parameters (and buffers) instead of the module's own (torch.func.functional_call;
-    meta_rm.meta_gradient). The head runs on S vectors only, not on every token as inside transformers' forward."""
-    if params is None:
-        return model.score(packing.hidden(model, batch)[batch.last])[:, 0]
-    call = lambda **kwargs: functional_call(model, params, args=(), kwargs=kwargs)
-    return F.linear(packing.hidden(model, batch, call)[batch.last], params["score.weight"])[:, 0]
+    The head runs on S vectors only, not on every token as inside transformers' forward. (At parameters other than
+    the module's own, through torch.func.functional_call: meta_rm.rewards_at.)"""
+    return model.score(packing.hidden(model, batch)[batch.last])[:, 0]
 
 
 def pair_sequences(tokenizer, pairs: list[dict], max_len: int,
@@ -134,59 +131,6 @@ def reward_dtype(r: torch.Tensor) -> torch.Tensor:
     """Rewards keep the model's dtype (float32, or float64 in the golden tests); only bf16 / fp16 (autocast) are
     up-cast to float32 before the losses."""
     return r.float() if r.dtype in (torch.bfloat16, torch.float16) else r
-
-
-def check_reward_model(path: str, flag: str, alternative: str = "") -> None:
-    """`path` must be a reward model, i.e. what reward.py or meta_rm.py saves: a ...ForSequenceClassification config
-    with one label (num_labels 1) and the `score` head's weight in its safetensors. A causal-LM checkpoint (SFT, a
-    PPO policy) is refused with one line: loading it as an RM would give it a random head without a word.
-    `alternative` is appended to the message (another way out, for the stage that has one)."""
-    distributed.check_checkpoint(path, flag)
-    config = distributed.model_config(path)
-    kind = ", ".join(config.get("architectures") or []) or "an unnamed architecture"
-    labels = len(config["id2label"]) if isinstance(config.get("id2label"), dict) else config.get("num_labels", 2)
-    classifier = any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or [])
-    has_head = classifier and "score.weight" in _weight_names(path)
-    what = "" if not classifier else f" with {labels} labels" if labels != 1 else "" if has_head else \
-        " without score.weight in its safetensors"
-    check(has_head and labels == 1,
-          f"{path}: {flag} must be a reward model (one score head, trained: what reward.py or meta_rm.py saves), "
-          f"but this is a {kind} checkpoint{what}; train one with reward.py --model {path}{alternative}")
-
-
-def _weight_names(path: str) -> set[str]:
-    """The tensor names stored in a model folder's safetensors (headers only; sharded folders via their index)."""
-    from safetensors import safe_open
-
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            return set(json.load(f)["weight_map"])
-    names: set[str] = set()
-    for name in os.listdir(path):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(path, name), framework="pt") as f:
-                names.update(f.keys())
-    return names
-
-
-def check_reward_tokenizer(path: str, what: str = "--model"):
-    """The checkpoint folder exists with weights, and its tokenizer has a PAD token distinct from EOS:
-    transformers reads the score at the last token that is not pad, and the score belongs on the EOS."""
-    distributed.check_checkpoint(path, what)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    check(tokenizer.eos_token_id is not None and tokenizer.pad_token_id is not None
-          and tokenizer.pad_token_id != tokenizer.eos_token_id,
-          f"{path}: the tokenizer needs a PAD token distinct from EOS (the reward is read at the EOS token)")
-    return tokenizer
-
-
-def load_reward_model(path: str, world: int, device: torch.device, **overrides):
-    """An RM (or an SFT checkpoint to start one from) as AutoModelForSequenceClassification with one output."""
-    tokenizer = check_reward_tokenizer(path, "model")
-    model = distributed.load_model(AutoModelForSequenceClassification, path, world, device, num_labels=1,
-                              pad_token_id=tokenizer.pad_token_id, **overrides)
-    return model, tokenizer
 
 
 @torch.no_grad()
@@ -226,8 +170,8 @@ def evaluate(model, tokenizer, pairs: list[dict], *, max_len: int, world: int, r
     out = {"acc": (r_w > r_l).float().mean().item(), "reward_chosen": r_w.mean().item(),
            "reward_rejected": r_l.mean().item(), "margin": (r_w - r_l).mean().item(),
            "loss": bradley_terry_loss(r_w, r_l).item()}
-    g_w = gold.gold_scores(prompts, [p["chosen"] for p in pairs])
-    g_l = gold.gold_scores(prompts, [p["rejected"] for p in pairs])
+    g_w = gold_scores(prompts, [p["chosen"] for p in pairs])
+    g_l = gold_scores(prompts, [p["rejected"] for p in pairs])
     if g_w is not None and g_l is not None:
         # agreement with the gold ordering, over the pairs whose gold scores differ
         gold_says = torch.tensor(g_w) - torch.tensor(g_l)
@@ -246,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     rank, world, device = distributed.init_distributed()
     accum = common.split_batch(args.batch_size, args.micro_batch_size, world)
     # ---- inputs: every one is checked before the output folder is created, so a mistake leaves nothing behind ----
-    check_reward_tokenizer(args.model)
+    distributed.check_reward_tokenizer(args.model)
     distributed.check_positions(args.model, "--max-len", args.max_len)
     pairs = data.read_pairs(args.train, args.data_format, args.preference)
     test_pairs = data.read_pairs(args.test, args.data_format, args.preference) if args.test else []
@@ -256,8 +200,16 @@ def main(argv: list[str] | None = None) -> None:
     common.prepare_output(args.out, args.overwrite, args.resume, state)
     common.seed_everything(args.seed, 0)  # same head initialisation on every rank (rank 0's is broadcast anyway)
 
-    # ---- model and optimiser ----
-    model, tokenizer = load_reward_model(args.out if state else args.model, world, device)
+    # ---- model: r_θ = the SFT model with a linear head on the last token; FSDP2; optimiser ----
+    path = args.out if state else args.model
+    tokenizer = distributed.check_reward_tokenizer(path)
+    model = distributed.empty_model(AutoModelForSequenceClassification, path, num_labels=1,
+                                    pad_token_id=tokenizer.pad_token_id)  # the architecture on the meta device
+    if world > 1:  # FSDP2: each decoder layer is one unit (gathered for its forward, then freed), then the root
+        for layer in distributed.decoder_layers(model):
+            fully_shard(layer)
+        fully_shard(model)
+    model = distributed.load_weights(model, path, world, device)  # rank 0 reads (a new head: seeded), broadcasts
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     log = common.MetricsLog(os.path.join(args.out, "metrics.jsonl"))

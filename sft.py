@@ -29,13 +29,14 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from plumbing import common, data, distributed, packing, sampling
 from plumbing.common import arg, check, non_negative, or_sentinel, positive
 from plumbing.data import CHAT_TEMPLATE_HELP, CHAT_TEMPLATE_MODES, DATA_FORMAT_HELP, DATA_FORMATS
 from plumbing.distributed import NOT_RESUMABLE, RESUME_HELP, SAVE_EVERY_HELP
-from testbed import gold
+from testbed.gold import gold_scores
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -167,8 +168,14 @@ def main(argv: list[str] | None = None) -> None:
                   f"{total_steps} steps of {args.batch_size} = {args.micro_batch_size} x {accum} accumulation x "
                   f"{world} processes, {threads} thread(s) each")
 
-    # ---- model and optimiser ----
-    model = distributed.load_model(AutoModelForCausalLM, args.out if state else args.model, world, device)
+    # ---- model, FSDP2 over the processes, and optimiser ----
+    path = args.out if state else args.model
+    model = distributed.empty_model(AutoModelForCausalLM, path)  # the architecture on the meta device
+    if world > 1:  # FSDP2: each decoder layer is one unit (gathered for its forward, then freed), then the root
+        for layer in distributed.decoder_layers(model):
+            fully_shard(layer)
+        fully_shard(model)
+    model = distributed.load_weights(model, path, world, device)  # rank 0 reads, every rank gets its shards
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     log = common.MetricsLog(os.path.join(args.out, "metrics.jsonl"))
@@ -234,23 +241,11 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- what the SFT model does: EOS rate, and gold reward on the testbed ----
     if eval_prompts:
-        report = sample_report(model, tokenizer, args, world, rank, eval_prompts)
+        report = sampling.sample_report(model, tokenizer, eval_prompts, max_new_tokens=args.max_new_tokens,
+                                        world=world, rank=rank, chat_template=args.chat_template,
+                                        gold=gold_scores)
         log.log(**{"final_" + k: v for k, v in report.items()})
         common.print0("sft samples: " + ", ".join(f"{k} {v:.3f}" for k, v in report.items()))
-
-
-def sample_report(model, tokenizer, args: Args, world: int, rank: int, prompts: list[str]) -> dict[str, float]:
-    """Sample responses to held-out prompts (paper's PPO sampling settings) and report the share that end with
-    EOS, their mean length and, on the testbed, their mean gold reward."""
-    model.eval()
-    texts, ended = sampling.sample_texts(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, world=world,
-                                         rank=rank, chat_template=args.chat_template)
-    report = {"eos_rate": sum(ended) / len(ended),
-              "mean_response_words": sum(len(t.split()) for t in texts) / len(texts)}
-    gold = gold.gold_scores(prompts, texts)
-    if gold is not None:
-        report["gold_reward"] = sum(gold) / len(gold)
-    return report
 
 
 if __name__ == "__main__":

@@ -111,7 +111,7 @@ def child_rm_ours(work: dict, a: argparse.Namespace, packed: bool) -> list[float
     from plumbing import packing
     import reward
 
-    model, tok = reward.load_reward_model(work["model"], 1, torch.device("cpu"))
+    model, tok = load_reward_model(reward)(work["model"], 1, torch.device("cpu"))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=5e-6, betas=(0.9, 0.95), weight_decay=0.0)
     bf16, times, pairs = a.dtype == "bf16", [], work["pairs"]
@@ -191,8 +191,8 @@ def child_ppo_ours(work: dict, a: argparse.Namespace) -> tuple[list[float], dict
     device = torch.device("cpu")
     policy = AutoModelForCausalLM.from_pretrained(work["model"], dtype=torch.float32)
     ref = AutoModelForCausalLM.from_pretrained(work["model"], dtype=torch.float32)
-    rm, tok = reward.load_reward_model(work["model"], 1, device)
-    critic, _ = reward.load_reward_model(work["model"], 1, device)
+    rm, tok = load_reward_model(reward)(work["model"], 1, device)
+    critic, _ = load_reward_model(reward)(work["model"], 1, device)
     for m in (policy, ref, rm, critic):
         m.eval()
     ref.requires_grad_(False)
@@ -273,6 +273,16 @@ def child_ppo_trl(work: dict, a: argparse.Namespace) -> tuple[list[float], dict[
     times = [b - s for s, b in zip(stamps, stamps[1:])][a.warmup:]
     gen = generation[a.warmup:]
     return times, {"generation": gen, "other": [t - g for t, g in zip(times, gen)]}, None
+
+
+def load_reward_model(reward):
+    """The RM loader of the code under test: in plumbing now; in reward.py in older checkouts
+    (--before-code)."""
+    if hasattr(reward, "load_reward_model"):
+        return reward.load_reward_model
+    from plumbing.distributed import load_reward_model as load
+
+    return load
 
 
 def child(a: argparse.Namespace) -> None:

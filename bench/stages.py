@@ -290,13 +290,17 @@ def rm_step(model, opt, batch, bf16: bool) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-def meta_step(model, opt, pairs, meta, order: int, bf16: bool, measure_adapted: bool = False) -> None:
-    """meta_rm.py's world-size-1 loop body: meta_gradient (functional_call), then clip + AdamW."""
+def meta_step(model, opt, pairs, meta, order: int, bf16: bool, measure: bool = False) -> None:
+    """meta_rm.py's world-size-1 loop body: meta_gradient (functional_call), with `measure` its mechanism
+    statistics (what --log-adapted-every logs), then clip + AdamW."""
     params = dict(model.named_parameters())
     grads, _ = meta_rm.meta_gradient(model, params, dict(model.named_buffers()), pairs, meta, 5, 0.3, order,
-                                     bf16=bf16, measure_adapted=measure_adapted)
+                                     bf16=bf16)
     for p, g in zip(params.values(), grads):
         p.grad = g
+    if measure:
+        meta_rm.mechanism_stats(model, [pairs], [meta], 5, 0.3, False, len(pairs.lengths) // 2,
+                                len(meta.lengths) // 5, bf16)
     distributed.clip_grad_norm(model, 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -357,11 +361,13 @@ def bench_training(w: Workload, size: str, args: Args, peaks: dict[str, float], 
 
 def bench_rm_meta(w: Workload, size: str, dtype: str, args: Args, pairs: dict, metas: dict, parts: set[str],
                   reps: int, warm: int, peak: float) -> list[dict]:
-    """The RM step and the meta steps (packed, and the padded RM / meta step of before), all interleaved, so that
-    every meta step's ratio to the vanilla RM step is taken within one repeat."""
+    """The RM step and the meta steps (packed, and the padded RM step of before), all interleaved, so that every
+    meta step's ratio to the vanilla RM step is taken within one repeat. (meta_rm.meta_gradient takes packed batches
+    only since the layout of issue 19; the padded meta steps of before issue 15 are BENCHMARKS.md's 2026-12-02
+    rows, no longer re-measured.)"""
     bf16, out = dtype == "bf16", []
     torch.manual_seed(args.seed)
-    model, _ = reward.load_reward_model(w.base, 1, torch.device("cpu"))
+    model, _ = distributed.load_reward_model(w.base, 1, torch.device("cpu"))
     model.train()
     opt = adamw(model)
     s = shape(model)
@@ -371,9 +377,8 @@ def bench_rm_meta(w: Workload, size: str, dtype: str, args: Args, pairs: dict, m
     if "meta" in parts:
         fns["meta1"] = lambda: meta_step(model, opt, P_t, P_s, 1, bf16)
         fns["meta1_inplace"] = lambda: meta_step_inplace(model, opt, P_t, P_s, bf16)
-        fns["meta1_padded"] = lambda: meta_step(model, opt, pairs["padded"], metas["padded"], 1, bf16)
         if size == "tiny":  # its cost is one forward of X_s; measured on tiny only to keep the run short
-            fns["meta1_log_adapted"] = lambda: meta_step(model, opt, P_t, P_s, 1, bf16, True)
+            fns["meta1_log_adapted"] = lambda: meta_step(model, opt, P_t, P_s, 1, bf16, measure=True)
     reset_peak_rss()
     t = timed(fns, warm, reps)
     rss = peak_rss_mb()
@@ -384,16 +389,14 @@ def bench_rm_meta(w: Workload, size: str, dtype: str, args: Args, pairs: dict, m
                                                      statistics.median(t["rm"])} if key == "rm" else {})))
     if "meta" not in parts:
         return out
-    for name, label, base in (("meta1_padded", "MetaRM order 1 (padded, before)", "rm_padded"),
-                              ("meta1", "MetaRM order 1 (functional)", "rm"),
+    for name, label, base in (("meta1", "MetaRM order 1 (functional)", "rm"),
                               ("meta1_inplace", "MetaRM order 1 (inplace)", "rm"),
                               ("meta1_log_adapted", "MetaRM order 1 + J(θ') log", "rm")):
         if name not in t:
             continue
-        bt, bs = (pairs["padded"], metas["padded"]) if "padded" in name else (P_t, P_s)
+        bt, bs = P_t, P_s
         ratios = [a / b for a, b in zip(t[name], t[base])]
-        speedup = {"speedup": statistics.median(t["meta1_padded"]) / statistics.median(t[name])} \
-            if name == "meta1" else {}
+        speedup = {}
         out.append(row(label, size, dtype, t[name], 3 * batch_flops(s, bs) + 3 * batch_flops(s, bt), tok_t + tok_s,
                        peak, rss, batch_tokens(bt)[1] + batch_tokens(bs)[1],
                        batch=f"{batch_shape(bt)} + {batch_shape(bs)}", ratio=statistics.median(ratios),
@@ -405,18 +408,15 @@ def bench_rm_meta(w: Workload, size: str, dtype: str, args: Args, pairs: dict, m
 def bench_order2(w: Workload, size: str, dtype: str, args: Args, pairs: dict, metas: dict, reps: int,
                  peak: float) -> list[dict]:
     """MetaRM order 2 and its vanilla reference. Order 2 needs eager attention (no double backward through the fused
-    SDPA kernels), so the reference RM step is timed on the same eager model, interleaved (packed; on tiny also the
-    padded order-2 step of before)."""
+    SDPA kernels), so the reference RM step is timed on the same eager model, interleaved (packed)."""
     bf16 = dtype == "bf16"
     torch.manual_seed(args.seed)
-    eager, _ = reward.load_reward_model(w.base, 1, torch.device("cpu"), attn_implementation="eager")
+    eager, _ = distributed.load_reward_model(w.base, 1, torch.device("cpu"), attn_implementation="eager")
     eager.train()
     opt2 = adamw(eager)
     s = shape(eager)
     P_t, P_s = pairs["packed"], metas["packed"]
     fns = {"rm": lambda: rm_step(eager, opt2, P_t, bf16), "meta2": lambda: meta_step(eager, opt2, P_t, P_s, 2, bf16)}
-    if size == "tiny":
-        fns["meta2_padded"] = lambda: meta_step(eager, opt2, pairs["padded"], metas["padded"], 2, bf16)
     reset_peak_rss()
     t2 = timed(fns, 1, max(2, reps - 1) if size == "tiny" else 1)
     rss2 = peak_rss_mb()
@@ -424,9 +424,7 @@ def bench_order2(w: Workload, size: str, dtype: str, args: Args, pairs: dict, me
     tok = P_t.real_tokens + P_s.real_tokens
     out = [row("RM (eager attention)", size, dtype, t2["rm"], 3 * batch_flops(s, P_t), P_t.real_tokens, peak, rss2,
                P_t.computed_tokens, batch=batch_shape(P_t))]
-    for name, label, (bt, bs) in (("meta2_padded", "MetaRM order 2 (eager, padded, before)",
-                                   (pairs["padded"], metas["padded"])),
-                                  ("meta2", "MetaRM order 2 (eager)", (P_t, P_s))):
+    for name, label, (bt, bs) in (("meta2", "MetaRM order 2 (eager)", (P_t, P_s)),):
         if name not in t2:
             continue
         ratios = [a / b for a, b in zip(t2[name], t2["rm"])]
@@ -478,8 +476,8 @@ def bench_ppo(w: Workload, size: str, args: Args, peaks: dict[str, float]) -> tu
         torch.manual_seed(args.seed)
         policy = AutoModelForCausalLM.from_pretrained(w.base, dtype=torch.float32)
         ref = AutoModelForCausalLM.from_pretrained(w.base, dtype=torch.float32)
-        rm, _ = reward.load_reward_model(w.base, 1, device)
-        critic, _ = reward.load_reward_model(w.base, 1, device)
+        rm, _ = distributed.load_reward_model(w.base, 1, device)
+        critic, _ = distributed.load_reward_model(w.base, 1, device)
         for m in (policy, ref, rm, critic):
             m.eval()
         ref.requires_grad_(False)
@@ -587,7 +585,7 @@ def bench_profile(w: Workload, args: Args) -> dict[str, Any]:
     for stage in ("RM", "SFT"):
         torch.manual_seed(args.seed)
         if stage == "RM":
-            model, _ = reward.load_reward_model(size_w.base, 1, torch.device("cpu"))
+            model, _ = distributed.load_reward_model(size_w.base, 1, torch.device("cpu"))
             batch = size_w.pair_batch()
             step = lambda: rm_step(model, opt, batch, True)
         else:
@@ -630,7 +628,7 @@ def world_steps(w: Workload, world: int, rank: int, args: Args, size: str) -> di
     pair_ids, meta_ids = w.pair_batch(half(16)), w.meta_batch(half(16))
     torch.manual_seed(args.seed)
     lm = distributed.load_model(AutoModelForCausalLM, w.base, world, device)
-    rm, _ = reward.load_reward_model(w.base, world, device)
+    rm, _ = distributed.load_reward_model(w.base, world, device)
     lm.train()
     rm.train()
     o1, o2 = adamw(lm), adamw(rm)
@@ -693,7 +691,7 @@ def concurrent_worker(args: Args) -> None:
     w = Workload(make_testbed(args.workdir, "tiny", args.seed), args.seed)
     torch.manual_seed(args.seed)
     lm = AutoModelForCausalLM.from_pretrained(w.base, dtype=torch.float32)
-    rm, _ = reward.load_reward_model(w.base, 1, torch.device("cpu"))
+    rm, _ = distributed.load_reward_model(w.base, 1, torch.device("cpu"))
     lm.train()
     rm.train()
     o1, o2 = adamw(lm), adamw(rm)

@@ -4,8 +4,10 @@ Nothing in here is part of the method. What each part answers:
 
 - `init_distributed`  how a stage finds out whether it runs alone or under torchrun (gloo on CPU, nccl on CUDA)
 - `all_reduce_mean`, `all_reduce_sum`, `clip_grad_norm`, `global_norm`: numbers over all processes
-- `load_model`, `shard`  Hugging Face `save_pretrained` folders in, FSDP2 (`fully_shard` per decoder layer, then the
-                 root) when world size > 1; rank 0 reads the weights and broadcasts them (docs/design.md §9)
+- `empty_model`, `load_weights`  a Hugging Face `save_pretrained` folder in: its architecture on the meta device,
+                 which the stage shards (FSDP2: `fully_shard` per decoder layer, then the root, written out in
+                 each stage) or not, then its weights: rank 0 reads them and broadcasts (docs/design.md §9);
+                 `load_model` = the three in one call, for tests and benchmarks
 - `check_checkpoint`, `check_positions`  a model folder is complete, and --max-len fits its position embeddings
 - `save_model`   a crash-safe checkpoint out (written under FOLDER.tmp, then renamed into place), loadable with
                  transformers alone; a full disk is one line and leaves the previous checkpoint as it was
@@ -135,8 +137,55 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
+def empty_model(cls: Any, path: str, **overrides: Any) -> torch.nn.Module:
+    """The architecture of the `save_pretrained` folder `path` as `cls` (AutoModelForCausalLM,
+    AutoModelForSequenceClassification, ...) on the meta device: its shape, no memory, no weights
+    yet. A stage shards it (FSDP2: `fully_shard` per decoder layer, then the root) or not, then
+    fills it with `load_weights`. `overrides` go to the config (num_labels=1, pad_token_id,
+    attn_implementation="eager")."""
+    check_checkpoint(path)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, **{k: v for k, v in overrides.items()
+                                                 if k != "attn_implementation"})
+    if "attn_implementation" in overrides:
+        config._attn_implementation = overrides["attn_implementation"]
+    with torch.device("meta"):
+        return cls.from_config(config, dtype=torch.float32)
+
+
+def load_weights(model: torch.nn.Module, path: str, world: int,
+                 device: torch.device) -> torch.nn.Module:
+    """`empty_model`'s result filled with the weights in `path`; returns the model to use.
+
+    One process: the model `from_pretrained` reads (the empty one was only its shape). FSDP2 (world
+    size > 1): every rank allocates only its shards (`to_empty`); rank 0 alone reads the folder and
+    broadcasts them (`broadcast_from_rank0`), so a 7B model is never held in full by more than one
+    process. A head the folder lacks (an RM started from an SFT checkpoint) is initialised by
+    `from_pretrained` under the current seed, on rank 0, and broadcast like the rest. Buffers that
+    are not saved (Llama's rotary `inv_freq`) are garbage after `to_empty`, so rank 0 broadcasts
+    those too (docs/design.md §9)."""
+    cls, config = _unwrapped_class(model), model.config  # config: with empty_model's overrides
+    if world == 1:
+        return cls.from_pretrained(path, config=config, dtype=torch.float32).to(device)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model.to_empty(device=device)
+    full = cls.from_pretrained(path, config=config, dtype=torch.float32) if dist.get_rank() == 0 else None
+    set_model_state_dict(model, full.state_dict() if full is not None else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    full_buffers = dict(full.named_buffers()) if full is not None else {}
+    for name, buf in model.named_buffers():
+        if full is not None:
+            buf.copy_(full_buffers[name])
+        dist.broadcast(buf, src=0)
+    del full
+    return model
+
+
 def shard(model: torch.nn.Module, world: int) -> torch.nn.Module:
-    """FSDP2: `fully_shard` every decoder layer, then the root. At world size 1 the model stays a plain module."""
+    """FSDP2 as every stage writes it out where it builds a model: `fully_shard` each decoder layer,
+    then the root; one process keeps a plain module. For tests and benchmarks (`load_model`)."""
     if world == 1:
         return model
     from torch.distributed.fsdp import fully_shard
@@ -147,39 +196,68 @@ def shard(model: torch.nn.Module, world: int) -> torch.nn.Module:
     return model
 
 
-def load_model(cls: Any, path: str, world: int, device: torch.device, **overrides: Any) -> torch.nn.Module:
-    """Load a `save_pretrained` folder as `cls` (AutoModelForCausalLM, AutoModelForSequenceClassification, ...).
+def load_model(cls: Any, path: str, world: int, device: torch.device,
+               **overrides: Any) -> torch.nn.Module:
+    """`empty_model`, `shard`, `load_weights` in one call (tests, benchmarks, the study's tools)."""
+    return load_weights(shard(empty_model(cls, path, **overrides), world), path, world, device)
 
-    World size 1: plain `from_pretrained`. World size > 1 (FSDP2): every rank builds the model on the meta device
-    (no memory), shards it and allocates only its shard; rank 0 alone reads the weights from disk and broadcasts
-    them (`broadcast_from_rank0`), so a 7B model is never held in full by more than one process. Buffers that are
-    not saved (Llama's rotary `inv_freq`) are garbage after `to_empty`, so rank 0 broadcasts those too.
-    `overrides` go to the config (e.g. num_labels=1, attn_implementation="eager").
-    """
-    check_checkpoint(path)
-    from transformers import AutoConfig
 
-    if world == 1:
-        return cls.from_pretrained(path, dtype=torch.float32, **overrides).to(device)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+def check_reward_model(path: str, flag: str, alternative: str = "") -> None:
+    """`path` must be a reward model, i.e. what reward.py or meta_rm.py saves: a ...ForSequenceClassification config
+    with one label (num_labels 1) and the `score` head's weight in its safetensors. A causal-LM checkpoint (SFT, a
+    PPO policy) is refused with one line: loading it as an RM would give it a random head without a word.
+    `alternative` is appended to the message (another way out, for the stage that has one)."""
+    check_checkpoint(path, flag)
+    config = model_config(path)
+    kind = ", ".join(config.get("architectures") or []) or "an unnamed architecture"
+    labels = len(config["id2label"]) if isinstance(config.get("id2label"), dict) else config.get("num_labels", 2)
+    classifier = any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or [])
+    has_head = classifier and "score.weight" in _weight_names(path)
+    what = "" if not classifier else f" with {labels} labels" if labels != 1 else "" if has_head else \
+        " without score.weight in its safetensors"
+    check(has_head and labels == 1,
+          f"{path}: {flag} must be a reward model (one score head, trained: what reward.py or meta_rm.py saves), "
+          f"but this is a {kind} checkpoint{what}; train one with reward.py --model {path}{alternative}")
 
-    config = AutoConfig.from_pretrained(path, **{k: v for k, v in overrides.items() if k != "attn_implementation"})
-    if "attn_implementation" in overrides:
-        config._attn_implementation = overrides["attn_implementation"]
-    with torch.device("meta"):
-        model = cls.from_config(config, dtype=torch.float32)
-    shard(model, world)
-    model.to_empty(device=device)
-    full = cls.from_pretrained(path, dtype=torch.float32, **overrides) if dist.get_rank() == 0 else None
-    set_model_state_dict(model, full.state_dict() if full is not None else {},
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    full_buffers = dict(full.named_buffers()) if full is not None else {}
-    for name, buf in model.named_buffers():
-        if full is not None:
-            buf.copy_(full_buffers[name])
-        dist.broadcast(buf, src=0)
-    del full
-    return model
+
+def _weight_names(path: str) -> set[str]:
+    """The tensor names stored in a model folder's safetensors (headers only; sharded folders via their index)."""
+    from safetensors import safe_open
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return set(json.load(f)["weight_map"])
+    names: set[str] = set()
+    for name in os.listdir(path):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(path, name), framework="pt") as f:
+                names.update(f.keys())
+    return names
+
+
+def check_reward_tokenizer(path: str, what: str = "--model"):
+    """The checkpoint folder exists with weights, and its tokenizer has a PAD token distinct from EOS:
+    transformers reads the score at the last token that is not pad, and the score belongs on the EOS."""
+    check_checkpoint(path, what)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    check(tokenizer.eos_token_id is not None and tokenizer.pad_token_id is not None
+          and tokenizer.pad_token_id != tokenizer.eos_token_id,
+          f"{path}: the tokenizer needs a PAD token distinct from EOS (the reward is read at the EOS token)")
+    return tokenizer
+
+
+def load_reward_model(path: str, world: int, device: torch.device, **overrides):
+    """An RM (or an SFT checkpoint to start one from) as AutoModelForSequenceClassification with one
+    output, and its tokenizer (`load_model`: for tests and benchmarks; the stages write it out)."""
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer = check_reward_tokenizer(path, "model")
+    model = load_model(AutoModelForSequenceClassification, path, world, device, num_labels=1,
+                       pad_token_id=tokenizer.pad_token_id, **overrides)
+    return model, tokenizer
 
 
 def full_state_dict(model: torch.nn.Module, world: int) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ policy samples after the same ids the reward model later reads.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -80,3 +80,20 @@ def sample_texts(model: torch.nn.Module, tokenizer: Any, prompts: list[str], *, 
         texts = [gathered[i % world][0][i // world] for i in range(len(padded))]
         ended = [gathered[i % world][1][i // world] for i in range(len(padded))]
     return texts[:n], ended[:n]
+
+
+def sample_report(model: torch.nn.Module, tokenizer: Any, prompts: list[str], *, max_new_tokens: int,
+                  world: int, rank: int, chat_template: str = "auto",
+                  gold: Callable[[list[str], list[str]], list[float] | None] | None = None) -> dict[str, float]:
+    """What a trained policy answers (sft.py, dpo.py after training): one sampled response per held-out prompt
+    (PPO's sampling settings) -> the share that end with EOS, their mean length in words and, when `gold`
+    scores them (the testbed's gold_scores; None for other prompts), their mean gold reward."""
+    model.eval()
+    texts, ended = sample_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, world=world,
+                                rank=rank, chat_template=chat_template)
+    report = {"eos_rate": sum(ended) / len(ended),
+              "mean_response_words": sum(len(t.split()) for t in texts) / len(texts)}
+    scores = gold(prompts, texts) if gold is not None else None
+    if scores is not None:
+        report["gold_reward"] = sum(scores) / len(scores)
+    return report

@@ -38,7 +38,7 @@ import reward
 from plumbing import common, data, distributed, sampling
 from plumbing.common import arg, check, in_unit_above_0, non_negative, or_sentinel, positive
 from plumbing.data import CHAT_TEMPLATE_HELP, CHAT_TEMPLATE_MODES, DATA_FORMAT_HELP, DATA_FORMATS
-from testbed import gold
+from testbed.gold import gold_scores
 
 
 @dataclasses.dataclass
@@ -87,12 +87,12 @@ def main(argv: list[str] | None = None) -> None:
     rank, world, device = distributed.init_distributed()
     distributed.check_checkpoint(args.policy, "--policy")
     distributed.check_positions(args.policy, "--max-new-tokens", args.max_new_tokens, reserve=1)
-    reward.check_reward_model(args.rm, "--rm")  # a causal LM would pick with a random head
-    reward.check_reward_tokenizer(args.rm, "--rm")
+    distributed.check_reward_model(args.rm, "--rm")  # a causal LM would pick with a random head
+    distributed.check_reward_tokenizer(args.rm, "--rm")
     distributed.check_positions(args.rm, "--max-len", args.max_len)
     prompts = data.read_prompts(args.prompts, args.data_format)
     prompts = prompts[: args.max_prompts] if args.max_prompts > 0 else prompts
-    check(gold.gold_scores(prompts[:1], [""]) is not None,
+    check(gold_scores(prompts[:1], [""]) is not None,
           f"{args.prompts}: not the testbed's prompts; best-of-n needs the gold reward to be worth running")
     common.prepare_output(args.out, args.overwrite)
     common.seed_everything(args.seed, rank)
@@ -110,11 +110,11 @@ def main(argv: list[str] | None = None) -> None:
     del policy
 
     # ---- proxy and gold rewards of every sample ----
-    rm, rm_tokenizer = reward.load_reward_model(args.rm, world, device)
+    rm, rm_tokenizer = distributed.load_reward_model(args.rm, world, device)
     rm.eval()
     proxy = reward.score_texts(rm, rm_tokenizer, repeated, texts, max_len=args.max_len, world=world, rank=rank,
                                batch_size=args.batch_size, bf16=args.bf16, chat_template=args.chat_template)
-    gold = torch.tensor(gold.gold_scores(repeated, texts), dtype=torch.float64)
+    gold = torch.tensor(gold_scores(repeated, texts), dtype=torch.float64)
     proxy, gold = proxy.view(len(prompts), args.samples), gold.view(len(prompts), args.samples)
 
     # ---- the curve ----

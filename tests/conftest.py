@@ -105,7 +105,7 @@ def world(tmp_path_factory) -> World:
 def rm_checkpoint(world, tmp_path_factory) -> str:
     """A reward-model folder as reward.py saves one (LlamaForSequenceClassification, one label, score weight in the
     safetensors): the world's base model with a head drawn under seed 0, untrained. The stages refuse a causal LM
-    where they need an RM (reward.check_reward_model), so tests that only need some RM use this."""
+    where they need an RM (distributed.check_reward_model), so tests that only need some RM use this."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     path = str(tmp_path_factory.mktemp("rm_checkpoint"))

@@ -56,8 +56,8 @@ def worker(folder: str, out_file: str) -> None:
     tok = AutoTokenizer.from_pretrained(os.path.join(folder, "sft"))
     policy = distributed.load_model(AutoModelForCausalLM, os.path.join(folder, "sft"), world, device)
     ref = distributed.load_model(AutoModelForCausalLM, os.path.join(folder, "sft"), world, device)
-    rm, _ = reward.load_reward_model(os.path.join(folder, "rm"), world, device)
-    critic, _ = reward.load_reward_model(os.path.join(folder, "rm"), world, device)
+    rm, _ = distributed.load_reward_model(os.path.join(folder, "rm"), world, device)
+    critic, _ = distributed.load_reward_model(os.path.join(folder, "rm"), world, device)
     for m in (policy, ref, rm, critic):
         m.eval()
     args = ppo.Args(mini_batch_size=8, micro_batch_size=2, ppo_epochs=2, policy_lr=1e-3, critic_lr=1e-3,
