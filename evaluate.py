@@ -72,15 +72,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import http.client
 import json
 import math
 import os
 import random
 import re
-import time
-import urllib.error
-import urllib.request
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -90,9 +86,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import meta_rm
 import reward
-from plumbing import common, data, distributed, sampling
+from plumbing import common, data, distributed, judge_client, sampling
 from plumbing.common import arg, at_least, check, in_unit, in_unit_above_0, non_negative, or_sentinel, positive
 from plumbing.data import CHAT_TEMPLATE_HELP, CHAT_TEMPLATE_MODES, DATA_FORMAT_HELP, DATA_FORMATS
+from plumbing.figures import markdown_table, plot_curves, plot_gap_histograms, plot_win_tie_lose
 from testbed import gold
 
 
@@ -227,86 +224,15 @@ def parse_verdict(text: str | None) -> str | None:
     return found.pop() if len(found) == 1 else None
 
 
-def chat_completion(messages: list[dict], *, url: str, model: str, api_key: str | None, timeout: float,
-                    retries: int, backoff: float, max_tokens: int = 512, deadline: float | None = None,
-                    retry_network: bool = True) -> tuple[str | None, str | None]:
-    """POST one chat-completions request (standard library only) -> (answer text, None) or (None, reason).
-
-    The request carries `max_tokens` (the answer's length is bounded) and temperature 0. Retried (choice 3): HTTP
-    5xx and 429, and (with `retry_network`) time-outs and connection errors; before retry i (1, 2, ...) it waits
-    backoff x 2^(i−1) s. Not retried: other HTTP errors (the request is wrong), a reply that is not HTTP or is cut
-    short (http.client's BadStatusLine, IncompleteRead, ...) and a body that is not a chat completion. `deadline`
-    (time.monotonic()) bounds the whole call: no wait or time-out runs past it. Never raises for a network or server
-    problem: the caller counts the prompt as invalid, with the reason. A reason that starts with "connection" or
-    "timed out" is a network failure (`NETWORK_FAILURES`).
-    """
-    body = json.dumps({"model": model, "messages": messages, "temperature": 0, "max_tokens": max_tokens}).encode()
-    headers = {"Content-Type": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    reason = "no attempt"
-    for attempt in range(retries + 1):
-        if attempt > 0:
-            wait = backoff * 2 ** (attempt - 1)
-            if deadline is not None and time.monotonic() + wait >= deadline:
-                return None, f"{reason} (the time budget ran out after {attempt} attempts)"
-            time.sleep(wait)
-        left = timeout if deadline is None else min(timeout, deadline - time.monotonic())
-        if left <= 0:
-            return None, f"{reason} (the time budget ran out after {attempt} attempts)"
-        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=left) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as e:  # the server answered with an error status
-            reason = f"HTTP {e.code}"
-            if e.code == 429 or e.code >= 500:
-                continue
-            return None, reason
-        except (urllib.error.URLError, OSError) as e:  # TimeoutError is an OSError; a connect time-out a URLError
-            cause = getattr(e, "reason", e)
-            reason = (f"timed out after {left:.3g} s" if isinstance(cause, TimeoutError) else
-                      f"connection: {' '.join(str(cause).split()) or type(cause).__name__}")
-            if not retry_network:
-                return None, reason
-            continue
-        except http.client.HTTPException as e:  # not HTTP at all (BadStatusLine), or a body cut short
-            return None, f"malformed HTTP reply ({type(e).__name__}: {' '.join(str(e).split())[:80]})"
-        try:
-            content = json.loads(raw)["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError):
-            return None, f"unreadable response body: {raw[:80]!r}"
-        if not isinstance(content, str):
-            return None, f"unreadable response body: content is {type(content).__name__}"
-        return content, None
-    return None, f"{reason} (after {retries + 1} attempts)"
-
-
-NETWORK_FAILURES = ("connection", "timed out")
-
-
-def preflight(args: Args, api_key: str | None) -> None:
-    """One short request before anything else (--llm-preflight-timeout s, no retry for a network failure): an
-    endpoint that refuses the connection, an unknown host, a first request that times out, an HTTP error or a
-    reply that is not a chat completion stop the run with one line naming the endpoint, within seconds instead
-    of after every request's retries. An answer without a verdict tag only gets a note."""
-    answer, reason = chat_completion(
-        [{"role": "user", "content": "This is a connection check. Reply with exactly: [[C]]"}], url=args.llm_url,
-        model=args.llm_model, api_key=api_key, timeout=args.llm_preflight_timeout, retries=args.llm_retries,
-        backoff=args.llm_backoff, max_tokens=16, deadline=time.monotonic() + 4 * args.llm_preflight_timeout,
-        retry_network=False)
-    check(answer is not None, f"--llm-url {args.llm_url}: the judge endpoint failed its first request ({reason}); "
-                              "nothing was judged (check the URL, --llm-model and $" + args.llm_api_key_env + ")")
-    if parse_verdict(answer) is None:
-        common.print0(f"note: the judge's answer to the connection check holds no [[A]]/[[B]]/[[C]] verdict: "
-                      f"{' '.join(answer.split())[:120]!r}")
+# the connection check (`check_endpoint`): one short request before anything else
+CONNECTION_CHECK = [{"role": "user", "content": "This is a connection check. Reply with exactly: [[C]]"}]
 
 
 def judge_llm(prompts: Sequence[str], responses_a: Sequence[str], responses_b: Sequence[str],
               ask: Callable[[list[dict]], tuple[str | None, str | None]], *, both_orders: bool,
               seed: int, on_judgment: Callable[[int, dict], None] = lambda i, j: None) -> list[dict]:
-    """The llm judge (choice 3). `ask(messages) -> (answer, failure reason)` is `chat_completion` with its endpoint
-    bound (or a stub in tests). Per prompt a seeded coin decides whether A is shown first; with `both_orders` the
+    """The llm judge (choice 3). `ask(messages) -> (answer, failure reason)` is `JudgeClient.ask` of
+    plumbing/judge_client.py (or a stub in tests). Per prompt a seeded coin decides whether A is shown first; with `both_orders` the
     judge also sees the other order, and two different outcomes count as a tie. `on_judgment(i, judgment)` is
     called as soon as prompt i is judged (compare_policies writes it to judgments.jsonl then)."""
     order = random.Random(seed)
@@ -461,78 +387,8 @@ def diversity(texts: Sequence[str]) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Figures (matplotlib, Agg backend: files only, no display). Public so the rounds pipeline can draw its own.
+# Curves from training logs (Fig. 4 over steps, PPO's rewards)
 # ----------------------------------------------------------------------------------------------------------------
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # imported lazily: importing evaluate.py must not pick a backend for the caller
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_win_tie_lose(table: dict[str, dict[str, float]], path: str, title: str = "win / tie / lose") -> None:
-    """Horizontal stacked bars of win / tie / lose percentages, one row per comparison (e.g. "round 2 vs SFT"),
-    `table[row]` as returned by `win_tie_lose`."""
-    plt = _pyplot()
-    rows = list(table)
-    fig, ax = plt.subplots(figsize=(7, 0.6 * len(rows) + 1.4))
-    left = np.zeros(len(rows))
-    for key, colour in (("win", "#4c9a5f"), ("tie", "#b0b0b0"), ("lose", "#c8553d")):
-        widths = np.array([table[r][f"{key}_pct"] or 0.0 for r in rows])  # None: no valid judgment
-        ax.barh(rows, widths, left=left, color=colour, label=key)
-        for y, (x0, w) in enumerate(zip(left, widths)):
-            if w >= 6:
-                ax.text(x0 + w / 2, y, f"{w:.0f}", ha="center", va="center", fontsize=9)
-        left += widths
-    ax.set_xlim(0, 100)
-    ax.invert_yaxis()  # first row on top, as in a table
-    ax.set_xlabel("% of valid judgments")
-    ax.set_title(title)
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_gap_histograms(gaps_by_name: dict[str, Sequence[float] | torch.Tensor], path: str, bins: int = 20,
-                        title: str = "reward gaps |r(x,s_i) − r(x,s_j)|, min-max normalised per RM") -> None:
-    """Fig. 5: histograms of normalised reward gaps (values in [0, 1]) of several RMs, bars side by side per bin,
-    heights = fraction of that RM's gaps."""
-    plt = _pyplot()
-    names = list(gaps_by_name)
-    data = [np.asarray(gaps_by_name[n], dtype=float) for n in names]
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    ax.hist(data, bins=bins, range=(0.0, 1.0), weights=[np.full(len(d), 1 / max(len(d), 1)) for d in data],
-            label=names)
-    ax.set_xlabel("normalised reward gap")
-    ax.set_ylabel("fraction of pairs")
-    ax.set_title(title, fontsize=10)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_curves(panels: dict[str, dict[str, tuple[Sequence, Sequence[float]]]], path: str, xlabel: str) -> None:
-    """One subplot per panel title; in each, one line per name from (xs, ys). xs may be strings (checkpoint names,
-    drawn as categories in the given order)."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
-    for ax, (title, lines) in zip(axes[0], panels.items()):
-        for name, (xs, ys) in lines.items():
-            ax.plot(list(xs), list(ys), marker="o" if len(xs) <= 20 else None, markersize=3, label=name)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel(xlabel)
-        ax.grid(alpha=0.3)
-        if lines:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def metric_curve(records: list[dict], x_key: str, y_key: str) -> tuple[list, list[float]]:
     """(xs, ys) from the lines of a metrics.jsonl that hold both keys (eval lines, iteration lines, ...)."""
     rows = [r for r in records if x_key in r and y_key in r]
@@ -643,16 +499,21 @@ def validate(args: Args) -> dict[str, Any]:
 
 
 def check_endpoint(args: Args) -> None:
-    """Rank 0 runs the `preflight` request (unless --llm-preflight-timeout 0) and says whether the endpoint answers;
-    every rank then raises the same one-line error, or none."""
+    """Rank 0 sends the connection check (`JudgeClient.preflight`, unless --llm-preflight-timeout 0) and says
+    whether the endpoint answers; every rank then raises the same one-line error, or none. An answer without a
+    verdict tag only gets a note."""
     failure = None
     if common.is_main():
-        api_key = os.environ.get(args.llm_api_key_env) or None
-        if api_key is None:
+        client = judge_endpoint(args)
+        if client.api_key is None:
             common.print0(f"note: ${args.llm_api_key_env} is not set; requests go without Authorization")
         try:
             if args.llm_preflight_timeout > 0:
-                preflight(args, api_key)
+                answer = client.preflight(CONNECTION_CHECK, timeout=args.llm_preflight_timeout,
+                                          key_env=args.llm_api_key_env)
+                if parse_verdict(answer) is None:
+                    common.print0(f"note: the judge's answer to the connection check holds no [[A]]/[[B]]/[[C]] "
+                                  f"verdict: {' '.join(answer.split())[:120]!r}")
         except common.UserError as e:
             failure = str(e)
     if dist.is_initialized():
@@ -767,6 +628,15 @@ def too_many_invalid(entry: dict[str, Any], max_invalid: float) -> str | None:
             f"{top}; the win / tie / lose table is not a result (see judgments.jsonl)")
 
 
+def judge_endpoint(args: Args) -> judge_client.JudgeClient:
+    """The endpoint of --llm-url with this run's --llm-* settings and the key from $--llm-api-key-env (unset: no
+    Authorization header); its --llm-budget starts now."""
+    return judge_client.JudgeClient(
+        url=args.llm_url, model=args.llm_model, api_key=os.environ.get(args.llm_api_key_env) or None,
+        timeout=args.llm_timeout, retries=args.llm_retries, backoff=args.llm_backoff,
+        max_tokens=args.llm_max_tokens, budget=args.llm_budget)
+
+
 def judge(args: Args, prompts: list[str], responses_a: list[str], responses_b: list[str], world: int, rank: int,
           device: torch.device) -> list[dict]:
     """One judgment per prompt from --judge: the gold reward, an RM's scores, or the LLM judge (rank 0 asks the
@@ -786,32 +656,18 @@ def judge(args: Args, prompts: list[str], responses_a: list[str], responses_b: l
         return judge_by_scores(scores_a, scores_b, args.margin)
     judgments = [None]  # only rank 0 talks to the endpoint; the others receive its verdicts
     if common.is_main():
-        api_key = os.environ.get(args.llm_api_key_env) or None
-        deadline = time.monotonic() + args.llm_budget
-        gone: list[str] = []  # reasons of the network failures in a row
+        client = judge_endpoint(args)  # its --llm-budget starts now
         path = os.path.join(args.out, "judgments.jsonl")
         common.Preemption(hint=f"the judgments made so far are in {path}")  # Ctrl-C: stop at once, one line
         open(path, "w").close()  # --overwrite: not after the lines of an earlier run
-
-        def ask(messages: list[dict]) -> tuple[str | None, str | None]:
-            if len(gone) >= 3:
-                return None, f"not asked: the endpoint stopped answering ({gone[-1]})"
-            if time.monotonic() >= deadline:
-                return None, f"not asked: the --llm-budget of {args.llm_budget:g} s was spent"
-            answer, reason = chat_completion(messages, url=args.llm_url, model=args.llm_model, api_key=api_key,
-                                             timeout=args.llm_timeout, retries=args.llm_retries,
-                                             backoff=args.llm_backoff, max_tokens=args.llm_max_tokens,
-                                             deadline=deadline)
-            gone[:] = gone + [reason] if reason and reason.startswith(NETWORK_FAILURES) else []
-            return answer, reason
 
         def write(i: int, judgment: dict) -> None:
             with open(path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(judgment_record(prompts, responses_a, responses_b, i, judgment),
                                    ensure_ascii=False) + "\n")
 
-        judgments = judge_llm(prompts, responses_a, responses_b, ask, both_orders=args.both_orders, seed=args.seed,
-                              on_judgment=write)
+        judgments = judge_llm(prompts, responses_a, responses_b, client.ask, both_orders=args.both_orders,
+                              seed=args.seed, on_judgment=write)
     if world > 1:
         box = [judgments]
         dist.broadcast_object_list(box, src=0)
@@ -922,15 +778,6 @@ def draw_figures(args: Args, results: dict[str, Any], gaps_by_rm: dict[str, torc
 # ----------------------------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------------------------
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    def cell(v: Any) -> str:
-        return f"{v:.4f}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
 def markdown_report(results: dict[str, Any]) -> str:
     """report.md: one section per part that ran, tables in the paper's shapes, links to the figures."""
     figures = results.get("figures", {})
@@ -942,20 +789,20 @@ def markdown_report(results: dict[str, Any]) -> str:
         out.append("## Diversity (Table 3)\n\nWhitespace tokens; Self-BLEU lower = more diverse; distinct-n higher = "
                    "more diverse.\n\n")
         keys = [f"self_bleu_{n}" for n in range(2, 6)] + [f"distinct_{n}" for n in range(2, 6)]
-        out.append(_table(["responses"] + keys, [[n] + [d[k] for k in keys] for n, d in results["diversity"].items()]))
+        out.append(markdown_table(["responses"] + keys, [[n] + [d[k] for k in keys] for n, d in results["diversity"].items()]))
         out.append("\n")
     if "rm_curves" in results:
         out.append("## RM accuracy over training steps\n\n")
         rows = [[n, c["eval_acc"][1][-1] if c["eval_acc"][1] else "-",
                  c["eval_acc_gold"][1][-1] if c["eval_acc_gold"][1] else "-"] for n, c in results["rm_curves"].items()]
-        out.append(_table(["run", "last eval_acc", "last eval_acc_gold"], rows))
+        out.append(markdown_table(["run", "last eval_acc", "last eval_acc_gold"], rows))
         out.append(f"\n![RM accuracy]({figures['rm_accuracy']})\n\n" if "rm_accuracy" in figures else "\n")
     if "ppo_curves" in results:
         out.append("## RM score (proxy) vs gold reward over PPO\n\n")
         rows = [[n, c["score"][1][0] if c["score"][1] else "-", c["score"][1][-1] if c["score"][1] else "-",
                  c["gold"][1][0] if c["gold"][1] else "-", c["gold"][1][-1] if c["gold"][1] else "-"]
                 for n, c in results["ppo_curves"].items()]
-        out.append(_table(["run", "first score", "last score", "first gold", "last gold"], rows))
+        out.append(markdown_table(["run", "first score", "last score", "first gold", "last gold"], rows))
         out.append(f"\n![PPO rewards]({figures['ppo_rewards']})\n\n" if "ppo_rewards" in figures else "\n")
     return "".join(out)
 
@@ -966,7 +813,7 @@ def _win_tie_lose_section(w: dict[str, Any], figures: dict[str, str]) -> list[st
     out.append(f"## Win / tie / lose (Tables 1-2 shape)\n\n{w['a']} (A) vs {w['b']} (B), judge `{w['judge']}`, "
                f"{w['n']} prompts. Percentages over the valid judgments.\n\n")
     pct = lambda v: "-" if v is None else f"{v:.1f}"
-    out.append(_table(["A vs B", "win %", "tie %", "lose %", "win", "tie", "lose", "invalid"],
+    out.append(markdown_table(["A vs B", "win %", "tie %", "lose %", "win", "tie", "lose", "invalid"],
                       [[f"{w['a']} vs {w['b']}", pct(w["win_pct"]), pct(w["tie_pct"]), pct(w["lose_pct"]), w["win"],
                         w["tie"], w["lose"], w["invalid"]]]))
     failure = too_many_invalid(w, w.get("max_invalid", 0.5))
@@ -996,19 +843,19 @@ def _reward_model_sections(rms: dict[str, Any], figures: dict[str, str]) -> list
                 metrics = e.get(split, {})
                 row += [metrics.get("acc", "-"), metrics.get("acc_gold", "-")]
             rows.append(row)
-        out.append(_table(["RM", "test acc", "test acc_gold", "OOD acc", "OOD acc_gold"], rows) + "\n")
+        out.append(markdown_table(["RM", "test acc", "test acc_gold", "OOD acc", "OOD acc_gold"], rows) + "\n")
     if any("gaps" in e for e in rms.values()):
         out.append("## Distinguishing ability (Fig. 5)\n\n|r(x, s_i) − r(x, s_j)| over the k samples of each prompt, "
                    "rewards min-max normalised per RM over the whole gap set (gaps in [0, 1]). Raw gap mean / std "
                    "and J (Eq. 2) in the RM's own units.\n\n")
         rows = [[n, e["gaps"]["normalised_mean"], e["gaps"]["normalised_median"], e["gaps"]["normalised_below_0.2"],
                  e["gaps"]["gap_mean"], e["gaps"]["gap_std"], e["gaps"]["J"]] for n, e in rms.items() if "gaps" in e]
-        out.append(_table(["RM", "norm. mean", "norm. median", "share < 0.2", "raw mean", "raw std", "J"], rows))
+        out.append(markdown_table(["RM", "norm. mean", "norm. median", "share < 0.2", "raw mean", "raw std", "J"], rows))
         out.append(f"\n![reward gaps]({figures['reward_gaps']})\n\n" if "reward_gaps" in figures else "\n")
     if any("diff12_var" in e for e in rms.values()):
         checkpoints = list(next(e["diff12_var"] for e in rms.values() if "diff12_var" in e))
         out.append("## Variance of r(x, s_1) − r(x, s_2) over policy checkpoints (Fig. 1)\n\n")
-        out.append(_table(["RM"] + checkpoints, [[n] + [e["diff12_var"][c] for c in checkpoints]
+        out.append(markdown_table(["RM"] + checkpoints, [[n] + [e["diff12_var"][c] for c in checkpoints]
                                                  for n, e in rms.items() if "diff12_var" in e]))
         out.append(f"\n![variance]({figures['diff_variance']})\n\n" if "diff_variance" in figures else "\n")
     return out

@@ -1,5 +1,6 @@
 """The llm judge's HTTP client against a stub OpenAI-compatible server on 127.0.0.1 (standard library, port 0):
-request shape, retry after a 500, time-outs, garbage bodies, and a whole evaluate.py run judged by the stub."""
+request shape, retry after a 500, time-outs, garbage bodies, and a whole evaluate.py run judged by the stub;
+the client's count of network failures in a row and its budget against a stub transport."""
 import http.server
 import json
 import socket
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import evaluate
-from plumbing import data
+from plumbing import data, judge_client
 from conftest import run_command
 
 
@@ -81,7 +82,7 @@ def no_proxy(monkeypatch):
 def ask(url, **kw):
     options = dict(url=url, model="judge-model", api_key="sk-test", timeout=5.0, retries=2, backoff=0.01)
     options.update(kw)
-    return evaluate.chat_completion(evaluate.judge_messages("\n\nHuman: hi\n\nAssistant:", " hello", " bye"),
+    return judge_client.chat_completion(evaluate.judge_messages("\n\nHuman: hi\n\nAssistant:", " hello", " bye"),
                                     **options)
 
 
@@ -146,12 +147,54 @@ def test_connection_refused_is_invalid():
     assert answer is None and reason.startswith("connection") and "2 attempts" in reason
 
 
+def client(**kw) -> judge_client.JudgeClient:
+    options = dict(url="http://judge.invalid/v1/chat/completions", model="m", api_key=None,
+                   timeout=5.0, retries=0, backoff=0.01, max_tokens=64, budget=60.0)
+    options.update(kw)
+    return judge_client.JudgeClient(**options)
+
+
+@pytest.mark.parametrize("between", [("[[A]]", None), (None, "HTTP 500 (after 1 attempts)"),
+                                     (None, "unreadable response body: b'zz'")])
+def test_the_client_stops_after_3_network_failures_in_a_row(monkeypatch, between):
+    # A stub transport plays: 2 network failures, 1 outcome that is not a network failure (an
+    # answer, an HTTP error, a garbage body), then 3 network failures. The count in a row after
+    # each request: 1, 2, then 0 (reset by request 3), then 1, 2, 3. So requests 1-6 are sent and
+    # request 7 is not: its reason names the last failure. (Without the reset, the count would be
+    # 3 after request 4 and request 5 would not be sent; without the stop, request 7 would be.)
+    script = [(None, "connection: [Errno 111] Connection refused (after 1 attempts)"),
+              (None, "timed out after 5 s (after 1 attempts)"), between,
+              (None, "connection: one"), (None, "connection: two"), (None, "timed out: three")]
+    sent = []
+
+    def transport(messages, **kw):
+        sent.append(kw)
+        return script[len(sent) - 1]
+
+    monkeypatch.setattr(judge_client, "chat_completion", transport)
+    c = client()
+    got = [c.ask([{"role": "user", "content": f"q{i}"}]) for i in range(7)]
+    assert len(sent) == 6
+    assert got[:6] == script
+    assert [c.network_failures, c.last_network_failure] == [3, "timed out: three"]
+    assert got[6] == (None, "not asked: the endpoint stopped answering (timed out: three)")
+    # every request carries the client's settings and its one deadline
+    assert all(kw["deadline"] == c.deadline and kw["max_tokens"] == 64 for kw in sent)
+
+
+def test_the_client_sends_nothing_once_its_budget_is_spent(monkeypatch):
+    sent = []
+    monkeypatch.setattr(judge_client, "chat_completion", lambda m, **kw: sent.append(m))
+    assert client(budget=0.0).ask([]) == (None, "not asked: the --llm-budget of 0 s was spent")
+    assert sent == []
+
+
 def test_judge_llm_through_the_stub(stub):
     # prompt 1: a clean [[A]]; prompt 2: a 500, then garbage text (no verdict) -> invalid, the run goes on
     s = stub(("answer", "[[A]]"), ("status", 500), ("answer", "no idea"))
 
     def via_stub(messages):
-        return evaluate.chat_completion(messages, url=s.url, model="m", api_key=None, timeout=5, retries=1,
+        return judge_client.chat_completion(messages, url=s.url, model="m", api_key=None, timeout=5, retries=1,
                                         backoff=0.01)
 
     j = evaluate.judge_llm(["q1", "q2"], ["a1", "a2"], ["b1", "b2"], via_stub, both_orders=False, seed=0)
@@ -171,7 +214,7 @@ def test_evaluate_run_with_llm_judge(stub, world, tmp_path, monkeypatch):
                              "--max-new-tokens", "4", "--llm-retries", "0", "--out", str(out)])
     w = results["win_tie_lose"]
     assert (w["win"], w["tie"], w["lose"], w["invalid"], w["orders_disagree"]) == (0, 3, 0, 0, 3)
-    assert len(s.requests) == 1 + 6  # the connection check (evaluate.preflight), then 2 orders x 3 prompts
+    assert len(s.requests) == 1 + 6  # the connection check (JudgeClient.preflight), then 2 orders x 3 prompts
     assert "connection check" in s.requests[0]["body"]["messages"][0]["content"]
     assert all(r["headers"]["Authorization"] == "Bearer sk-from-env" for r in s.requests)
     assert all(r["body"]["max_tokens"] == 512 for r in s.requests[1:])  # --llm-max-tokens' default

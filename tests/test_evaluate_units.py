@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import evaluate
+from plumbing import figures
 from plumbing.common import UserError
 
 
@@ -208,10 +209,10 @@ def test_parse_named():
 
 def test_figures_are_pngs(tmp_path):
     rows = {f"round {r} vs SFT": evaluate.win_tie_lose(["win"] * r + ["tie"] * 2 + ["lose"]) for r in (1, 2, 3)}
-    evaluate.plot_win_tie_lose(rows, str(tmp_path / "wtl.png"))
-    evaluate.plot_gap_histograms({"vanilla": [0.0, 0.1, 0.15], "metarm": torch.tensor([0.2, 0.6, 1.0])},
+    figures.plot_win_tie_lose(rows, str(tmp_path / "wtl.png"))
+    figures.plot_gap_histograms({"vanilla": [0.0, 0.1, 0.15], "metarm": torch.tensor([0.2, 0.6, 1.0])},
                                  str(tmp_path / "gaps.png"), bins=10)
-    evaluate.plot_curves({"score": {"run": ([1, 2, 3], [0.1, 0.2, 0.4])}, "gold": {"run": (["sft", "r1"], [1, 2])}},
+    figures.plot_curves({"score": {"run": ([1, 2, 3], [0.1, 0.2, 0.4])}, "gold": {"run": (["sft", "r1"], [1, 2])}},
                          str(tmp_path / "curves.png"), xlabel="x")
     for name in ("wtl.png", "gaps.png", "curves.png"):
         with open(tmp_path / name, "rb") as f:

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import evaluate
+from plumbing import judge_client
 from plumbing.common import UserError
 from conftest import REPO, run_command, subprocess_env
 
@@ -54,7 +55,7 @@ def no_proxy(monkeypatch):
 def ask(url: str, **kw) -> tuple:
     options = dict(url=url, model="m", api_key=None, timeout=1.0, retries=0, backoff=0.01)
     options.update(kw)
-    return evaluate.chat_completion([{"role": "user", "content": "hi"}], **options)
+    return judge_client.chat_completion([{"role": "user", "content": "hi"}], **options)
 
 
 def test_every_kind_of_reply_is_an_answer_or_a_reason():
@@ -85,7 +86,7 @@ def judgments(out) -> list[dict]:
 
 
 def test_a_run_against_the_server_keeps_going_and_records_why(world, tmp_path):
-    # request 0 is the connection check (evaluate.preflight); then one request per prompt (one order)
+    # request 0 is the connection check (JudgeClient.preflight); then one request per prompt (one order)
     log = str(tmp_path / "requests.jsonl")
     actions = ("answer:[[C]]", "answer:[[A]]", "badline", "answer:Reply B says more. [[B]]", "truncated",
                "answer:Equally good. [[C]]", "slow:5")
