@@ -54,51 +54,12 @@ import threading
 import time
 from typing import Callable
 
-import dpo
 from plumbing import common
 from plumbing.common import Valid, arg, check, non_negative, or_sentinel, positive
 from study import report
+from study.arms import ARMS, Seed, Task, metarm_eta, seed_tasks, stage_flags, world_tasks
 
-# Hyper-parameters of the testbed (tiny Llama, ~1M parameters, trained from random initialisation); sequences are
-# short (prompt <= 20, response <= 31 tokens), hence --max-len 64 and 32 new tokens.
-TESTBED = {
-    # visible errors (testbed.py's default) and 8000 pairs: chosen on the vanilla arm (docs/calibration.md)
-    "testbed": ["--n-pairs-train", "8000"],
-    # from scratch, the paper's 2e-5 learns nothing in 500 steps; 3e-3 reaches EOS rate 1.0
-    "sft": ["--lr", "3e-3", "--max-len", "64", "--micro-batch-size", "32"],
-    # the paper's 5e-6 barely moves a fresh head on a 1M model in one epoch; 1e-3 and 3e-3 were worse than 3e-4
-    # (docs/calibration.md)
-    "reward": ["--lr", "3e-4", "--max-len", "64", "--micro-batch-size", "16", "--eval-every", "0"],
-    # S: 256 prompts (192 train + 64 held out) x k = 5; each meta step draws m = 16 of them
-    "meta_data": ["--max-prompts", "256", "--heldout", "64", "--max-new-tokens", "32"],
-    # α as reward.py; η = 0.3 makes ‖θ' − θ‖ = η‖∇J‖ ≈ 0.1, the size of one Adam step of the RM; with the paper's
-    # 5e-6 the step is ~1e-6 and the meta step does nothing. Chosen from that scale argument, not tuned.
-    "meta_rm": ["--lr", "3e-4", "--eta", "0.3", "--max-len", "64", "--log-adapted-every", "10", "--eval-every", "0"],
-    # 64 rollouts per iteration (16 prompts x 4), 2 epochs of 2 mini-batches; the held-out curve every 10
-    # iterations (100 prompts x 4 samples)
-    "ppo": ["--policy-lr", "1e-4", "--critic-lr", "1e-4", "--rollouts-per-prompt", "4", "--prompts-per-iteration",
-            "16", "--mini-batch-size", "32", "--micro-batch-size", "32", "--max-new-tokens", "32", "--iterations",
-            "80", "--sample-every", "0", "--save-every", "0", "--eval-every", "10", "--eval-samples", "4"],
-    # dpo.py's own TESTBED (each value with its reason there); one epoch over the 8000 pairs is 500 steps, as
-    # its two epochs over 4000 were
-    "dpo": [*dpo.TESTBED, "--epochs", "1"],
-    "evaluate": ["--max-new-tokens", "32", "--max-len", "64"],
-    "best_of_n": ["--samples", "64", "--max-new-tokens", "32", "--max-len", "64"],
-}
-# --toy: sizes for a smoke run of every stage in a few minutes (tests); the numbers mean nothing there.
-TOY = {
-    "testbed": ["--n-sft", "256", "--n-pairs-train", "64", "--n-pairs-test", "32", "--n-rl-prompts", "64",
-                "--n-eval-prompts", "8", "--n-ood-prompts", "32", "--n-ood-pairs-test", "16"],
-    "sft": ["--epochs", "1", "--eval-samples", "8", "--max-new-tokens", "8"],
-    "meta_data": ["--max-prompts", "24", "--heldout", "8", "--max-new-tokens", "8", "--k", "3"],
-    "meta_rm": [],
-    "ppo": ["--iterations", "2", "--prompts-per-iteration", "4", "--max-new-tokens", "8", "--mini-batch-size", "16",
-            "--micro-batch-size", "16", "--eval-every", "1", "--eval-samples", "1"],
-    "dpo": ["--max-steps", "2"],
-    "evaluate": ["--max-new-tokens", "8"],
-    "best_of_n": ["--samples", "4", "--max-new-tokens", "8"],
-}
-ARMS = ("vanilla", "metarm", "eta0", "oracle", "dpo")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # stages run from the root
 SEEDS = Valid("an integer in [1, 12] (report.py's exact bootstrap enumerates the resamples)",
               lambda x: isinstance(x, int) and 1 <= x <= 12, (0, 13))
 
@@ -143,193 +104,14 @@ class Args:
 STUDY_DEFAULTS = {"seeds": 5, "arms": ",".join(ARMS), "rounds": 3}
 
 
-@dataclasses.dataclass
-class Task:
-    """One stage run: `script flags` under OUT/logs/<name>.log, after every task in `deps` finished. `prepare`, if
-    given, runs in this process just before the stage starts (e.g. to concatenate two data files)."""
-    name: str
-    script: str
-    flags: list[str]
-    deps: list[str]
-    prepare: Callable[[], None] | None = None
-
-
-def metarm_eta(eta: float) -> float:
-    """The η the metarm arm runs with: --eta, or TESTBED's when --eta is -1."""
-    flags = TESTBED["meta_rm"]
-    return eta if eta >= 0 else float(flags[flags.index("--eta") + 1])
-
-
-def with_flag(flags: list[str], flag: str, value: str) -> list[str]:
-    """`flags` with `flag`'s value set to `value` (replaced where it is there, else appended), so a printed command
-    names each flag once."""
-    flags = list(flags)
-    if flag in flags:
-        flags[flags.index(flag) + 1] = value
-        return flags
-    return flags + [flag, value]
-
-
-def per_process(flags: list[str], nproc: int) -> list[str]:
-    """The micro-batch sizes in TESTBED / TOY are for one process: with N processes each takes 1/N of them, so the
-    global batch (micro-batch x accumulation x processes) stays the same."""
-    flags = list(flags)
-    for i, flag in enumerate(flags[:-1]):
-        if flag == "--micro-batch-size":
-            flags[i + 1] = str(max(1, int(flags[i + 1]) // nproc))
-    return flags
-
-
-def stage_flags(args: Args) -> dict[str, list[str]]:
-    """TESTBED (+ TOY with --toy), split over --nproc processes, with --eta and --stage-flags applied."""
-    hp = {stage: per_process(flags + (TOY.get(stage, []) if args.toy else []), args.nproc)
-          for stage, flags in TESTBED.items()}
-    if args.eta >= 0:
-        hp["meta_rm"] = with_flag(hp["meta_rm"], "--eta", str(args.eta))
-    for part in filter(str.strip, args.stage_flags.split(";")):
-        stage, sep, flags = part.partition(":")
-        check(sep == ":" and stage.strip() in hp, f"--stage-flags {part.strip()!r}: expected 'stage: --flag value', "
-                                                  f"stage one of {', '.join(hp)}")
-        hp[stage.strip()] += shlex.split(flags)
-    return hp
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The plan: every stage of every seed and arm, with its dependencies
-# ----------------------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class World:
-    """The shared paths."""
-    out: str
-    data: str
-    base_model: str
-    sft: str
-
-    def file(self, name: str) -> str:
-        return os.path.join(self.data, f"{name}.jsonl")
-
-
 def plan(args: Args, hp: dict[str, list[str]], arms: list[str], sweep: list[float]) -> list[Task]:
+    """The whole study: the shared world, then every seed's arms and evaluation (study/arms.py)."""
     out = os.path.abspath(args.out)
-    w = World(out, os.path.join(out, "testbed", "data"), os.path.join(out, "testbed", "base_model"),
-              os.path.join(out, "sft"))
-    tasks = [Task("testbed", "testbed", ["--out", os.path.join(out, "testbed"), "--seed", str(args.world_seed),
-                                            "--model-size", args.model_size, *hp["testbed"]], []),
-             Task("sft", "sft.py", ["--model", w.base_model, "--data", w.file("sft_train"), "--eval-prompts",
-                                    w.file("eval_prompts"), "--out", w.sft, "--seed", str(args.world_seed),
-                                    *hp["sft"]], ["testbed"])]
+    tasks = world_tasks(out, hp, args.world_seed, args.model_size)
     for s in range(args.seeds):
-        tasks += seed_tasks(args, hp, w, s, arms, sweep)
+        w = Seed(out, s, hp, "ood_prompts" if args.ood else "rl_prompts")
+        tasks += seed_tasks(w, arms, args.rounds, sweep, args.rm_init, args.ppo_init, args.meta_order)
     return tasks
-
-
-def seed_tasks(args: Args, hp: dict[str, list[str]], w: World, s: int, arms: list[str],
-               sweep: list[float]) -> list[Task]:
-    """The stages of one seed (see the module docstring). Task names are paths under OUT: seed<s>/<arm>/…"""
-    root = f"seed{s}"
-    at = lambda name: os.path.join(w.out, name)  # noqa: E731  (a task's output folder is OUT/<task name>)
-    pairs = ["--test", w.file("pairs_test")]
-    meta_prompts = w.file("ood_prompts" if args.ood else "rl_prompts")
-    tasks = [Task(f"{root}/rm0", "reward.py", ["--model", w.sft, "--train", w.file("pairs_train"), *pairs, "--out",
-                                               at(f"{root}/rm0"), "--seed", str(s), *hp["reward"]], ["sft"])]
-
-    def ppo(name: str, rm: str, deps: list[str], init: str | None = None) -> None:
-        tasks.append(Task(name, "ppo.py", ["--sft", w.sft, "--policy", init or w.sft, "--rm", at(rm), "--prompts",
-                                           w.file("rl_prompts"), "--eval-prompts", w.file("eval_prompts"), "--out",
-                                           at(name), "--seed", str(s), *hp["ppo"]], [rm, *deps]))
-
-    def meta_set(name: str, policy: str, deps: list[str], r: int) -> None:
-        tasks.append(Task(name, "meta_data.py", ["--policy", policy, "--prompts", meta_prompts, "--out", at(name),
-                                                 "--seed", str(100 * s + r), "--oracle-pairs", *hp["meta_data"]],
-                          deps))
-
-    ppo(f"{root}/vanilla/ppo", f"{root}/rm0", [])
-    for arm in [a for a in arms if a in ("metarm", "eta0", "oracle")]:
-        rm_prev, policy_prev = f"{root}/rm0", None
-        for r in range(1, args.rounds + 1):
-            base = f"{root}/{arm}/round{r}"
-            # S_r: round 1 samples the SFT model (one S shared by the arms); later rounds the chain's own policy
-            S = f"{root}/S1" if r == 1 else (f"{root}/metarm/round{r}/S" if arm in ("metarm", "eta0") else f"{base}/S")
-            if r == 1 and not any(t.name == S for t in tasks):
-                meta_set(S, w.sft, ["sft"], 1)
-            elif r > 1 and arm != "eta0":
-                meta_set(S, at(policy_prev), [policy_prev], r)
-            start = rm_prev if args.rm_init == "previous" else "sft"
-            deps = [S, start] if start != "sft" else [S, "sft"]
-            rm_from = at(start) if start != "sft" else w.sft
-            if arm == "metarm":
-                tasks.append(Task(f"{base}/rm", "meta_rm.py", [
-                    "--model", rm_from, "--train", w.file("pairs_train"), *pairs, "--meta", f"{at(S)}/meta_train.jsonl",
-                    "--meta-heldout", f"{at(S)}/meta_heldout.jsonl", "--out", at(f"{base}/rm"), "--meta-order",
-                    str(args.meta_order), "--seed", str(100 * s + r), *hp["meta_rm"],
-                    *(["--fresh-head"] if start == "sft" else [])], deps))  # an RM from SFT, on purpose
-            elif arm == "eta0":  # the same epoch over D in the same order as meta_rm.py, without the ascent
-                deps = [d for d in deps if d != S]
-                tasks.append(Task(f"{base}/rm", "reward.py", [
-                    "--model", rm_from, "--train", w.file("pairs_train"), *pairs, "--out", at(f"{base}/rm"),
-                    "--seed", str(100 * s + r), *hp["reward"]], deps))
-            else:  # oracle: D plus the fresh gold labels of S_r
-                train = at(f"{base}/train_pairs.jsonl")
-                tasks.append(Task(f"{base}/rm", "reward.py", [
-                    "--model", rm_from, "--train", train, *pairs, "--out", at(f"{base}/rm"), "--seed",
-                    str(100 * s + r), *hp["reward"]], deps,
-                    prepare=concatenate(train, [w.file("pairs_train"), f"{at(S)}/oracle_pairs.jsonl"])))
-            init = at(policy_prev) if args.ppo_init == "previous" and policy_prev else None
-            ppo(f"{base}/ppo", f"{base}/rm", [policy_prev] if init else [], init)
-            rm_prev, policy_prev = f"{base}/rm", f"{base}/ppo"
-    for eta in sweep:
-        base = f"{root}/sweep/eta{eta:g}"
-        if not any(t.name == f"{root}/S1" for t in tasks):
-            meta_set(f"{root}/S1", w.sft, ["sft"], 1)
-        tasks.append(Task(f"{base}/rm", "meta_rm.py", [
-            "--model", at(f"{root}/rm0"), "--train", w.file("pairs_train"), *pairs, "--meta",
-            f"{at(root)}/S1/meta_train.jsonl", "--meta-heldout", f"{at(root)}/S1/meta_heldout.jsonl", "--out",
-            at(f"{base}/rm"), "--meta-order", str(args.meta_order), "--seed", str(100 * s + 1),
-            *with_flag(hp["meta_rm"], "--eta", f"{eta:g}")], [f"{root}/S1", f"{root}/rm0"]))
-        ppo(f"{base}/ppo", f"{base}/rm", [])
-    if "dpo" in arms:
-        tasks.append(Task(f"{root}/dpo", "dpo.py", ["--model", w.sft, "--train", w.file("pairs_train"), *pairs,
-                                                    "--eval-prompts", w.file("eval_prompts"), "--out", at(f"{root}/dpo"),
-                                                    "--seed", str(s), *hp["dpo"]],
-                          ["sft"]))
-    return tasks + evaluation_tasks(hp, w, s, tasks)
-
-
-def evaluation_tasks(hp: dict[str, list[str]], w: World, s: int, tasks: list[Task]) -> list[Task]:
-    """Every policy of the seed vs SFT (gold judge, greedy); every RM side by side; best-of-n under RM₀."""
-    root, at = f"seed{s}", lambda name: os.path.join(w.out, name)  # noqa: E731
-    out: list[Task] = []
-    policies = [t.name for t in tasks if t.script in ("ppo.py", "dpo.py")]
-    for policy in policies:
-        out.append(Task(f"{root}/eval/{report.policy_key(policy)}", "evaluate.py", [
-            "--policy-a", at(policy), "--policy-b", w.sft, "--name-a", report.policy_key(policy), "--name-b", "sft",
-            "--prompts", w.file("eval_prompts"), "--pairs-test", "", "--ood-pairs-test", "", "--judge", "gold",
-            "--out", at(f"{root}/eval/{report.policy_key(policy)}"), *hp["evaluate"]], [policy]))
-    rms = [t.name for t in tasks if t.name.endswith("/rm") or t.name.endswith("/rm0")]
-    # the reward gaps (Fig. 5) on held-out samples of the latest MetaRM policy, else of the SFT model
-    meta_sets = [t.name for t in tasks if t.script == "meta_data.py"]
-    gap_set = next((n for n in reversed(meta_sets) if "/metarm/" in n), meta_sets[0] if meta_sets else None)
-    out.append(Task(f"{root}/eval/rms", "evaluate.py", [
-        "--rms", ",".join(f"{report.rm_key(rm)}={at(rm)}" for rm in rms), "--pairs-test", w.file("pairs_test"),
-        "--ood-pairs-test", w.file("ood_pairs_test"), "--prompts", w.file("eval_prompts"),
-        *(["--gap-set", f"{at(gap_set)}/meta_heldout.jsonl"] if gap_set else []), "--out", at(f"{root}/eval/rms"),
-        *hp["evaluate"]], rms + ([gap_set] if gap_set else [])))
-    out.append(Task(f"{root}/best_of_n", "study.best_of_n", ["--policy", w.sft, "--rm", at(f"{root}/rm0"), "--prompts",
-                                                          w.file("eval_prompts"), "--out", at(f"{root}/best_of_n"),
-                                                          "--seed", str(s), *hp["best_of_n"]], [f"{root}/rm0"]))
-    return out
-
-
-def concatenate(path: str, sources: list[str]) -> Callable[[], None]:
-    """A `prepare` step: write the lines of `sources` one after the other into `path` (atomically)."""
-    def write() -> None:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            for src in sources:
-                with open(src) as g:
-                    f.writelines(line if line.endswith("\n") else line + "\n" for line in g if line.strip())
-        os.replace(path + ".tmp", path)
-    return write
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -381,7 +163,7 @@ def run_tasks(args: Args, tasks: list[Task], jobs: int) -> dict[str, tuple[str, 
             os.makedirs(os.path.dirname(log_path), exist_ok=True)
             log = open(log_path, "w")
             print(f"[{len(done) + len(running) + 1}/{len(tasks)}] {t.name}\n$ {shown}", flush=True)
-            running[t.name] = (subprocess.Popen(argv, cwd=os.path.dirname(os.path.abspath(__file__)), env=env,
+            running[t.name] = (subprocess.Popen(argv, cwd=REPO, env=env,
                                                 stdout=log, stderr=subprocess.STDOUT), time.time(), log)
         time.sleep(0.1)
         for name, (proc, t0, log) in list(running.items()):
@@ -451,7 +233,11 @@ def main(argv: list[str] | None = None) -> None:
     common.lock_output(args.out)  # one live pipeline per folder (each stage also locks its own)
     os.makedirs(args.out, exist_ok=True)
     common.save_args(args, args.out)
-    tasks = plan(args, stage_flags(args), arms, sweep)
+    try:
+        hp = stage_flags(args.toy, args.nproc, args.eta, args.stage_flags)
+    except ValueError as e:
+        raise common.UserError(str(e)) from None
+    tasks = plan(args, hp, arms, sweep)
     print(f"pipeline: {len(tasks)} stages ({args.seeds} seeds, arms {', '.join(arms)}, {args.rounds} rounds"
           f"{', η sweep ' + args.eta_sweep if sweep else ''}); {jobs} at a time x {args.threads} thread(s) x "
           f"{args.nproc} process(es) on {cores} cores", flush=True)

@@ -26,26 +26,12 @@ import sys
 from typing import Any
 
 import evaluate
+from plumbing import figures
 from study import stats
+from study.arms import metarm_eta, policy_key, rm_key
 
 MARGIN = 0.01  # evaluate.py's default tie margin for the gold judge
 SMOOTH = 3     # points of the moving average on the held-out curves
-
-
-def policy_key(task: str) -> str:
-    """'seed0/vanilla/ppo' -> 'vanilla', 'seed0/metarm/round2/ppo' -> 'metarm_r2', 'seed0/dpo' -> 'dpo',
-    'seed0/sweep/eta0.1/ppo' -> 'sweep_eta0.1'."""
-    parts = task.split("/")[1:]
-    if parts[0] == "sweep":
-        return f"sweep_{parts[1]}"
-    if len(parts) >= 3 and parts[1].startswith("round"):
-        return f"{parts[0]}_r{parts[1][len('round'):]}"
-    return parts[0]
-
-
-def rm_key(task: str) -> str:
-    """'seed0/rm0' -> 'vanilla', otherwise the key of the policy trained with it ('metarm_r1', 'sweep_eta0.1')."""
-    return "vanilla" if task.endswith("/rm0") else policy_key(task)
 
 
 def label(key: str) -> str:
@@ -282,7 +268,7 @@ def draw_figures(out: str, seeds: dict[int, dict], keys: list[str], sweep: list[
                  metarm_eta: float | None = None) -> dict[str, str]:
     """figures/gold_vs_sqrt_kl.png (gold and proxy against √KL, seed bands), figures/best_of_n.png,
     figures/eta_sweep.png (with a sweep). Returns {name: relative path}."""
-    plt = evaluate._pyplot()
+    plt = figures.pyplot()
     os.makedirs(os.path.join(out, "figures"), exist_ok=True)
     figures = {}
     curves = {k: c for k in keys if not k.startswith("sweep_") and (c := mean_curve(seeds, k))}
@@ -482,10 +468,9 @@ def main(argv: list[str] | None = None) -> None:
     args = _read_json(os.path.join(out, "args.json"))
     arms = ["vanilla"] + [a for a in args["arms"].split(",") if a and a != "vanilla"]
     sweep = [float(x) for x in args.get("eta_sweep", "").split(",") if x.strip()]
-    from study import pipeline  # here, not at the top: pipeline.py imports this module
     settings = {k: args.get(k) for k in ("jobs", "threads", "nproc", "model_size", "meta_order", "ood", "toy")}
     print(write(out, list(range(args["seeds"])), arms, args["rounds"], sweep, 0.0, {},
-                {**settings, "eta": pipeline.metarm_eta(args.get("eta", -1.0))}))
+                {**settings, "eta": metarm_eta(args.get("eta", -1.0))}))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from study import pipeline, report
+from study import arms, pipeline, report
 from conftest import run_command
 
 
@@ -60,8 +60,8 @@ def test_micro_batches_are_split_over_processes():
     # TESTBED's micro-batch sizes are per process for 1 process; with 2 processes each takes half, so that
     # micro-batch x accumulation x processes is the same global batch (32 = 16 x 1 x 2); other flags are untouched.
     flags = ["--lr", "3e-3", "--micro-batch-size", "32", "--max-len", "64"]
-    assert pipeline.per_process(flags, 2) == ["--lr", "3e-3", "--micro-batch-size", "16", "--max-len", "64"]
-    assert pipeline.per_process(flags, 1) == flags
+    assert arms.per_process(flags, 2) == ["--lr", "3e-3", "--micro-batch-size", "16", "--max-len", "64"]
+    assert arms.per_process(flags, 1) == flags
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -71,7 +71,8 @@ def test_every_meta_rm_command_names_eta_once_with_its_own_value():
     # --eta 0.2 sets the metarm arm's η; each sweep point runs meta_rm.py with its own η. A flag given twice would
     # be decided by argparse's last-one-wins: the printed command must say what runs, once.
     args = pipeline.Args(out="/nonexistent/out", seeds=2, eta=0.2, eta_sweep="0.05,1", rounds=2)
-    tasks = pipeline.plan(args, pipeline.stage_flags(args), ["vanilla", "metarm"], [0.05, 1.0])
+    hp = arms.stage_flags(args.toy, args.nproc, args.eta, args.stage_flags)
+    tasks = pipeline.plan(args, hp, ["vanilla", "metarm"], [0.05, 1.0])
     etas = {t.name: t.flags[t.flags.index("--eta") + 1] for t in tasks if t.script == "meta_rm.py"}
     assert all(t.flags.count("--eta") == 1 for t in tasks if t.script == "meta_rm.py")
     assert etas == {f"seed{s}/{part}": eta for s in range(2) for part, eta in (
@@ -100,11 +101,11 @@ def test_gao_fit_recovers_alpha_and_beta():
 
 
 def test_task_names_to_keys():
-    assert report.policy_key("seed0/vanilla/ppo") == "vanilla"
-    assert report.policy_key("seed3/metarm/round2/ppo") == "metarm_r2"
-    assert report.policy_key("seed1/dpo") == "dpo"
-    assert report.policy_key("seed0/sweep/eta0.1/ppo") == "sweep_eta0.1"
-    assert report.rm_key("seed0/rm0") == "vanilla" and report.rm_key("seed0/oracle/round1/rm") == "oracle_r1"
+    assert arms.policy_key("seed0/vanilla/ppo") == "vanilla"
+    assert arms.policy_key("seed3/metarm/round2/ppo") == "metarm_r2"
+    assert arms.policy_key("seed1/dpo") == "dpo"
+    assert arms.policy_key("seed0/sweep/eta0.1/ppo") == "sweep_eta0.1"
+    assert arms.rm_key("seed0/rm0") == "vanilla" and arms.rm_key("seed0/oracle/round1/rm") == "oracle_r1"
 
 
 # ----------------------------------------------------------------------------------------------------------------
