@@ -83,7 +83,7 @@ class Args:
     model: str = arg("runs/testbed/rm", "initial reward model: an RM checkpoint (reward.py or meta_rm.py); an SFT "
                      "checkpoint only with --fresh-head", essential=True)
     fresh_head: bool = arg(False, "allow a causal-LM (SFT) --model, which then gets a new, randomly initialised "
-                                  "score head (pipeline.py --rm-init sft); without it --model must be a reward model",
+                                  "score head (python -m study --rm-init sft); without it --model must be a reward model",
                            essential=True)
     train: str = arg("runs/testbed/data/pairs_train.jsonl", "preference pairs D, JSONL {prompt, chosen, rejected}",
                      essential=True)

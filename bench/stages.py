@@ -7,7 +7,7 @@ It calls the stages' own functions on models built from testbed configs, so it m
     "(padded, before)" rows: the same steps on the right-padded (B, T) batch, as the stages ran before issue 15
     (sft.sft_loss_sum on full logits, reward.rewards, meta_gradient on (ids, mask)), timed interleaved with them
     PPO      ppo.rollout (generation, sampling.generate), ppo.make_experience (steps 2-3), ppo.ppo_update (step 6)
-Batches are the default pipeline's (pipeline.py TESTBED): SFT 32 examples, RM n = 16 pairs, MetaRM n = m = 16,
+Batches are the default pipeline's (study/arms.py TESTBED): SFT 32 examples, RM n = 16 pairs, MetaRM n = m = 16,
 k = 5, max length 64; PPO 16 prompts x 4 rollouts, 32 new tokens, 2 epochs of mini-batches of 32.
 
 Commands
@@ -200,10 +200,10 @@ def generation_flops_no_cache(s: dict[str, int], batch: int, P: int, R: int) -> 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data and models (from a testbed written by testbed.py)
+# Data and models (from a testbed written by python -m testbed)
 # ----------------------------------------------------------------------------------------------------------------
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: workers import from it
-MAX_LEN = 64  # study/pipeline.py TESTBED: --max-len 64
+MAX_LEN = 64  # study/arms.py TESTBED: --max-len 64
 
 
 def make_testbed(workdir: str, size: str, seed: int) -> str:

@@ -266,6 +266,7 @@ def parse_args(cls: type, argv: list[str] | None = None) -> Any:
     are values outside a field's `valid=` (`validate`, a `UserError`).
     """
     parser = _OneLineErrorParser(
+        prog=program_name(),
         description=(sys.modules[cls.__module__].__doc__ or "").strip().split("\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         allow_abbrev=False,  # a flag is exactly its field's name; `--meta` must not silently mean `--meta-order`
@@ -284,6 +285,15 @@ def parse_args(cls: type, argv: list[str] | None = None) -> Any:
     args = cls(**vars(parser.parse_args(argv)))
     validate(args)
     return args
+
+
+def program_name() -> str:
+    """How the user started this program, for usage lines: `sft.py`, or `python -m study` for a module of a
+    folder run with -m (whose sys.argv[0] is a file path such as study/__main__.py)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        return "python -m " + spec.name.removesuffix(".__main__")
+    return os.path.basename(sys.argv[0])
 
 
 def save_args(args: Any, folder: str) -> None:

@@ -114,7 +114,7 @@ def stage_flags(toy: bool, nproc: int, eta: float, extra: str) -> dict[str, list
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Names: a task's name is its output folder under OUT; report.py reads the folders back by these keys
+# Names: a task's name is its output folder under OUT; study/report.py reads the folders back by these keys
 # ----------------------------------------------------------------------------------------------------------------
 def policy_key(task: str) -> str:
     """'seed0/vanilla/ppo' -> 'vanilla', 'seed0/metarm/round2/ppo' -> 'metarm_r2', 'seed0/dpo' -> 'dpo',

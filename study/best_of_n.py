@@ -14,8 +14,8 @@ so E[gold of the choice] = Σ_i gold_(i) C(i − 1, n − 1) / C(N, n) — every
 resampling noise (`expected_best_of_n`).
 
 Commands
-    python best_of_n.py --policy runs/testbed/sft --rm runs/testbed/rm --out runs/testbed/bon
-    torchrun --standalone --nproc_per_node=2 best_of_n.py ...          # sampling and scoring over 2 processes
+    python -m study.best_of_n --policy runs/testbed/sft --rm runs/testbed/rm --out runs/testbed/bon
+    torchrun --standalone --nproc_per_node=2 -m study.best_of_n ...          # sampling and scoring over 2 processes
 
 Output: OUT/results.json {"n": [...], "gold": [...], "proxy": [...], "kl": [...], "sqrt_kl": [...]} and args.json.
 

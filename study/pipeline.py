@@ -17,7 +17,7 @@ One world (testbed + SFT model, shared), then for every seed s, with the stages 
     evaluation  every policy vs SFT (gold judge, greedy, held-out prompts); the gold-vs-√KL curve of every PPO run
               (ppo.py --eval-prompts); RM accuracy (ID / OOD) and reward gaps of every RM; best-of-n under RM₀
 
-and `report.py` turns the folder into report.md / results.json / figures with intervals over seeds. Within a seed
+and `study/report.py` turns the folder into report.md / results.json / figures with intervals over seeds. Within a seed
 every arm's PPO runs use the same seed, so arm − vanilla differences are paired.
 
 Every stage is the command a user would type (printed before it runs; its output goes to OUT/logs/). Up to --jobs
@@ -25,11 +25,11 @@ stages run at once, each with --threads threads, so the cores are never oversubs
 marker in OUT/.done/: running the same command again skips it, so a crash costs only the stages in flight.
 
 Commands
-    python pipeline.py                         # the default: 5 seeds, every arm, 1 round (~1 h on 2 cores)
-    python pipeline.py --study                 # the full study: 5 seeds, every arm, 3 rounds
-    python pipeline.py --eta-sweep 0,0.03,0.1,0.3,1 --arms vanilla,metarm --rounds 1 --out runs/eta_sweep
-    python pipeline.py --nproc 2 --jobs 1      # every stage under torchrun with 2 processes (FSDP2)
-    python pipeline.py --toy --seeds 2 --out runs/toy  # a smoke run of every stage (numbers mean nothing)
+    python -m study                         # the default: 5 seeds, every arm, 1 round (~1 h on 2 cores)
+    python -m study --study                 # the full study: 5 seeds, every arm, 3 rounds
+    python -m study --eta-sweep 0,0.03,0.1,0.3,1 --arms vanilla,metarm --rounds 1 --out runs/eta_sweep
+    python -m study --nproc 2 --jobs 1      # every stage under torchrun with 2 processes (FSDP2)
+    python -m study --toy --seeds 2 --out runs/toy  # a smoke run of every stage (numbers mean nothing)
 
 Choices the paper leaves open (flags; defaults in brackets)
   1. --rm-init [previous]: round r's RM starts from RM_{r−1} (round 1: RM₀), so the RM keeps adapting to each new
@@ -60,7 +60,7 @@ from study import report
 from study.arms import ARMS, Seed, Task, metarm_eta, seed_tasks, stage_flags, world_tasks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # stages run from the root
-SEEDS = Valid("an integer in [1, 12] (report.py's exact bootstrap enumerates the resamples)",
+SEEDS = Valid("an integer in [1, 12] (study/report.py's exact bootstrap enumerates the resamples)",
               lambda x: isinstance(x, int) and 1 <= x <= 12, (0, 13))
 
 

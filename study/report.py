@@ -5,7 +5,7 @@ meta_rm.py's mechanism lines, best_of_n.py's curve) and reduces each (arm, seed)
 every number gets its mean and exact bootstrap interval (stats.bootstrap_ci), every arm its paired difference to
 vanilla PPO on the same seed (stats.paired_difference), and every comparison one verdict line (stats.verdict).
 
-    python report.py runs/pipeline            # (re)write the report of a finished or partly finished study
+    python -m study.report runs/pipeline            # (re)write the report of a finished or partly finished study
 
 What the numbers are
   gold (greedy)      mean gold reward of the final policy's greedy responses to the held-out prompts (evaluate.py)
@@ -431,8 +431,8 @@ def write(out: str, seeds: list[int], arms: list[str], rounds: int, sweep: list[
         json.dump(results, f, indent=1)
     n = len(per)
     lines = [f"# MetaRM on the testbed: {n} seed{'s' if n != 1 else ''}, arms {', '.join(arms)}, {rounds} rounds", "",
-             (f"Wall time of the last pipeline.py invocation {wall_seconds / 60:.1f} min (stages skipped as done "
-              "not counted)" if wall_seconds else "Wall time not recorded (report.py run on its own)") +
+             (f"Wall time of the last python -m study run {wall_seconds / 60:.1f} min (stages skipped as done "
+              "not counted)" if wall_seconds else "Wall time not recorded (python -m study.report run on its own)") +
              f" ({settings.get('jobs')} stages at a time x "
              f"{settings.get('threads')} thread(s) x {settings.get('nproc')} process(es)); model "
              f"{settings.get('model_size')}, meta order {settings.get('meta_order')}"
@@ -460,11 +460,15 @@ def write(out: str, seeds: list[int], arms: list[str], rounds: int, sweep: list[
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    usage = "usage: python -m study.report OUT   (OUT: a python -m study output folder; rewrites its report)"
+    if argv in (["-h"], ["--help"]):
+        print(usage)
+        return
     if len(argv) != 1 or argv[0].startswith("-"):
-        sys.exit("usage: python report.py OUT   (OUT: a pipeline.py output folder)")
+        sys.exit(usage)
     out = os.path.abspath(argv[0])
     if not os.path.isfile(os.path.join(out, "args.json")):
-        sys.exit(f"error: {out}: no args.json (not a pipeline.py output folder)")
+        sys.exit(f"error: {out}: no args.json (not a python -m study output folder)")
     args = _read_json(os.path.join(out, "args.json"))
     arms = ["vanilla"] + [a for a in args["arms"].split(",") if a and a != "vanilla"]
     sweep = [float(x) for x in args.get("eta_sweep", "").split(",") if x.strip()]

@@ -1,5 +1,5 @@
 """The study pipeline: the scheduler (never more than --jobs stages at once, dependencies first, resume, a failure
-stops it), report.py's reductions by hand, and the whole study at toy size end to end (1 and 2 processes)."""
+stops it), study/report.py's reductions by hand, and the whole study at toy size end to end (1 and 2 processes)."""
 import json
 import math
 import os
@@ -65,7 +65,7 @@ def test_micro_batches_are_split_over_processes():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# report.py by hand
+# study/report.py by hand
 # ----------------------------------------------------------------------------------------------------------------
 def test_every_meta_rm_command_names_eta_once_with_its_own_value():
     # --eta 0.2 sets the metarm arm's η; each sweep point runs meta_rm.py with its own η. A flag given twice would

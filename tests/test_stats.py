@@ -1,4 +1,4 @@
-"""stats.py: the exact bootstrap against a hand-derived case and against brute force; the verdict rule."""
+"""study/stats.py: the exact bootstrap against a hand-derived case and against brute force; the verdict rule."""
 import itertools
 import random
 

@@ -17,7 +17,7 @@ as `SmolLM2-135M-Instruct.Q4_1.gguf` (docs/design.md §9). This script, run once
   6. reloads the folder with `AutoModelForCausalLM.from_pretrained(out)` alone and answers a chat prompt greedily.
 
 Command
-    python convert_smollm2.py --out runs/smollm2          # ~20 s on 2 CPU cores, after the wheels are installed
+    python -m tools.convert_smollm2 --out runs/smollm2          # ~20 s on 2 CPU cores, after the wheels are installed
 
 then, e.g.,
     python sft.py --model runs/smollm2 --data hh_train.jsonl.gz --data-format hh --out runs/smollm2-sft
