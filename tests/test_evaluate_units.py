@@ -251,3 +251,12 @@ def test_figures_are_pngs(tmp_path):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.path.getsize(tmp_path / "wtl.png") > 1000
 
+
+def test_markdown_table():
+    # a header line, a separator with one "---|" per column, then one line per row; a float cell
+    # gets 4 decimals, anything else its str()
+    assert figures.markdown_table(["run", "acc", "n"], [["a", 0.5, 3], ["b", 2 / 3, "-"]]) == (
+        "| run | acc | n |\n"
+        "|---|---|---|\n"
+        "| a | 0.5000 | 3 |\n"
+        "| b | 0.6667 | - |\n")
