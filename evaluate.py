@@ -102,7 +102,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from torch.distributed.fsdp import fully_shard
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import meta_rm
 import reward
@@ -111,7 +112,7 @@ from plumbing.common import (arg, at_least, check, in_unit, in_unit_above_0, non
                              or_sentinel, positive)
 from plumbing.data import CHAT_TEMPLATE_HELP, CHAT_TEMPLATE_MODES, DATA_FORMAT_HELP, DATA_FORMATS
 from plumbing.figures import markdown_table, plot_curves, plot_gap_histograms, plot_win_tie_lose
-from testbed import gold
+from testbed.gold import gold_rewards
 
 
 # --------------------------------------------------------------------------------------------------
@@ -472,7 +473,7 @@ def policy_responses(path: str, prompts: list[str], args: Args, world: int, rank
     ...]. Every rank gets all of them (sampling.sample_texts spreads the prompts over ranks). The
     model is freed afterwards."""
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = distributed.load_model(AutoModelForCausalLM, path, world, device)
+    model = load(AutoModelForCausalLM, path, world, device)
     model.eval()
     texts, _ = sampling.sample_texts(model, tokenizer, [p for p in prompts for _ in range(k)],
                                      max_new_tokens=args.max_new_tokens, world=world, rank=rank,
@@ -484,10 +485,22 @@ def policy_responses(path: str, prompts: list[str], args: Args, world: int, rank
     return texts
 
 
+def load(cls, path: str, world: int, device: torch.device, **overrides) -> torch.nn.Module:
+    """A checkpoint as `cls`, sharded by FSDP2 over the processes (each decoder layer, the root)."""
+    model = distributed.empty_model(cls, path, **overrides)  # the architecture on the meta device
+    if world > 1:  # FSDP2: each decoder layer is one unit (gathered for its forward, freed after)
+        for layer in distributed.decoder_layers(model):
+            fully_shard(layer)
+        fully_shard(model)
+    return distributed.load_weights(model, path, world, device)  # rank 0 reads, broadcasts shards
+
+
 def load_rm(path: str, args: Args, world: int, device: torch.device):
-    """An RM checkpoint (`validate` refused anything else: reward.check_reward_model)."""
+    """An RM checkpoint (`validate` refused anything else: distributed.check_reward_model)."""
     common.seed_everything(args.seed, 0)
-    model, tokenizer = reward.load_reward_model(path, world, device)
+    tokenizer = distributed.check_reward_tokenizer(path, "--rms")
+    model = load(AutoModelForSequenceClassification, path, world, device, num_labels=1,
+                 pad_token_id=tokenizer.pad_token_id)
     model.eval()
     return model, tokenizer
 
@@ -547,7 +560,7 @@ def validate(args: Args) -> dict[str, Any]:
         distributed.check_checkpoint(path, "--diff-checkpoints")
         distributed.check_positions(path, "--max-new-tokens", args.max_new_tokens, reserve=1)
     for path in named["rms"].values():  # a causal LM here would be scored with a random head
-        reward.check_reward_model(path, "--rms")
+        distributed.check_reward_model(path, "--rms")
         distributed.check_positions(path, "--max-len", args.max_len)
     for path in [*named["rm_metrics"].values(), *named["ppo_metrics"].values()]:
         check(os.path.isfile(path), f"{path}: no such metrics file")
@@ -555,7 +568,7 @@ def validate(args: Args) -> dict[str, Any]:
         data.read_prompts(args.prompts, args.data_format)
         if args.judge == "rm":
             check(bool(args.judge_rm), "--judge rm needs --judge-rm PATH")
-            reward.check_reward_model(args.judge_rm, "--judge-rm")
+            distributed.check_reward_model(args.judge_rm, "--judge-rm")
             distributed.check_positions(args.judge_rm, "--max-len", args.max_len)
         if args.judge == "llm":
             check(args.llm_url.startswith(("http://", "https://")),
@@ -689,8 +702,8 @@ def compare_policies(args: Args, world: int, rank: int,
     entry["max_invalid"] = args.max_invalid
     if args.judge == "llm" and args.both_orders:
         entry["orders_disagree"] = sum(bool(j.get("orders_disagree")) for j in judgments)
-    gold_a, gold_b = (gold.gold_rewards(prompts, responses_a),
-                      gold.gold_rewards(prompts, responses_b))
+    gold_a, gold_b = (gold_rewards(prompts, responses_a),
+                      gold_rewards(prompts, responses_b))
     # the testbed: whatever the judge, report the mean gold reward of both
     if None not in gold_a + gold_b:
         entry["gold_mean_a"] = sum(gold_a) / len(gold_a)
@@ -744,8 +757,8 @@ def judge(args: Args, prompts: list[str], responses_a: list[str], responses_b: l
     for a network reason (the endpoint is gone: the rest would each wait for their retries), and
     marks what it did not ask invalid with that reason."""
     if args.judge == "gold":
-        return judge_by_scores(gold.gold_rewards(prompts, responses_a),
-                               gold.gold_rewards(prompts, responses_b), args.margin)
+        return judge_by_scores(gold_rewards(prompts, responses_a),
+                               gold_rewards(prompts, responses_b), args.margin)
     if args.judge == "rm":
         model, tokenizer = load_rm(args.judge_rm, args, world, device)
         scores_a, scores_b = (score_responses(model, tokenizer, prompts, responses, args, world,

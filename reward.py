@@ -35,7 +35,6 @@ from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from plumbing import common, data, distributed, packing
-from plumbing.distributed import check_reward_model, check_reward_tokenizer, load_reward_model  # TEMPORARY (evaluate.py)
 from plumbing.common import arg, check, non_negative, or_sentinel, positive
 from plumbing.data import CHAT_TEMPLATE_HELP, CHAT_TEMPLATE_MODES, DATA_FORMAT_HELP, DATA_FORMATS
 from plumbing.distributed import NOT_RESUMABLE, RESUME_HELP, SAVE_EVERY_HELP
