@@ -1,21 +1,27 @@
-"""Plumbing of a run that is neither data nor processes: its flags, its errors, its output folder, its loop pieces.
+"""Plumbing of a run that is neither data nor processes: its flags, its errors, its output folder,
+its loop pieces.
 
-Nothing in here is part of the method (the losses, Algorithm 1 and PPO live in their stage's file), and nothing in
-here imports a stage or the testbed. The other plumbing modules: `data.py` (files -> records -> token ids),
-`distributed.py` (processes, FSDP2, checkpoints), `sampling.py` (responses from a policy).
+Nothing in here is part of the method (the losses, Algorithm 1 and PPO live in their stage's file),
+and nothing in here imports a stage or the testbed. The other plumbing modules: `data.py`
+(files -> records -> token ids), `distributed.py` (processes, FSDP2, checkpoints), `sampling.py`
+(responses from a policy).
 
-- `arg`, `parse_args`  one `Args` dataclass per stage -> argparse flags (`--meta-order`); help text, choices, the
-                       valid values (`valid=positive`, checked before the stage touches anything) and whether a
-                       field is *essential* (--resume refuses another value) sit on the field
-- `UserError`, `run_main`  a mistake of the user's is one line on stderr and exit status 2, never a traceback; so is a
-                       full disk; SIGINT / SIGTERM end a stage with one line too (`Preemption`: at a step boundary,
-                       after a resumable checkpoint, when --save-every is set)
-- `configure_process`  intra-op threads from the cores this process may use, and no progress-bar redraws in a log
-- `prepare_output`, `lock_output`, `MetricsLog`, `save_args`  the output folder of a stage (one live run at a time)
-                       and what it appends there
-- `is_main`, `print0`, `progress`, `seed_everything`, `autocast`  rank 0 prints; progress bars; seeds; bf16 autocast
-- the pieces every training loop repeats: `split_batch`, `count_steps`, `Shuffled` (the data order, resumable),
-  `due` (every N steps), `eval_mode`, `check_finite`
+- `arg`, `parse_args`  one `Args` dataclass per stage -> argparse flags (`--meta-order`); help text,
+                       choices, the valid values (`valid=positive`, checked before the stage touches
+                       anything) and whether a field is *essential* (--resume refuses another value)
+                       sit on the field
+- `UserError`, `run_main`  a mistake of the user's is one line on stderr and exit status 2, never a
+                       traceback; so is a full disk; SIGINT / SIGTERM end a stage with one line too
+                       (`Preemption`: at a step boundary, after a resumable checkpoint, when
+                       --save-every is set)
+- `configure_process`  intra-op threads from the cores this process may use, and no progress-bar
+                       redraws in a log
+- `prepare_output`, `lock_output`, `MetricsLog`, `save_args`  the output folder of a stage
+                       (one live run at a time) and what it appends there
+- `is_main`, `print0`, `progress`, `seed_everything`, `autocast`  rank 0 prints; progress bars;
+                       seeds; bf16 autocast
+- the pieces every training loop repeats: `split_batch`, `count_steps`, `Shuffled` (the data order,
+  resumable), `due` (every N steps), `eval_mode`, `check_finite`
 """
 from __future__ import annotations
 
@@ -38,11 +44,12 @@ import torch
 import torch.distributed as dist
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Errors: a user's mistake is one clear line and exit code 2, never a traceback.
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 class UserError(Exception):
-    """A problem with the user's input (a file, a flag, a checkpoint): reported as one line, exit status 2."""
+    """A problem with the user's input (a file, a flag, a checkpoint): reported as one line,
+    exit status 2."""
 
 
 class NothingToDo(Exception):
@@ -50,8 +57,9 @@ class NothingToDo(Exception):
 
 
 class NonFiniteError(UserError):
-    """A loss or gradient became NaN/inf: the stage stops, naming the step and quantity; no checkpoint is written.
-    The check comes before anything is saved in that step, so the last checkpoint holds finite weights."""
+    """A loss or gradient became NaN/inf: the stage stops, naming the step and quantity; no
+    checkpoint is written. The check comes before anything is saved in that step, so the last
+    checkpoint holds finite weights."""
 
 
 def check(condition: bool, message: str) -> None:
@@ -61,37 +69,42 @@ def check(condition: bool, message: str) -> None:
 
 
 def check_finite(value: float, what: str) -> None:
-    """Stop the stage (`NonFiniteError`) when a loss or norm is NaN or inf; `what` names it ("sft step 3: loss")."""
+    """Stop the stage (`NonFiniteError`) when a loss or norm is NaN or inf; `what` names it
+    ("sft step 3: loss")."""
     if not math.isfinite(value):
-        raise NonFiniteError(f"{what} is {value}; stopping (the last saved checkpoint is untouched)")
+        raise NonFiniteError(f"{what} is {value}; stopping "
+                             "(the last saved checkpoint is untouched)")
 
 
 class Interrupted(Exception):
-    """SIGINT (Ctrl-C) or SIGTERM (a cluster's preemption) ended the stage: one line on stderr, exit status 128 +
-    the signal's number (130, 143), as a shell reports a process killed by it."""
+    """SIGINT (Ctrl-C) or SIGTERM (a cluster's preemption) ended the stage: one line on stderr, exit
+    status 128 + the signal's number (130, 143), as a shell reports a process killed by it."""
 
     def __init__(self, signum: int, message: str):
         super().__init__(message)
         self.signum = signum
 
 
-# A full disk (or quota, or a read-only file system) is the user's to fix: one line, not a traceback.
+# A full disk (or quota, or a read-only file system) is the user's to fix: one line, not a
+# traceback.
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def run_main(main: Callable[[], Any]) -> None:
     """Call `main()`; turn a `UserError` into one line on stderr (rank 0 only) and exit status 2.
 
-    Every rank sees the same inputs, so every rank raises the same error and exits; printing it once is enough.
-    The process group, if any, is torn down first so torchrun does not wait on a rank that left. An `OSError` of a
-    full disk is reported the same way; SIGINT / SIGTERM are handled by `Preemption` (one line, exit 128 + signal).
+    Every rank sees the same inputs, so every rank raises the same error and exits; printing it once
+    is enough. The process group, if any, is torn down first so torchrun does not wait on a rank
+    that left. An `OSError` of a full disk is reported the same way; SIGINT / SIGTERM are handled by
+    `Preemption` (one line, exit 128 + signal).
     """
     _install_signal_handlers()
     try:
         main()
     except NothingToDo as e:
         print0(str(e))
-    except Interrupted as e:  # no teardown: another rank may sit in a collective that will never complete
+    except Interrupted as e:
+        # no teardown: another rank may sit in a collective that will never complete
         if int(os.environ.get("RANK", "0")) == 0:
             print(str(e), file=sys.stderr, flush=True)
         sys.stdout.flush()
@@ -100,14 +113,16 @@ def run_main(main: Callable[[], Any]) -> None:
         if isinstance(e, OSError) and e.errno not in DISK_ERRNOS:
             raise
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}" if isinstance(e, UserError) else f"error: {e.filename or ''}: {e.strerror}",
+            print(f"error: {e}" if isinstance(e, UserError)
+                  else f"error: {e.filename or ''}: {e.strerror}",
                   file=sys.stderr, flush=True)
         if dist.is_initialized():
             dist.destroy_process_group()
         sys.stdout.flush()
         os._exit(2)
-    # torchrun workers have been seen to abort at interpreter exit *after* the work finished (docs/design.md §9);
-    # ending the process here, after everything was flushed and saved, makes the exit status reliable.
+    # torchrun workers have been seen to abort at interpreter exit *after* the work finished
+    # (docs/design.md §9); ending the process here, after everything was flushed and saved, makes
+    # the exit status reliable.
     if dist.is_initialized():
         dist.destroy_process_group()
     if "LOCAL_RANK" in os.environ:
@@ -116,32 +131,36 @@ def run_main(main: Callable[[], Any]) -> None:
         os._exit(0)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# SIGINT / SIGTERM: a training loop stops at a step boundary after a resumable checkpoint (--save-every N > 0);
-# anything else stops at once. The handlers are installed by `run_main` only (the process entry point): a stage
-# called in-process (tests, a notebook) leaves the caller's signal handling alone.
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# SIGINT / SIGTERM: a training loop stops at a step boundary after a resumable checkpoint
+# (--save-every N > 0); anything else stops at once. The handlers are installed by `run_main` only
+# (the process entry point): a stage called in-process (tests, a notebook) leaves the caller's
+# signal handling alone.
+# --------------------------------------------------------------------------------------------------
 class Preemption:
     """What the signal handler does while a stage runs, and the stage's side of it.
 
-    `Preemption(resumable=True, what="sft", out=...)` (a training loop with --save-every N > 0): a SIGINT or SIGTERM
-    only raises a flag; `requested(world, step, last)` (collective: the flag is the max over all ranks, so every
-    rank stops at the same step even when only one was signalled) says whether to save at this step boundary, and
-    `stop(step, last)` then ends the stage with one line naming the checkpoint and --resume. Further signals while
-    the flag is up are ignored (under torchrun, Ctrl-C reaches every worker and torchrun then sends SIGTERM too).
-    Outside such a loop (loading, evaluation, a stage without --save-every) a signal ends the stage at once, with
-    the line `hint` (what is left on disk)."""
+    `Preemption(resumable=True, what="sft", out=...)` (a training loop with --save-every N > 0): a
+    SIGINT or SIGTERM only raises a flag; `requested(world, step, last)` (collective: the flag is
+    the max over all ranks, so every rank stops at the same step even when only one was signalled)
+    says whether to save at this step boundary, and `stop(step, last)` then ends the stage with one
+    line naming the checkpoint and --resume. Further signals while the flag is up are ignored (under
+    torchrun, Ctrl-C reaches every worker and torchrun then sends SIGTERM too). Outside such a loop
+    (loading, evaluation, a stage without --save-every) a signal ends the stage at once, with the
+    line `hint` (what is left on disk)."""
 
     current: "Preemption | None" = None  # the stage's, read by the handler
 
-    def __init__(self, resumable: bool = False, what: str = "", out: str = "", hint: str = "", unit: str = "step"):
+    def __init__(self, resumable: bool = False, what: str = "", out: str = "", hint: str = "",
+                 unit: str = "step"):
         self.resumable, self.what, self.out, self.hint, self.unit = resumable, what, out, hint, unit
         self.signum = 0
         Preemption.current = self
 
     def requested(self, world: int, step: int, last: int) -> bool:
-        """At the boundary after `step` (counted from 1) of `last`: was a signal received on any rank? Never at the
-        last step (the stage is about to finish anyway). Collective under torchrun: every rank must call it."""
+        """At the boundary after `step` (counted from 1) of `last`: was a signal received on any
+        rank? Never at the last step (the stage is about to finish anyway). Collective under
+        torchrun: every rank must call it."""
         flag = self.signum
         if world > 1:
             t = torch.tensor([flag], dtype=torch.int64)
@@ -151,19 +170,22 @@ class Preemption:
         return bool(flag) and step < last
 
     def stop(self, step: int, last: int) -> None:
-        """After the checkpoint of `step` was saved: end the stage (`Interrupted`) when `requested` said so."""
+        """After the checkpoint of `step` was saved: end the stage (`Interrupted`) when `requested`
+        said so."""
         if self.signum and step < last:
             name = signal.Signals(self.signum).name
-            raise Interrupted(self.signum, f"{self.what}: stopped by {name} after {self.unit} {step} of {last}; a "
-                                           f"resumable checkpoint is in {self.out}: run the same command with "
-                                           "--resume to continue (the result is the same as an uninterrupted run)")
+            raise Interrupted(self.signum,
+                              f"{self.what}: stopped by {name} after {self.unit} {step} of {last}; "
+                              f"a resumable checkpoint is in {self.out}: run the same command with "
+                              "--resume to continue "
+                              "(the result is the same as an uninterrupted run)")
 
     def handle(self, signum: int) -> None:
         if self.resumable:
             self.signum = self.signum or signum
             return
-        raise Interrupted(signum, f"stopped by {signal.Signals(signum).name}" + (f"; {self.hint}" if self.hint
-                                                                                  else ""))
+        raise Interrupted(signum, f"stopped by {signal.Signals(signum).name}"
+                                  + (f"; {self.hint}" if self.hint else ""))
 
 
 def _install_signal_handlers() -> None:
@@ -174,13 +196,14 @@ def _install_signal_handlers() -> None:
         signal.signal(s, handler)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Arguments: one dataclass per stage, one flag per field.
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Valid:
-    """The valid values of a numeric flag: `test(value)`, the words that name them in an error ("a finite number
-    > 0"), and `bad`, values that fail the test, so a test can try each flag with them (tests/test_flags.py)."""
+    """The valid values of a numeric flag: `test(value)`, the words that name them in an error
+    ("a finite number > 0"), and `bad`, values that fail the test, so a test can try each flag with
+    them (tests/test_flags.py)."""
     describe: str
     test: Callable[[Any], bool]
     bad: tuple
@@ -189,7 +212,8 @@ class Valid:
         return bool(self.test(value))
 
     def counterexamples(self, kind: type) -> list:
-        """The `bad` values that a flag of type `kind` can be given on a command line (an int flag takes no nan)."""
+        """The `bad` values that a flag of type `kind` can be given on a command line
+        (an int flag takes no nan)."""
         if kind is float:
             return [float(b) for b in self.bad]
         return [int(b) for b in self.bad if math.isfinite(b) and b == int(b)]
@@ -201,7 +225,8 @@ def _number(x: Any) -> bool:
 
 # The predicates the stages' Args use (`arg(..., valid=positive)`)
 positive = Valid("a finite number > 0", lambda x: _number(x) and x > 0, (0, -1, math.nan, math.inf))
-non_negative = Valid("a finite number >= 0", lambda x: _number(x) and x >= 0, (-1, math.nan, math.inf))
+non_negative = Valid("a finite number >= 0", lambda x: _number(x) and x >= 0,
+                     (-1, math.nan, math.inf))
 finite = Valid("a finite number", _number, (math.nan, math.inf, -math.inf))
 in_unit = Valid("in [0, 1]", lambda x: _number(x) and 0 <= x <= 1, (-1, 2, math.nan))
 in_unit_above_0 = Valid("in (0, 1]", lambda x: _number(x) and 0 < x <= 1, (0, -1, 2, math.nan))
@@ -209,7 +234,8 @@ seed = Valid("an integer in [0, 2**31 - 1]", lambda x: _number(x) and 0 <= x < 2
 
 
 def at_least(n: float, why: str = "") -> Valid:
-    return Valid(f"a number >= {n}" + (f" ({why})" if why else ""), lambda x: _number(x) and x >= n, (n - 1, math.nan))
+    return Valid(f"a number >= {n}" + (f" ({why})" if why else ""),
+                 lambda x: _number(x) and x >= n, (n - 1, math.nan))
 
 
 def or_sentinel(sentinel: int, meaning: str, base: Valid = positive) -> Valid:
@@ -220,13 +246,14 @@ def or_sentinel(sentinel: int, meaning: str, base: Valid = positive) -> Valid:
 
 def arg(default: Any, help: str, choices: Iterable[Any] | None = None, *, essential: bool = False,
         valid: Valid | None = None) -> Any:
-    """A field of a stage's `Args`: its default, its --help text, optional allowed values, its valid values (`valid`,
-    a `Valid` such as `positive`; every numeric field has `choices` or `valid`, tests/test_flags.py checks it), and
-    whether it is `essential` — it changes what the run computes, so `--resume` refuses a checkpoint written with
-    another value (see `essential_fields`). Everything sits in the field's metadata dict, read by `parse_args`,
+    """A field of a stage's `Args`: its default, its --help text, optional allowed values, its valid
+    values (`valid`, a `Valid` such as `positive`; every numeric field has `choices` or `valid`,
+    tests/test_flags.py checks it), and whether it is `essential` — it changes what the run
+    computes, so `--resume` refuses a checkpoint written with another value
+    (see `essential_fields`). Everything sits in the field's metadata dict, read by `parse_args`,
     `validate` and `essential_fields`."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "essential": essential,
-                                                        "valid": valid})
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices,
+                                                        "essential": essential, "valid": valid})
 
 
 def flag_name(field_name: str) -> str:
@@ -235,8 +262,9 @@ def flag_name(field_name: str) -> str:
 
 
 def validate(args: Any) -> None:
-    """Check every field that declares `valid=` (`parse_args` calls it, before the stage touches anything); the first
-    bad value is a `UserError` naming the flag: "--lr -1.0: must be a finite number > 0"."""
+    """Check every field that declares `valid=` (`parse_args` calls it, before the stage touches
+    anything); the first bad value is a `UserError` naming the flag:
+    "--lr -1.0: must be a finite number > 0"."""
     for f in dataclasses.fields(args):
         valid, value = f.metadata.get("valid"), getattr(args, f.name)
         if valid is not None and not valid(value):
@@ -249,8 +277,9 @@ def essential_fields(args: Any) -> list[str]:
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):
-    """argparse, but a bad command line is one line on stderr (rank 0 only under torchrun) and exit status 2, like a
-    `UserError`; the default prints the whole usage block first, from every rank."""
+    """argparse, but a bad command line is one line on stderr (rank 0 only under torchrun) and exit
+    status 2, like a `UserError`; the default prints the whole usage block first,
+    from every rank."""
 
     def error(self, message: str) -> typing.NoReturn:
         if int(os.environ.get("RANK", "0")) == 0:
@@ -261,15 +290,17 @@ class _OneLineErrorParser(argparse.ArgumentParser):
 def parse_args(cls: type, argv: list[str] | None = None) -> Any:
     """Build an argparse parser from the dataclass `cls` and return an instance filled from `argv`.
 
-    Field `meta_order` becomes flag `--meta-order`; a bool field becomes `--flag / --no-flag`. Unknown flags,
-    abbreviations and values of the wrong type are refused with one line naming the flag and exit status 2, and so
-    are values outside a field's `valid=` (`validate`, a `UserError`).
+    Field `meta_order` becomes flag `--meta-order`; a bool field becomes `--flag / --no-flag`.
+    Unknown flags, abbreviations and values of the wrong type are refused with one line naming the
+    flag and exit status 2, and so are values outside a field's `valid=`
+    (`validate`, a `UserError`).
     """
     parser = _OneLineErrorParser(
         prog=program_name(),
         description=(sys.modules[cls.__module__].__doc__ or "").strip().split("\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        allow_abbrev=False,  # a flag is exactly its field's name; `--meta` must not silently mean `--meta-order`
+        # a flag is exactly its field's name; `--meta` must not silently mean `--meta-order`
+        allow_abbrev=False,
     )
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -277,19 +308,22 @@ def parse_args(cls: type, argv: list[str] | None = None) -> Any:
         kind = hints[f.name]
         help_text = f.metadata.get("help", "")
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=help_text)
             continue
-        if typing.get_origin(kind) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if typing.get_origin(kind) in (typing.Union,
+                                       getattr(__import__("types"), "UnionType", None)):
             kind = next(a for a in typing.get_args(kind) if a is not type(None))  # Optional[T] -> T
-        parser.add_argument(flag, type=kind, default=f.default, help=help_text, choices=f.metadata.get("choices"))
+        parser.add_argument(flag, type=kind, default=f.default, help=help_text,
+                            choices=f.metadata.get("choices"))
     args = cls(**vars(parser.parse_args(argv)))
     validate(args)
     return args
 
 
 def program_name() -> str:
-    """How the user started this program, for usage lines: `sft.py`, or `python -m study` for a module of a
-    folder run with -m (whose sys.argv[0] is a file path such as study/__main__.py)."""
+    """How the user started this program, for usage lines: `sft.py`, or `python -m study` for a
+    module of a folder run with -m (whose sys.argv[0] is a file path such as study/__main__.py)."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     if spec is not None and spec.name:
         return "python -m " + spec.name.removesuffix(".__main__")
@@ -302,19 +336,23 @@ def save_args(args: Any, folder: str) -> None:
         json.dump(dataclasses.asdict(args), f, indent=2, sort_keys=True)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The output folder of a stage
-# ---------------------------------------------------------------------------------------------------------------
-def prepare_output(folder: str, overwrite: bool, resume: bool = False, state: dict | None = None) -> None:
-    """Refuse to write into a folder that already holds files, unless --overwrite (then its old metrics.jsonl is
-    removed; its checkpoint files are replaced only when the new checkpoint is complete, see
-    `distributed.save_model`) or --resume (`state` from `distributed.resume_state`: metrics.jsonl is cut back to
-    the lines written before that checkpoint, so the resumed run appends exactly what the interrupted one would
-    have; no state: a fresh start). Refuse a folder that another live run writes into (`lock_output`)."""
+# --------------------------------------------------------------------------------------------------
+def prepare_output(folder: str, overwrite: bool, resume: bool = False,
+                   state: dict | None = None) -> None:
+    """Refuse to write into a folder that already holds files, unless --overwrite (then its old
+    metrics.jsonl is removed; its checkpoint files are replaced only when the new checkpoint is
+    complete, see `distributed.save_model`) or --resume (`state` from `distributed.resume_state`:
+    metrics.jsonl is cut back to the lines written before that checkpoint, so the resumed run
+    appends exactly what the interrupted one would have; no state: a fresh start). Refuse a folder
+    that another live run writes into (`lock_output`)."""
     exists = os.path.isdir(folder) and len(os.listdir(folder)) > 0
     check(not exists or overwrite or resume,
-          f"{folder}: output folder already holds files (pass --resume to continue that run, --overwrite to replace it)")
-    check(not os.path.exists(folder) or os.path.isdir(folder), f"{folder}: exists and is not a folder")
+          f"{folder}: output folder already holds files "
+          "(pass --resume to continue that run, --overwrite to replace it)")
+    check(not os.path.exists(folder) or os.path.isdir(folder),
+          f"{folder}: exists and is not a folder")
     lock_output(folder)  # collective: every rank has checked before rank 0 creates the folder
     if is_main():
         os.makedirs(folder, exist_ok=True)
@@ -327,21 +365,23 @@ def prepare_output(folder: str, overwrite: bool, resume: bool = False, state: di
             os.remove(metrics)
 
 
-_LOCKS: dict[str, int] = {}  # lock file -> the descriptor that holds its flock, for the life of the process
+# lock file -> the descriptor that holds its flock, for the life of the process
+_LOCKS: dict[str, int] = {}
 
 
 def lock_path(folder: str) -> str:
-    """The lock file of an output folder: `.NAME.lock` beside it, not inside (a checkpoint save replaces the folder
-    by renaming, which would take a lock file inside it along)."""
+    """The lock file of an output folder: `.NAME.lock` beside it, not inside (a checkpoint save
+    replaces the folder by renaming, which would take a lock file inside it along)."""
     parent, name = os.path.split(os.path.abspath(folder))
     return os.path.join(parent, f".{name}.lock")
 
 
 def lock_output(folder: str) -> None:
-    """One live run per output folder: rank 0 takes an exclusive `fcntl.flock` on `lock_path(folder)` and holds it
-    until the process ends (the kernel drops it however the process ends, so a killed run leaves nothing stuck);
-    a second run on the same folder is refused with one line naming the holder's pid. Collective under torchrun
-    (rank 0's answer is broadcast). Taking it again in the same process is a no-op (stages called in-process)."""
+    """One live run per output folder: rank 0 takes an exclusive `fcntl.flock` on
+    `lock_path(folder)` and holds it until the process ends (the kernel drops it however the process
+    ends, so a killed run leaves nothing stuck); a second run on the same folder is refused with one
+    line naming the holder's pid. Collective under torchrun (rank 0's answer is broadcast). Taking
+    it again in the same process is a no-op (stages called in-process)."""
     refused = None
     if is_main():
         path = lock_path(folder)
@@ -353,8 +393,8 @@ def lock_output(folder: str) -> None:
             except BlockingIOError:
                 holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
                 os.close(fd)
-                refused = (f"{folder}: another run (pid {holder}) is writing into this folder; wait for it to end or "
-                           "choose another --out")
+                refused = (f"{folder}: another run (pid {holder}) is writing into this folder; "
+                           "wait for it to end or choose another --out")
             else:
                 os.ftruncate(fd, 0)
                 os.write(fd, f"{os.getpid()}\n".encode())
@@ -375,8 +415,8 @@ def write_lines(path: str, lines: list[str]) -> None:
 
 
 class MetricsLog:
-    """Append-only JSONL of metrics, written by rank 0 only. The file is opened for each line, so a crash loses
-    nothing and a checkpoint save may move the folder that holds it."""
+    """Append-only JSONL of metrics, written by rank 0 only. The file is opened for each line, so a
+    crash loses nothing and a checkpoint save may move the folder that holds it."""
 
     def __init__(self, path: str):
         self.path = path
@@ -387,9 +427,9 @@ class MetricsLog:
                 f.write(json.dumps(metrics) + "\n")
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Printing, seeds, precision
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def is_main() -> bool:
     """Rank 0, or the only process: the one that prints, saves and draws progress bars."""
     return not dist.is_initialized() or dist.get_rank() == 0
@@ -404,34 +444,39 @@ def print0(*a: Any, **k: Any) -> None:
 
 
 def progress(iterable: Iterable | None = None, **kwargs: Any):
-    """A tqdm progress bar, drawn by rank 0 only and only when stderr is a terminal: in a log (nohup, CI, a file) a
-    bar is one carriage-return redraw per step, so there is none; the stage's periodic metric lines stay."""
+    """A tqdm progress bar, drawn by rank 0 only and only when stderr is a terminal: in a log
+    (nohup, CI, a file) a bar is one carriage-return redraw per step, so there is none; the stage's
+    periodic metric lines stay."""
     from tqdm import tqdm
 
     return tqdm(iterable, disable=not (is_main() and sys.stderr.isatty()), **kwargs)
 
 
-THREADS_HELP = ("intra-op threads of this process; 0 = auto: $OMP_NUM_THREADS when set, else the cores this process "
-                "may use (taskset) divided by the processes torchrun starts on this machine")
+THREADS_HELP = ("intra-op threads of this process; 0 = auto: $OMP_NUM_THREADS when set, "
+                "else the cores this process may use (taskset) divided by the processes "
+                "torchrun starts on this machine")
 
 
 def threads_for(requested: int = 0) -> int:
-    """The intra-op threads of this process: `requested` (--threads) when > 0; else OMP_NUM_THREADS when it is set
-    (a positive integer); else the cores this process may run on (os.sched_getaffinity: taskset, cgroups) shared by
-    the processes of this machine (LOCAL_WORLD_SIZE, set by torchrun), at least 1."""
+    """The intra-op threads of this process: `requested` (--threads) when > 0; else OMP_NUM_THREADS
+    when it is set (a positive integer); else the cores this process may run on
+    (os.sched_getaffinity: taskset, cgroups) shared by the processes of this machine
+    (LOCAL_WORLD_SIZE, set by torchrun), at least 1."""
     if requested > 0:
         return requested
     omp = os.environ.get("OMP_NUM_THREADS", "").strip()
     if omp.isdigit() and int(omp) > 0:
         return int(omp)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+             else (os.cpu_count() or 1))
     return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def configure_process(threads: int = 0) -> int:
-    """What every stage does first: `torch.set_num_threads(threads_for(threads))` (threads that outnumber the cores
-    busy-wait on each other: two 2-thread processes on 2 cores each ran ~3x slower than with 1 thread each, see
-    BENCHMARKS.md), and no progress bars from transformers when stderr is not a terminal. Returns the thread count."""
+    """What every stage does first: `torch.set_num_threads(threads_for(threads))` (threads that
+    outnumber the cores busy-wait on each other: two 2-thread processes on 2 cores each ran
+    ~3x slower than with 1 thread each, see BENCHMARKS.md), and no progress bars from transformers
+    when stderr is not a terminal. Returns the thread count."""
     n = threads_for(threads)
     torch.set_num_threads(n)
     if not sys.stderr.isatty():
@@ -442,33 +487,39 @@ def configure_process(threads: int = 0) -> int:
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:
-    """Seed python, numpy and torch. Each rank gets seed + rank so ranks sample different things where they
-    sample independently (generation); data order is drawn from separate generators seeded with `seed` alone."""
+    """Seed python, numpy and torch. Each rank gets seed + rank so ranks sample different things
+    where they sample independently (generation); data order is drawn from separate generators
+    seeded with `seed` alone."""
     random.seed(seed + rank)
     np.random.seed(seed + rank)
     torch.manual_seed(seed + rank)
 
 
 def autocast(device: torch.device, bf16: bool):
-    """bf16 autocast when asked (about 4x faster matmuls on this CPU); fp32 otherwise (the reference)."""
+    """bf16 autocast when asked (about 4x faster matmuls on this CPU); fp32 otherwise
+    (the reference)."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Pieces every training loop repeats (each stage's loop stays in its own file; these are its parts)
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def split_batch(global_batch: int, micro_batch: int, world: int, flag: str = "--batch-size") -> int:
-    """Gradient-accumulation steps so that global = micro x accumulation x world; a clear error otherwise."""
+    """Gradient-accumulation steps so that global = micro x accumulation x world;
+    a clear error otherwise."""
     check(global_batch > 0 and micro_batch > 0, f"{flag} and --micro-batch-size must be positive")
     check(global_batch % (micro_batch * world) == 0,
-          f"{flag} {global_batch} is not divisible by --micro-batch-size {micro_batch} x world size {world}")
+          f"{flag} {global_batch} is not divisible by --micro-batch-size {micro_batch} "
+          f"x world size {world}")
     return global_batch // (micro_batch * world)
 
 
-def count_steps(n: int, batch_size: int, epochs: float, max_steps: int, what: str) -> tuple[int, int]:
-    """(steps per epoch, total steps) of `epochs` passes over `n` items in global batches of `batch_size`, the last
-    incomplete batch of every epoch dropped, at most `max_steps` (-1 = no limit). `what` names the data in the error
-    when not even one batch fits ("pairs.jsonl: 10 pairs")."""
+def count_steps(n: int, batch_size: int, epochs: float, max_steps: int,
+                what: str) -> tuple[int, int]:
+    """(steps per epoch, total steps) of `epochs` passes over `n` items in global batches of
+    `batch_size`, the last incomplete batch of every epoch dropped, at most `max_steps`
+    (-1 = no limit). `what` names the data in the error when not even one batch fits
+    ("pairs.jsonl: 10 pairs")."""
     steps_per_epoch = n // batch_size
     check(steps_per_epoch > 0, f"{what}, fewer than one batch of {batch_size}")
     total_steps = math.floor(steps_per_epoch * epochs)
@@ -476,15 +527,16 @@ def count_steps(n: int, batch_size: int, epochs: float, max_steps: int, what: st
 
 
 class Shuffled:
-    """The order in which a stage draws its data: `take()` returns the indices of the next batch of `batch_size`
-    items out of `n`, from a fresh random permutation every epoch.
+    """The order in which a stage draws its data: `take()` returns the indices of the next batch of
+    `batch_size` items out of `n`, from a fresh random permutation every epoch.
 
-    The generator is seeded with `seed` alone, the same on every rank, so every rank draws the same global batch
-    (each then takes its own slice). `whole_batches=True` (sft, reward, D in meta_rm): an epoch is cut to whole
-    batches (the rest of the permutation is dropped) and the next epoch starts when it is used up.
-    `whole_batches=False` (S in meta_rm, prompts in ppo): the order cycles; when fewer than a batch remain, the next
-    permutation is appended, so a batch may span two epochs. `state_dict` / `load_state_dict` hold what --resume needs:
-    the indices not drawn yet and the generator's state.
+    The generator is seeded with `seed` alone, the same on every rank, so every rank draws the same
+    global batch (each then takes its own slice). `whole_batches=True` (sft, reward, D in meta_rm):
+    an epoch is cut to whole batches (the rest of the permutation is dropped) and the next epoch
+    starts when it is used up. `whole_batches=False` (S in meta_rm, prompts in ppo): the order
+    cycles; when fewer than a batch remain, the next permutation is appended, so a batch may span
+    two epochs. `state_dict` / `load_state_dict` hold what --resume needs: the indices not drawn yet
+    and the generator's state.
     """
 
     def __init__(self, n: int, batch_size: int, seed: int, whole_batches: bool):
@@ -496,7 +548,8 @@ class Shuffled:
         if self.whole_batches and not self.order:  # a new epoch, cut to whole batches
             self.order = torch.randperm(self.n, generator=self.generator).tolist()[
                 : self.n // self.batch_size * self.batch_size]
-        while not self.whole_batches and len(self.order) < self.batch_size:  # cycle: append the next epoch
+        # cycle: append the next epoch
+        while not self.whole_batches and len(self.order) < self.batch_size:
             self.order += torch.randperm(self.n, generator=self.generator).tolist()
         batch = self.order[: self.batch_size]
         del self.order[: self.batch_size]
@@ -511,14 +564,16 @@ class Shuffled:
 
 
 def due(every: int, step: int, last: int) -> bool:
-    """Whether a periodic action (--eval-every, --save-every) runs after `step` (counted from 1): every `every`
-    steps, never when `every` is 0, and not after the `last` step — the stage does it once more after its loop."""
+    """Whether a periodic action (--eval-every, --save-every) runs after `step` (counted from 1):
+    every `every` steps, never when `every` is 0, and not after the `last` step — the stage does it
+    once more after its loop."""
     return every > 0 and step % every == 0 and step < last
 
 
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Dropout off for an evaluation in the middle of training; the model's previous mode is restored after it."""
+    """Dropout off for an evaluation in the middle of training; the model's previous mode is
+    restored after it."""
     was_training = model.training
     model.eval()
     try:
