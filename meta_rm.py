@@ -1,158 +1,184 @@
 """MetaRM: reward-model training with a meta-learning step — Algorithm 1 of Dou et al. (AAAI 2025).
 
-The policy drifts during PPO; the RM then loses its ability to tell the policy's new responses apart (the reward
-differences between samples of one prompt shrink). MetaRM keeps training the RM on the ORIGINAL preference pairs D,
-but takes every update at parameters θ' that were first pushed one gradient-ASCENT step towards separating samples
-of the current policy (the meta set S). No new labels are needed.
+The policy drifts during PPO; the RM then loses its ability to tell the policy's new responses apart
+(the reward differences between samples of one prompt shrink). MetaRM keeps training the RM on the
+ORIGINAL preference pairs D, but takes every update at parameters θ' that were first pushed one
+gradient-ASCENT step towards separating samples of the current policy (the meta set S). No new
+labels are needed.
 
 Equations (paper §3; docs/design.md §2)
-    Eq. (1)  L_θ(X_t)   = − mean log σ( r_θ(x, y_w) − r_θ(x, y_l) )              reward.bradley_terry_loss
-    Eq. (2)  J_θ(x, s)  = (2 / k²) Σ_{i<j} σ( | r_θ(x, s_i) − r_θ(x, s_j) | )   difference_loss  (maximised)
+    Eq. (1)  L_θ(X_t)   = − mean log σ( r_θ(x, y_w) − r_θ(x, y_l) )
+             reward.bradley_terry_loss
+    Eq. (2)  J_θ(x, s)  = (2 / k²) Σ_{i<j} σ( | r_θ(x, s_i) − r_θ(x, s_j) | )
+             difference_loss  (maximised)
 
-Algorithm 1, one iteration t — lines 2, 3 and 7 in `main`'s loop, lines 4–7 in `meta_gradient` (the gradient of
-l.7; the optimiser applies it); each line is tagged "Alg.1 l.N" in the code:
+Algorithm 1, one iteration t — lines 2, 3 and 7 in `main`'s loop, lines 4–7 in `meta_gradient` (the
+gradient of l.7; the optimiser applies it); each line is tagged "Alg.1 l.N" in the code:
     l.2  X_t ← n pairs (x, y_w, y_l) from D
     l.3  X_s ← m items (x, s_1..s_k) from S
     l.4  J_θ(X_s) at θ_t
-    l.5  θ'_t = θ_t + η ∇_θ J_θ(X_s)                      meta-process: one gradient-ASCENT step
+    l.5  θ'_t = θ_t + η ∇_θ J_θ(X_s)                     meta-process: one gradient-ASCENT step
     l.6  L_θ'(X_t) at θ'_t
-    l.7  θ_{t+1} = θ_t − α ∇_θ L_θ'(X_t)                   MetaRM-optimisation (here: AdamW with lr α)
+    l.7  θ_{t+1} = θ_t − α ∇_θ L_θ'(X_t)                 MetaRM-optimisation (here: AdamW with lr α)
 
-Which code computes lines 4–7 (`--meta-impl`, chosen once before the loop by `meta_impl` and `choose_meta_step`):
-    python meta_rm.py (1 process)      `meta_gradient`, the textbook code (torch.func.functional_call), both orders
-    torchrun, --meta-order 1 (default) `meta_gradient_inplace`: NOT the functional_call code, but the same
-                                       first-order gradient on the sharded model (back up θ, ascend in place,
-                                       backward L at θ', restore θ); `auto` picks it
-    torchrun, --meta-order 2           `meta_gradient_gathered`: `meta_gradient` itself, on gathered parameters
-functional_call cannot run on an FSDP2 (fully_shard-ed) module, hence the routes (docs/design.md §9); the tests
-check that both give the single-process gradient.
+Which code computes lines 4–7 (`--meta-impl`; `meta_route` chooses once, and an `if` in the loop
+names the route that runs):
+    python meta_rm.py (1 process)      `meta_gradient`, the textbook code
+                                       (torch.func.functional_call), both orders
+    torchrun, --meta-order 1 (default) `meta_gradient_inplace`: NOT the functional_call code, but
+                                       the same first-order gradient on the sharded model
+                                       (back up θ, ascend in place, backward L at θ', restore θ);
+                                       `auto` picks it
+    torchrun, --meta-order 2           `meta_gradient_gathered`: `meta_gradient` itself, on gathered
+                                       parameters
+functional_call cannot run on an FSDP2 (fully_shard-ed) module, hence the routes
+(docs/design.md §9); the tests check that both give the single-process gradient.
 
 Commands
-    python meta_data.py --policy runs/testbed/sft --out runs/testbed/meta_set        # build S (k = 5 per prompt)
-    python meta_rm.py                                                                  # 1 process, CPU, testbed
-    torchrun --standalone --nproc_per_node=2 meta_rm.py                                # FSDP2, 2 processes
-    torchrun --nproc_per_node=8 meta_rm.py --model runs/llama2-rm --train hh_train.jsonl --meta runs/S1/meta_train.jsonl --bf16
+    python meta_data.py --policy runs/testbed/sft \
+        --out runs/testbed/meta_set                         # build S (k = 5 per prompt)
+    python meta_rm.py                                       # 1 process, CPU, testbed
+    torchrun --standalone --nproc_per_node=2 meta_rm.py     # FSDP2, 2 processes
+    torchrun --nproc_per_node=8 meta_rm.py --model runs/llama2-rm --train hh_train.jsonl \
+        --meta runs/S1/meta_train.jsonl --bf16
 
 Paper defaults (Llama-2-7B): α = η = 5e-6, n = m = 16, k = 5, 1 epoch over D, lr 5e-6.
 
 Deliberate choices (the paper is silent or we offer more)
-  1. First order by default (`--meta-order 1`): θ' = θ + η·stopgrad(∇J), so ∇_θ L(θ') is the gradient AT θ' applied
-     to θ — what the paper's update and the authors' implementation do (back up θ, ascend in place, backward L,
-     restore θ). `--meta-order 2` is the exact gradient d L(θ + η ∇J(θ)) / dθ, which adds the Hessian-vector
-     product η ∇²J · ∇L; it needs double backward, so the model is loaded with eager attention.
-  2. J over a meta mini-batch is the MEAN over its m prompts of Eq. (2) (the paper does not say; mean is the natural
-     reading). The normaliser is 2/k², as printed, not 1/C(k, 2).
-  3. |·| has no derivative at 0; torch uses sign(0) = 0, so two responses with identical rewards push each other
-     nowhere. (Exact ties are rare except for identical responses.)
-  4. α is applied through AdamW by default (constant lr α, betas (0.9, 0.95), no weight decay, gradient clip 1.0),
-     like reward.py; `--optimizer sgd` is Algorithm 1 l.7 to the letter (θ − α∇L). The ascent of l.5 is a raw
-     gradient step as in the paper.
-  5. `--normalize-ascent` (off by default, a deviation): θ' = θ + η ∇J / ‖∇J‖, a step of fixed length η. With the
-     paper's raw step, ‖θ' − θ‖ = η‖∇J‖ can be vanishingly small (the meta step then does nothing); the log shows it.
-  6. Under FSDP2 (world size > 1) the two routes above stand in for `meta_gradient`: `functional` (gathered) does
-     both orders but holds the whole model on every rank during the step; `inplace` keeps everything sharded (first
-     order only; the route that scales to 7B on 8 GPUs).
+  1. First order by default (`--meta-order 1`): θ' = θ + η·stopgrad(∇J), so ∇_θ L(θ') is the
+     gradient AT θ' applied to θ — what the paper's update and the authors' implementation do
+     (back up θ, ascend in place, backward L, restore θ). `--meta-order 2` is the exact gradient
+     d L(θ + η ∇J(θ)) / dθ, which adds the Hessian-vector product η ∇²J · ∇L; it needs double
+     backward, so the model is loaded with eager attention.
+  2. J over a meta mini-batch is the MEAN over its m prompts of Eq. (2) (the paper does not say;
+     mean is the natural reading). The normaliser is 2/k², as printed, not 1/C(k, 2).
+  3. |·| has no derivative at 0; torch uses sign(0) = 0, so two responses with identical rewards
+     push each other nowhere. (Exact ties are rare except for identical responses.)
+  4. α is applied through AdamW by default (constant lr α, betas (0.9, 0.95), no weight decay,
+     gradient clip 1.0), like reward.py; `--optimizer sgd` is Algorithm 1 l.7 to the letter
+     (θ − α∇L). The ascent of l.5 is a raw gradient step as in the paper.
+  5. `--normalize-ascent` (off by default, a deviation): θ' = θ + η ∇J / ‖∇J‖, a step of fixed
+     length η. With the paper's raw step, ‖θ' − θ‖ = η‖∇J‖ can be vanishingly small (the meta step
+     then does nothing); the log shows it.
+  6. Under FSDP2 (world size > 1) the two routes above stand in for `meta_gradient`:
+     `functional` (gathered) does both orders but holds the whole model on every rank during the
+     step; `inplace` keeps everything sharded (first order only; the route that scales to
+     7B on 8 GPUs).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from typing import Callable
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.fsdp import fully_shard
 from torch.func import functional_call
 from transformers import AutoModelForSequenceClassification
 
-import common
-import data
-import distributed
-import packing
 import reward
-from common import arg, check, non_negative, or_sentinel, positive
-from data import CHAT_TEMPLATE_HELP, CHAT_TEMPLATE_MODES, DATA_FORMAT_HELP, DATA_FORMATS
-from distributed import NOT_RESUMABLE, RESUME_HELP, SAVE_EVERY_HELP
+from plumbing import common, data, distributed, packing
+from plumbing.common import arg, check, non_negative, or_sentinel, positive
+from plumbing.data import CHAT_TEMPLATE_HELP, CHAT_TEMPLATE_MODES, DATA_FORMAT_HELP, DATA_FORMATS
+from plumbing.distributed import NOT_RESUMABLE, RESUME_HELP, SAVE_EVERY_HELP
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Arguments
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Args:
-    model: str = arg("runs/testbed/rm", "initial reward model: an RM checkpoint (reward.py or meta_rm.py); an SFT "
-                     "checkpoint only with --fresh-head", essential=True)
-    fresh_head: bool = arg(False, "allow a causal-LM (SFT) --model, which then gets a new, randomly initialised "
-                                  "score head (pipeline.py --rm-init sft); without it --model must be a reward model",
+    model: str = arg("runs/testbed/rm", "initial reward model: an RM checkpoint (reward.py or "
+                     "meta_rm.py); an SFT checkpoint only with --fresh-head", essential=True)
+    fresh_head: bool = arg(False, "allow a causal-LM (SFT) --model, which then gets a new, "
+                                  "randomly initialised score head "
+                                  "(python -m study --rm-init sft); "
+                                  "without it --model must be a reward model",
                            essential=True)
-    train: str = arg("runs/testbed/data/pairs_train.jsonl", "preference pairs D, JSONL {prompt, chosen, rejected}",
-                     essential=True)
-    test: str = arg("runs/testbed/data/pairs_test.jsonl", "held-out pairs for evaluation (empty string = none)")
+    train: str = arg("runs/testbed/data/pairs_train.jsonl",
+                     "preference pairs D, JSONL {prompt, chosen, rejected}", essential=True)
+    test: str = arg("runs/testbed/data/pairs_test.jsonl",
+                    "held-out pairs for evaluation (empty string = none)")
     meta: str = arg("runs/testbed/meta_set/meta_train.jsonl",
-                    "meta set S: JSONL {prompt, responses: [k strings]} sampled from the current policy (meta_data.py)",
-                    essential=True)
+                    "meta set S: JSONL {prompt, responses: [k strings]} sampled from the current "
+                    "policy (meta_data.py)", essential=True)
     meta_heldout: str = arg("runs/testbed/meta_set/meta_heldout.jsonl",
                             "held-out part of S for reward-gap statistics (empty string = none)")
-    out: str = arg("runs/testbed/meta_rm", "output folder: the RM checkpoint, metrics.jsonl, args.json")
-    lr: float = arg(5e-6, "α: learning rate of the MetaRM-optimisation step, Alg. 1 l.7 (paper: 5e-6)", essential=True,
-                    valid=positive)
-    eta: float = arg(5e-6, "η: step size of the meta-process ascent, Alg. 1 l.5 (paper: 5e-6)", essential=True,
-                     valid=non_negative)
-    meta_order: int = arg(1, "1: first order, the gradient at θ' applied to θ (paper); 2: exact, through ∇²J",
-                          choices=[1, 2], essential=True)
-    meta_impl: str = arg("auto", "how the meta step runs: functional (torch.func.functional_call; on a gathered "
-                         "copy under FSDP2), inplace (sharded: perturb θ in place and restore; order 1 only), "
+    out: str = arg("runs/testbed/meta_rm",
+                   "output folder: the RM checkpoint, metrics.jsonl, args.json")
+    lr: float = arg(5e-6, "α: learning rate of the MetaRM-optimisation step, Alg. 1 l.7 "
+                          "(paper: 5e-6)", essential=True, valid=positive)
+    eta: float = arg(5e-6, "η: step size of the meta-process ascent, Alg. 1 l.5 (paper: 5e-6)",
+                     essential=True, valid=non_negative)
+    meta_order: int = arg(1, "1: first order, the gradient at θ' applied to θ (paper); "
+                             "2: exact, through ∇²J", choices=[1, 2], essential=True)
+    meta_impl: str = arg("auto", "how the meta step runs: "
+                         "functional (torch.func.functional_call; on a gathered copy under FSDP2), "
+                         "inplace (sharded: perturb θ in place and restore; order 1 only), "
                          "auto = functional at world size 1 or order 2, else inplace",
                          choices=["auto", "functional", "inplace"])
-    optimizer: str = arg("adamw", "update rule of Alg. 1 l.7: adamw (like reward.py) or sgd (θ − α∇L, the letter "
-                         "of Algorithm 1)", choices=["adamw", "sgd"], essential=True)
-    normalize_ascent: bool = arg(False, "deviation, off by default: ascend by η·∇J/‖∇J‖ instead of η·∇J",
-                                 essential=True)
+    optimizer: str = arg("adamw", "update rule of Alg. 1 l.7: adamw (like reward.py) or sgd "
+                         "(θ − α∇L, the letter of Algorithm 1)", choices=["adamw", "sgd"],
+                         essential=True)
+    normalize_ascent: bool = arg(False, "deviation, off by default: ascend by η·∇J/‖∇J‖ "
+                                        "instead of η·∇J", essential=True)
     epochs: float = arg(1.0, "passes over D (paper: 1)", valid=positive)
-    batch_size: int = arg(16, "n: preference pairs per step, global (paper: 16)", essential=True, valid=positive)
-    meta_batch_size: int = arg(16, "m: meta prompts per step, global (paper: 16); each has k responses",
-                               essential=True, valid=positive)
-    micro_batch_size: int = arg(16, "pairs (and meta prompts) per forward on one process; inplace impl only "
-                                "splits a step into several forwards", valid=positive)
-    max_len: int = arg(512, "maximum tokens of prompt + response; longer ones are truncated (see data.encode)",
-                       essential=True, valid=positive)
-    data_format: str = arg("auto", DATA_FORMAT_HELP + " (for --train and --test)", choices=DATA_FORMATS,
-                           essential=True)
-    preference: str = arg("safer", "PKU-SafeRLHF: chosen by safer_response_id or better_response_id",
+    batch_size: int = arg(16, "n: preference pairs per step, global (paper: 16)", essential=True,
+                          valid=positive)
+    meta_batch_size: int = arg(16, "m: meta prompts per step, global (paper: 16); "
+                                   "each has k responses", essential=True, valid=positive)
+    micro_batch_size: int = arg(16, "pairs (and meta prompts) per forward on one process; "
+                                "inplace impl only splits a step into several forwards",
+                                valid=positive)
+    max_len: int = arg(512, "maximum tokens of prompt + response; longer ones are truncated "
+                            "(see data.encode)", essential=True, valid=positive)
+    data_format: str = arg("auto", DATA_FORMAT_HELP + " (for --train and --test)",
+                           choices=DATA_FORMATS, essential=True)
+    preference: str = arg("safer",
+                          "PKU-SafeRLHF: chosen by safer_response_id or better_response_id",
                           choices=["safer", "better"], essential=True)
-    chat_template: str = arg("auto", CHAT_TEMPLATE_HELP, choices=CHAT_TEMPLATE_MODES, essential=True)
-    grad_clip: float = arg(1.0, "clip the global gradient norm to this value (0 = off)", essential=True,
-                           valid=non_negative)
-    seed: int = arg(0, "random seed (data order, head initialisation when starting from SFT)", essential=True,
-                    valid=common.seed)
-    bf16: bool = arg(False, "bf16 autocast for forward/backward (fp32 master weights); fp32 is the reference",
-                     essential=True)
+    chat_template: str = arg("auto", CHAT_TEMPLATE_HELP, choices=CHAT_TEMPLATE_MODES,
+                             essential=True)
+    grad_clip: float = arg(1.0, "clip the global gradient norm to this value (0 = off)",
+                           essential=True, valid=non_negative)
+    seed: int = arg(0, "random seed (data order, head initialisation when starting from SFT)",
+                    essential=True, valid=common.seed)
+    bf16: bool = arg(False, "bf16 autocast for forward/backward (fp32 master weights); "
+                            "fp32 is the reference", essential=True)
     threads: int = arg(0, common.THREADS_HELP, valid=non_negative)
     max_steps: int = arg(-1, "stop after this many steps (-1 = the whole epoch); for smoke tests",
                          valid=or_sentinel(-1, "the whole epoch"))
-    eval_every: int = arg(50, "evaluate on the test pairs and held-out S every N steps (and at the end; 0 = end)",
-                          valid=non_negative)
+    eval_every: int = arg(50, "evaluate on the test pairs and held-out S every N steps "
+                              "(and at the end; 0 = end)", valid=non_negative)
     eval_batch_size: int = arg(32, "sequences per forward pass during evaluation", valid=positive)
     log_every: int = arg(10, "print a metrics line every N steps", valid=positive)
-    log_adapted_every: int = arg(1, "measure J(θ') (one extra forward of X_s) every N steps; 0 = never. The "
-                                    "functional route also logs J of standardised rewards, the reward scale and "
-                                    "cos(∇L(θ'), ∇L(θ)) (mechanism_stats; one more forward/backward of X_t)",
+    log_adapted_every: int = arg(1, "every N steps log what the ascent did (mechanism_stats, any "
+                                    "route): J at θ', J of standardised rewards, the reward scale, "
+                                    "cos(∇L(θ'), ∇L(θ)); costs a forward/backward of X_s and X_t "
+                                    "and a forward of X_s; 0 = never",
                                  valid=non_negative)
     overwrite: bool = arg(False, "replace an existing output folder")
     save_every: int = arg(0, SAVE_EVERY_HELP, valid=non_negative)
     resume: bool = arg(False, RESUME_HELP)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Eq. (2): the difference loss
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def difference_loss(rewards: torch.Tensor) -> torch.Tensor:
-    """Eq. (2), averaged over prompts: mean_x (2/k²) Σ_{i<j} σ(|r(x, s_i) − r(x, s_j)|). (m, k) -> scalar.
+    """Eq. (2), averaged over prompts: mean_x (2/k²) Σ_{i<j} σ(|r(x, s_i) − r(x, s_j)|).
+    (m, k) -> scalar.
 
-    To be MAXIMISED (the meta-process ascends it): a larger value means the RM spreads the k responses of a prompt
-    further apart. Every term is ≥ σ(0) = 0.5, so J ≥ (2/k²)·C(k,2)·0.5 = (k−1)/(2k), reached when all k rewards
-    are equal. The normaliser is 2/k² as printed in the paper (not 1/C(k, 2)); there is no log.
-    At r_i = r_j, |·| has no derivative; torch's abs uses sign(0) = 0, so the pair contributes no gradient.
+    To be MAXIMISED (the meta-process ascends it): a larger value means the RM spreads the k
+    responses of a prompt further apart. Every term is ≥ σ(0) = 0.5, so
+    J ≥ (2/k²)·C(k,2)·0.5 = (k−1)/(2k), reached when all k rewards are equal. The normaliser is 2/k²
+    as printed in the paper (not 1/C(k, 2)); there is no log.
+    At r_i = r_j, |·| has no derivative; torch's abs uses sign(0) = 0, so the pair
+    contributes no gradient.
     """
     m, k = rewards.shape
     gaps = (rewards[:, :, None] - rewards[:, None, :]).abs()  # (m, k, k): |r_i − r_j|
@@ -164,47 +190,41 @@ def difference_loss(rewards: torch.Tensor) -> torch.Tensor:
 def reward_gaps(scores: torch.Tensor) -> dict[str, float]:
     """Statistics of how well the RM separates k samples of one prompt. scores (m, k) -> dict.
 
-    gap_mean / gap_std: of |r_i − r_j| over all pairs i < j of every prompt (paper Fig. 5, before normalising);
+    gap_mean / gap_std: of |r_i − r_j| over all pairs i < j of every prompt
+        (paper Fig. 5, before normalising);
     diff12_var: variance over prompts of r(x, s_1) − r(x, s_2) (paper Fig. 1); J: Eq. (2)."""
     k = scores.shape[1]
     i, j = torch.triu_indices(k, k, offset=1)
     gaps = (scores[:, i] - scores[:, j]).abs().flatten()
     return {"gap_mean": gaps.mean().item(), "gap_std": gaps.std().item(),
-            "diff12_var": (scores[:, 0] - scores[:, 1]).var().item(), "J": difference_loss(scores).item()}
+            "diff12_var": (scores[:, 0] - scores[:, 1]).var().item(),
+            "J": difference_loss(scores).item()}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Algorithm 1, lines 4–7: the meta step
-# ----------------------------------------------------------------------------------------------------------------
-# A batch of sequences: packed (packing.Packed, what the stage runs: no FLOPs on padding) or right-padded
-# (input_ids, attention_mask) — the reference the packed layout is tested against. Rewards come in sequence order.
-Batch = packing.Packed | tuple[torch.Tensor, torch.Tensor]
-
-
-def meta_gradient(model: torch.nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
-                  pairs: Batch, meta: Batch, k: int, eta: float, order: int, normalize_ascent: bool = False,
-                  average: Callable[[torch.Tensor], torch.Tensor] = lambda g: g, bf16: bool = False,
-                  measure_adapted: bool = False) -> tuple[list[torch.Tensor], dict[str, float]]:
+# --------------------------------------------------------------------------------------------------
+# Algorithm 1, lines 4–7: the meta step (the textbook code, torch.func.functional_call)
+# --------------------------------------------------------------------------------------------------
+def meta_gradient(model: torch.nn.Module, params: dict[str, torch.Tensor],
+                  buffers: dict[str, torch.Tensor], pairs: packing.Packed, meta: packing.Packed,
+                  k: int, eta: float, order: int, normalize_ascent: bool = False,
+                  average: Callable[[torch.Tensor], torch.Tensor] = lambda g: g,
+                  bf16: bool = False) -> tuple[list[torch.Tensor], dict[str, float]]:
     """∇_θ L_θ'(X_t) with θ' = θ + η ∇_θ J_θ(X_s) — Algorithm 1, lines 4–7 up to the optimiser step.
 
-    params   θ by name: the model's own parameters (world size 1) or gathered full copies (under FSDP2)
-    pairs    X_t as one batch of 2n sequences: 0..n−1 chosen, n..2n−1 rejected (reward.pair_sequences)
-    meta     X_s as one batch of m·k sequences: sequence i·k + j is response j of prompt i
-    average  turns this process's ∇J into the mean over all processes (identity at world size 1); it must be
+    params   θ by name: the model's own parameters (one process) or gathered full copies (FSDP2)
+    pairs    X_t packed: 2n sequences, 0..n−1 chosen, n..2n−1 rejected (reward.pair_sequences)
+    meta     X_s packed: m·k sequences, sequence i·k + j is response j of prompt i
+    average  turns this process's ∇J into the mean over all processes (identity in one process);
              differentiable for order 2 (an autograd-aware all-reduce)
-    measure_adapted  also report J at θ' (one extra no-grad forward of X_s), to show the ascent raised J
-    Returns the gradient for every parameter (same order as `params`) and statistics of the step.
+    Returns the gradient of every parameter (in the order of `params`) and the step's statistics.
     """
     device = next(iter(params.values())).device
 
-    def r(theta: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
-        """r_θ(x, y) evaluated at the parameters `theta` (a dict), not at the module's own: torch.func."""
+    def r(theta: dict[str, torch.Tensor], batch: packing.Packed) -> torch.Tensor:
+        """r_θ(x, y) at the parameters `theta`, (B,) in the model's dtype
+        (bf16 autocast: float32)."""
         with common.autocast(device, bf16):
-            if isinstance(batch, packing.Packed):
-                return reward.reward_dtype(reward.packed_rewards(model, batch, {**theta, **buffers}))  # (B,)
-            out = functional_call(model, {**theta, **buffers}, args=(),
-                                  kwargs=dict(input_ids=batch[0], attention_mask=batch[1], use_cache=False))
-        return reward.reward_dtype(out.logits[:, 0])  # (B,) in the model's dtype (bf16 autocast: float32)
+            return reward.reward_dtype(rewards_at(model, {**theta, **buffers}, batch))
 
     names, theta = list(params), list(params.values())
 
@@ -213,9 +233,9 @@ def meta_gradient(model: torch.nn.Module, params: dict[str, torch.Tensor], buffe
     J = difference_loss(r_meta.view(-1, k))           # (m, k) -> scalar
 
     # Alg.1 l.5: θ' = θ + η ∇θ J(X_s)   (meta-process: ASCENT, hence the plus sign)
-    # First order: the ascent direction is a constant (no graph), so dθ'/dθ = I and the gradient that l.7 takes at
-    # θ' is applied to θ unchanged. Second order: keep the graph (create_graph) so that backpropagating through θ'
-    # also differentiates ∇J, giving dθ'/dθ = I + η ∇²J.
+    # First order: the ascent direction is a constant (no graph), so dθ'/dθ = I and the gradient
+    # that l.7 takes at θ' is applied to θ unchanged. Second order: keep the graph (create_graph) so
+    # that backpropagating through θ' also differentiates ∇J, giving dθ'/dθ = I + η ∇²J.
     grad_J = torch.autograd.grad(J, theta, create_graph=order == 2)
     grad_J = [average(g if order == 2 else g.detach()) for g in grad_J]
     grad_J_norm = torch.sqrt(sum((g.detach().double() ** 2).sum() for g in grad_J)).item()
@@ -229,68 +249,48 @@ def meta_gradient(model: torch.nn.Module, params: dict[str, torch.Tensor], buffe
 
     # Alg.1 l.7 (the gradient; the optimiser applies it with lr α): ∇θ L_θ'(X_t)
     grads = torch.autograd.grad(L, theta)
-    stats = {"L_adapted": L.item(), "J": J.item(), "acc_adapted": (r_pairs[:n] > r_pairs[n:]).float().mean().item(),
-             "step_norm": ascent_size * grad_J_norm, "grad_J_norm": grad_J_norm}  # step_norm = ‖θ' − θ‖
-    if measure_adapted:
-        stats.update(mechanism_stats(r, params, adapted, pairs, meta, k, r_meta, grads))
+    stats = {"L_adapted": L.item(), "J": J.item(),
+             "acc_adapted": (r_pairs[:n] > r_pairs[n:]).float().mean().item(),
+             "step_norm": ascent_size * grad_J_norm,  # ‖θ' − θ‖
+             "grad_J_norm": grad_J_norm}
     return list(grads), stats
 
 
-def standardised(x: torch.Tensor) -> torch.Tensor:
-    """(x − mean) / std over all entries (population std): rewards on a scale-free footing."""
-    return (x - x.mean()) / x.std(unbiased=False).clamp(min=1e-12)
+def rewards_at(model: torch.nn.Module, params: dict[str, torch.Tensor],
+               batch: packing.Packed) -> torch.Tensor:
+    """r_θ(x, y) of packed sequences at the parameters `params` (θ or θ' by name, with the buffers),
+    not at the module's own: torch.func.functional_call runs the module's forward with them. The
+    same computation as reward.packed_rewards: the head (no bias) on each sequence's final hidden
+    state at its last token, the EOS. (S,)"""
+    call = lambda **kwargs: functional_call(model, params, args=(), kwargs=kwargs)
+    hidden = packing.hidden(model, batch, call)[batch.last]  # (S, d)
+    return F.linear(hidden, params["score.weight"])[:, 0]
 
 
-def mechanism_stats(r: Callable, params: dict[str, torch.Tensor], adapted: dict[str, torch.Tensor], pairs: Batch,
-                    meta: Batch, k: int, r_meta: torch.Tensor, grads: tuple[torch.Tensor, ...]) -> dict[str, float]:
-    """What the meta step did, beyond "J went up" (logged every --log-adapted-every steps; one extra forward and
-    backward of X_t at θ and one forward of X_s at θ').
-
-    Eq. (2) rewards a larger reward *scale* as much as a better *separation*: σ(|Δr|) grows when every reward is
-    multiplied by 2, although the ranking is unchanged, and PPO's score normalisation cancels the scale again. So:
-      J_adapted                 J at θ' (the ascent should raise it)
-      J_std, J_std_adapted      J of the standardised rewards at θ and θ': rises only if the separation improved
-      reward_std_S, _D          the reward scale: std of r over the X_s responses and over the X_t sequences at θ
-      cos_grad                  cos(∇L(θ'), ∇L(θ)): 1 means the look-ahead changed nothing about the update
-    """
-    theta = list(params.values())
-    with torch.no_grad():
-        r_meta_adapted = r(adapted, meta)
-    r_pairs = r(params, pairs)                                           # (2n,) at θ
-    n = r_pairs.shape[0] // 2
-    grads_at_theta = torch.autograd.grad(reward.bradley_terry_loss(r_pairs[:n], r_pairs[n:]), theta)
-    dot = sum((a.double() * b.double()).sum() for a, b in zip(grads, grads_at_theta))
-    norms = (sum((a.double() ** 2).sum() for a in grads) * sum((b.double() ** 2).sum() for b in grads_at_theta))
-    return {"J_adapted": difference_loss(r_meta_adapted.view(-1, k)).item(),
-            "J_std": difference_loss(standardised(r_meta.detach()).view(-1, k)).item(),
-            "J_std_adapted": difference_loss(standardised(r_meta_adapted).view(-1, k)).item(),
-            "reward_std_S": r_meta.detach().std(unbiased=False).item(),
-            "reward_std_D": r_pairs.detach().std(unbiased=False).item(),
-            "cos_grad": (dot / norms.sqrt().clamp(min=1e-300)).item()}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Algorithm 1 under FSDP2: two routes that stand in for `meta_gradient`, and the choice between them
+# --------------------------------------------------------------------------------------------------
+# Algorithm 1 under FSDP2: two routes that stand in for `meta_gradient`
 #
-# `torch.func.functional_call` cannot run on a `fully_shard`-ed module: its parameters are sharded DTensors that
-# FSDP2 all-gathers inside its own forward hooks, so parameters passed in from outside never enter the graph
-# (docs/design.md §9). Two ways round it, each checked against one process (tests/test_meta_rm.py):
-#   gathered  (`--meta-impl functional` under torchrun; the route for --meta-order 2)  IS `meta_gradient`: it runs
-#             the textbook function on full copies of the parameters and a plain twin of the model, then turns the
-#             gradient back into shards. Both orders; the whole model on every rank during the step.
-#   in-place  (`--meta-impl inplace`; what `auto` runs under torchrun at the default --meta-order 1)  equals
-#             `meta_gradient(order=1)` bit for bit in one process: the authors' recipe on the sharded model.
-#             First order only; nothing is ever gathered in full, so it scales to 7B on 8 GPUs.
-# ----------------------------------------------------------------------------------------------------------------
-def meta_gradient_gathered(model: torch.nn.Module, twin: torch.nn.Module, pairs: Batch, meta: Batch, k: int,
-                           eta: float, order: int, normalize_ascent: bool, bf16: bool,
-                           measure_adapted: bool = False) -> dict[str, float]:
-    """`meta_gradient` on an FSDP2 model: all-gather each parameter into a full tensor, run the textbook code on
-    `twin` (a plain, meta-device copy of the architecture whose weights come only from functional_call), then
-    turn each full gradient back into this process's shard and store it in `p.grad`.
+# `torch.func.functional_call` cannot run on a `fully_shard`-ed module: its parameters are sharded
+# DTensors that FSDP2 all-gathers inside its own forward hooks, so parameters passed in from outside
+# never enter the graph (docs/design.md §9). Two ways round it, each checked against one process
+# (tests/test_meta_rm.py); `main`'s loop names the one that runs:
+#   gathered  (`--meta-impl functional` under torchrun; the route for --meta-order 2) IS
+#             `meta_gradient`, run on full copies of the parameters and a plain twin of the model;
+#             the gradient goes back into shards. Both orders; the whole model on every rank.
+#   in-place  (`--meta-impl inplace`; `auto` under torchrun at --meta-order 1) equals
+#             `meta_gradient(order=1)` bit for bit in one process: the authors' recipe on the
+#             sharded model. First order only; nothing is gathered in full, so it scales to
+#             7B on 8 GPUs.
+# --------------------------------------------------------------------------------------------------
+def meta_gradient_gathered(model: torch.nn.Module, twin: torch.nn.Module, pairs: packing.Packed,
+                           meta: packing.Packed, k: int, eta: float, order: int,
+                           normalize_ascent: bool, bf16: bool) -> dict[str, float]:
+    """`meta_gradient` on an FSDP2 model: all-gather each parameter into a full tensor, run the
+    textbook code on `twin` (a plain, meta-device copy of the architecture whose weights come only
+    from functional_call), then turn each full gradient back into this process's shard in `p.grad`.
 
-    ∇J is averaged over processes with an autograd-aware all-reduce, so order 2 differentiates through it;
-    the final gradients are averaged by redistributing Partial("avg") -> Shard(0)."""
+    ∇J is averaged over processes with an autograd-aware all-reduce, so order 2 differentiates
+    through it; the final gradients are averaged by redistributing Partial("avg") -> Shard(0)."""
     from torch.distributed._functional_collectives import all_reduce
     from torch.distributed.tensor import DTensor, Partial, Shard
 
@@ -298,193 +298,244 @@ def meta_gradient_gathered(model: torch.nn.Module, twin: torch.nn.Module, pairs:
     sharded = dict(model.named_parameters())
     full = {n: p.full_tensor().detach().requires_grad_(True) for n, p in sharded.items()}
     buffers = dict(model.named_buffers())
-    average = lambda g: all_reduce(g, "sum", dist.group.WORLD) / world  # differentiable mean over processes
-    grads, stats = meta_gradient(twin, full, buffers, pairs, meta, k, eta, order, normalize_ascent, average, bf16,
-                                 measure_adapted)
-    for (name, p), g in zip(sharded.items(), grads):
-        g = DTensor.from_local(g, p.device_mesh, [Partial("avg")]).redistribute(p.device_mesh, [Shard(0)])
-        p.grad = g
-    local = {key: v for key, v in stats.items() if key in ("L_adapted", "acc_adapted", "J", "J_adapted", "J_std",
-                                                            "J_std_adapted", "reward_std_S", "reward_std_D",
-                                                            "cos_grad")}
-    stats.update(distributed.all_reduce_mean(local, world))  # each process measured its own share; report the mean
-    return stats
+    average = lambda g: all_reduce(g, "sum", dist.group.WORLD) / world  # differentiable mean
+    grads, stats = meta_gradient(twin, full, buffers, pairs, meta, k, eta, order, normalize_ascent,
+                                 average, bf16)
+    for p, g in zip(sharded.values(), grads):
+        p.grad = DTensor.from_local(g, p.device_mesh, [Partial("avg")]).redistribute(
+            p.device_mesh, [Shard(0)])
+    # each process measured its own share of X_t and X_s; report the mean
+    local = {key: stats[key] for key in ("L_adapted", "acc_adapted", "J")}
+    return {**stats, **distributed.all_reduce_mean(local, world)}
 
 
-def meta_gradient_inplace(model: torch.nn.Module, pairs: list[Batch], meta: list[Batch], k: int, eta: float,
-                          n_pairs: int, n_prompts: int, normalize_ascent: bool = False,
-                          bf16: bool = False, measure_adapted: bool = False) -> dict[str, float]:
-    """`meta_gradient(order=1)` without functional_call — the same lines 4–7 in the authors' recipe, which keeps FSDP2
-    parameters sharded: back up θ, add η·∇J to the parameters in place, backpropagate L at θ', restore θ exactly.
-    Leaves ∇_θ L_θ'(X_t) in each `p.grad` and returns the same statistics. `pairs`, `meta`: lists of micro-batches;
-    n_pairs, n_prompts: this process's totals, which weight each micro-batch's share of the mean."""
-    device = next(model.parameters()).device
+def meta_gradient_inplace(model: torch.nn.Module, pairs: list[packing.Packed],
+                          meta: list[packing.Packed], k: int, eta: float, n_pairs: int,
+                          n_prompts: int, normalize_ascent: bool = False,
+                          bf16: bool = False) -> dict[str, float]:
+    """`meta_gradient(order=1)` without functional_call — the same lines 4–7 in the authors' recipe,
+    which keeps FSDP2 parameters sharded: back up θ, add η·∇J to the parameters in place,
+    backpropagate L at θ', restore θ exactly. Leaves ∇_θ L_θ'(X_t) in each `p.grad` and returns
+    the same statistics. `pairs`, `meta`: micro-batches; n_pairs, n_prompts: this process's totals,
+    which weight each micro-batch's share of the mean."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     theta = list(model.parameters())
     backup = [p.detach().clone() for p in theta]  # θ_t, to restore bit for bit after the look-ahead
 
-    def rewards(batch: Batch) -> torch.Tensor:  # r at the module's own (current) parameters, (B,)
-        with common.autocast(device, bf16):
-            if isinstance(batch, packing.Packed):
-                return reward.reward_dtype(reward.packed_rewards(model, batch))
-            return reward.reward_dtype(reward.rewards(model, *batch))
-
-    # J at θ: backward leaves ∇J in p.grad (FSDP2 averages it over processes)
+    # Alg.1 l.4: J at θ; backward leaves ∇J in p.grad (FSDP2 averages it over processes)
     J = 0.0
     for batch in meta:
-        r = rewards(batch).view(-1, k)  # (b, k)
+        r = own_rewards(model, batch, bf16).view(-1, k)  # (b, k)
         J_micro = difference_loss(r) * r.shape[0] / n_prompts
         J_micro.backward()
         J += J_micro.item()
     J = distributed.all_reduce_mean({"J": J}, world)["J"]
 
-    # the ascent θ' = θ + η ∇J, in place
+    # Alg.1 l.5: θ' = θ + η ∇J, in place
     grad_J_norm = distributed.global_norm([p.grad for p in theta])
     ascent_size = eta / max(grad_J_norm, 1e-12) if normalize_ascent else eta
     with torch.no_grad():
         for p in theta:
-            p.copy_(p + ascent_size * p.grad)  # same arithmetic as meta_gradient (θ + η·g), bit for bit
+            p.copy_(p + ascent_size * p.grad)  # same arithmetic as meta_gradient, bit for bit
             p.grad = None
 
-    # L at θ': backward leaves ∇L at θ' in p.grad
+    # Alg.1 l.6: L at θ'; backward leaves ∇L(θ') in p.grad
     L, correct = 0.0, 0.0
     for batch in pairs:
-        r = rewards(batch)
+        r = own_rewards(model, batch, bf16)
         b = r.shape[0] // 2
         L_micro = reward.bradley_terry_loss(r[:b], r[b:]) * b / n_pairs
         L_micro.backward()
         L += L_micro.item()
         correct += (r[:b] > r[b:]).sum().item()
-    J_adapted = 0.0
-    if measure_adapted:  # J at θ', to show the ascent raised it
-        with torch.no_grad():
-            for batch in meta:
-                r = rewards(batch).view(-1, k)
-                J_adapted += difference_loss(r).item() * r.shape[0] / n_prompts
-        distributed.reshard(model)
 
-    # the update needs the gradient at θ' but applies it to θ: restore θ, keep p.grad
+    # Alg.1 l.7 needs the gradient at θ' but applies it to θ: restore θ, keep p.grad
     with torch.no_grad():
         for p, saved in zip(theta, backup):
             p.copy_(saved)
-    metrics = distributed.all_reduce_mean({"L": L, "acc": correct / n_pairs, "J_adapted": J_adapted}, world)
-    stats = {"L_adapted": metrics["L"], "J": J, "acc_adapted": metrics["acc"], "step_norm": ascent_size * grad_J_norm,
-             "grad_J_norm": grad_J_norm}
-    if measure_adapted:
-        stats["J_adapted"] = metrics["J_adapted"]
-    return stats
+    metrics = distributed.all_reduce_mean({"L": L, "acc": correct / n_pairs}, world)
+    return {"L_adapted": metrics["L"], "J": J, "acc_adapted": metrics["acc"],
+            "step_norm": ascent_size * grad_J_norm, "grad_J_norm": grad_J_norm}
 
 
-def meta_impl(args: Args, world: int) -> str:
-    """The route `--meta-impl` names; `auto` = functional at world size 1 (`meta_gradient` on the model itself) or
-    at order 2 (gathered), else in-place (so torchrun at the default order 1 runs `meta_gradient_inplace`)."""
+def own_rewards(model: torch.nn.Module, batch: packing.Packed, bf16: bool) -> torch.Tensor:
+    """r at the module's own (current) parameters: (B,), in the model's dtype."""
+    device = next(model.parameters()).device
+    with common.autocast(device, bf16):
+        return reward.reward_dtype(reward.packed_rewards(model, batch))
+
+
+def meta_route(args: Args, world: int) -> str:
+    """Which code computes Alg. 1 l.4–7: `functional` (`meta_gradient` on the model itself: one
+    process), `gathered` (`meta_gradient` on gathered parameters: `--meta-impl functional` under
+    torchrun) or `inplace`. `--meta-impl auto` is functional in one process and under torchrun
+    gathered at order 2, in place at order 1."""
     impl = args.meta_impl if args.meta_impl != "auto" else (
         "functional" if world == 1 or args.meta_order == 2 else "inplace")
     check(not (impl == "inplace" and args.meta_order == 2),
-          "--meta-impl inplace computes the first-order gradient only; use --meta-impl functional for --meta-order 2")
-    return impl
+          "--meta-impl inplace computes the first-order gradient only; use --meta-impl functional "
+          "for --meta-order 2")
+    return "gathered" if impl == "functional" and world > 1 else impl
 
 
-MetaStep = Callable[[list[dict], list[dict], bool], dict[str, float]]
+# --------------------------------------------------------------------------------------------------
+# What the meta step did (every --log-adapted-every steps, called from the loop after the meta step)
+# --------------------------------------------------------------------------------------------------
+def standardised(x: torch.Tensor) -> torch.Tensor:
+    """(x − mean) / std over all entries (population std): rewards on a scale-free footing."""
+    return (x - x.mean()) / x.std(unbiased=False).clamp(min=1e-12)
 
 
-def choose_meta_step(impl: str, args: Args, model: torch.nn.Module, tokenizer, k: int, n_local: int, m_local: int,
-                     world: int, device: torch.device) -> MetaStep:
-    """Algorithm 1 l.4–7 up to the optimiser step, as one function chosen once before the loop:
-    `meta_step(X_t, X_s, measure_adapted)` tokenises this process's share of X_t and X_s (in forwards of at most
-    --micro-batch-size; the functional routes were checked to need one), leaves ∇_θ L_θ'(X_t) in every `p.grad`
-    and returns the step's statistics (J, L_adapted, step_norm, ...)."""
-    def batches(X_t: list[dict], X_s: list[dict]) -> tuple[list[Batch], list[Batch]]:
-        mb, pad = args.micro_batch_size, tokenizer.pad_token_id  # packed: no FLOPs on padding (packing.py)
-        pairs = [reward.pair_sequences(tokenizer, X_t[i: i + mb], args.max_len, args.chat_template)[0]
-                 for i in range(0, n_local, mb)]
-        meta = [meta_sequences(tokenizer, X_s[i: i + mb], args.max_len, args.chat_template)
-                for i in range(0, m_local, mb)]
-        return ([packing.pack(seqs, pad).to(device) for seqs in pairs],
-                [packing.pack(seqs, pad).to(device) for seqs in meta])
+def mechanism_stats(model: torch.nn.Module, pairs: list[packing.Packed],
+                    meta: list[packing.Packed], k: int, eta: float, normalize_ascent: bool,
+                    n_pairs: int, n_prompts: int, bf16: bool) -> dict[str, float]:
+    """What the meta step did, beyond "J went up". Called after any route, before the optimiser
+    step: `p.grad` holds ∇L(θ'), the model is at θ. Works on a plain or an FSDP2 module alike (it
+    moves the module's own parameters to θ' and back, as the in-place route does); `p.grad` and θ
+    are left exactly as found. Costs a forward/backward of X_s and X_t and a forward of X_s.
 
-    if impl == "inplace":
-        def meta_step(X_t: list[dict], X_s: list[dict], measure_adapted: bool) -> dict[str, float]:
-            return meta_gradient_inplace(model, *batches(X_t, X_s), k, args.eta, n_local, m_local,
-                                         args.normalize_ascent, args.bf16, measure_adapted)
-    elif world > 1:
-        with torch.device("meta"):  # a plain copy of the architecture; its weights come from functional_call
-            twin = AutoModelForSequenceClassification.from_config(model.config)
-        twin.train()
+    Eq. (2) rewards a larger reward *scale* as much as a better *separation*: σ(|Δr|) grows when
+    every reward is multiplied by 2, although the ranking is unchanged, and PPO's score
+    normalisation cancels the scale again. So:
+      J_adapted                 J at θ' (the ascent should raise it)
+      J_std, J_std_adapted      J of the standardised rewards at θ and θ': rises only if the
+                                separation improved
+      reward_std_S, _D          the reward scale: std of r over the X_s responses and over the X_t
+                                sequences at θ
+      cos_grad                  cos(∇L(θ'), ∇L(θ)): 1 means the look-ahead changed nothing
+    Under FSDP2 each process measures its own share; the means over processes are returned (the
+    cosine is exact: its dot products are summed over the shards).
+    """
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    theta = list(model.parameters())
+    grads_adapted = [p.grad for p in theta]  # ∇L(θ'), put back at the end
+    backup = [p.detach().clone() for p in theta]
 
-        def meta_step(X_t: list[dict], X_s: list[dict], measure_adapted: bool) -> dict[str, float]:
-            (pairs,), (meta,) = batches(X_t, X_s)
-            return meta_gradient_gathered(model, twin, pairs, meta, k, args.eta, args.meta_order,
-                                          args.normalize_ascent, args.bf16, measure_adapted)
-    else:
-        def meta_step(X_t: list[dict], X_s: list[dict], measure_adapted: bool) -> dict[str, float]:
-            (pairs,), (meta,) = batches(X_t, X_s)
-            params = dict(model.named_parameters())
-            grads, stats = meta_gradient(model, params, dict(model.named_buffers()), pairs, meta, k, args.eta,
-                                         args.meta_order, args.normalize_ascent, bf16=args.bf16,
-                                         measure_adapted=measure_adapted)
-            for p, g in zip(params.values(), grads):
-                p.grad = g
-            return stats
-    return meta_step
+    def backward_into_grads(batches: list[packing.Packed], loss) -> torch.Tensor:
+        """Σ over micro-batches of loss(r) backward into fresh p.grad; returns every r, detached."""
+        for p in theta:
+            p.grad = None
+        rewards = []
+        for batch in batches:
+            r = own_rewards(model, batch, bf16)
+            loss(r).backward()
+            rewards.append(r.detach())
+        return torch.cat(rewards)
+
+    # ∇J at θ again (the route's own ∇J is gone), then θ' = θ + η ∇J exactly as the routes form it
+    r_meta = backward_into_grads(meta, lambda r: difference_loss(r.view(-1, k)) * r.shape[0]
+                                 / (k * n_prompts))
+    grad_J_norm = distributed.global_norm([p.grad for p in theta])
+    ascent_size = eta / max(grad_J_norm, 1e-12) if normalize_ascent else eta
+    with torch.no_grad():
+        for p in theta:
+            p.copy_(p + ascent_size * p.grad)
+        r_meta_adapted = torch.cat([own_rewards(model, batch, bf16) for batch in meta])
+        distributed.reshard(model)  # a no-grad forward leaves an FSDP2 root unsharded
+        for p, saved in zip(theta, backup):
+            p.copy_(saved)
+
+    # ∇L at θ, to compare with ∇L(θ')
+    r_pairs = backward_into_grads(pairs, lambda r: reward.bradley_terry_loss(
+        r[: r.shape[0] // 2], r[r.shape[0] // 2:]) * (r.shape[0] // 2) / n_pairs)
+    grads_at_theta = [p.grad for p in theta]
+    dot = _global_dot(grads_adapted, grads_at_theta)
+    norms = _global_dot(grads_adapted, grads_adapted) * _global_dot(grads_at_theta, grads_at_theta)
+    for p, g in zip(theta, grads_adapted):
+        p.grad = g
+    local = {"J_adapted": difference_loss(r_meta_adapted.view(-1, k)).item(),
+             "J_std": difference_loss(standardised(r_meta).view(-1, k)).item(),
+             "J_std_adapted": difference_loss(standardised(r_meta_adapted).view(-1, k)).item(),
+             "reward_std_S": r_meta.std(unbiased=False).item(),
+             "reward_std_D": r_pairs.std(unbiased=False).item()}
+    return {**distributed.all_reduce_mean(local, world),
+            "cos_grad": dot / max(math.sqrt(norms), 1e-300)}
 
 
-# ----------------------------------------------------------------------------------------------------------------
+def _global_dot(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> float:
+    """Σ_i <x_i, y_i> in float64 over all processes
+    (FSDP2 shards: each process adds its own part)."""
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t
+    dot = sum((local(x).double() * local(y).double()).sum() for x, y in zip(xs, ys)).item()
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return (distributed.all_reduce_sum(dot, world) if any(hasattr(x, "to_local") for x in xs)
+            else dot)
+
+
+# --------------------------------------------------------------------------------------------------
 # Data
-# ----------------------------------------------------------------------------------------------------------------
-def meta_sequences(tokenizer, items: list[dict], max_len: int, chat_template: str = "auto") -> list[list[int]]:
-    """X_s: m items {prompt, responses[k]} -> m·k token-id lists, sequence i·k + j = response j of prompt i."""
+# --------------------------------------------------------------------------------------------------
+def meta_sequences(tokenizer, items: list[dict], max_len: int,
+                   chat_template: str = "auto") -> list[list[int]]:
+    """X_s: m items {prompt, responses[k]} -> m·k token-id lists,
+    sequence i·k + j = response j of prompt i."""
     return [data.encode(tokenizer, it["prompt"], resp, max_len, chat_template)[0]
             for it in items for resp in it["responses"]]
 
 
-def meta_batch(tokenizer, items: list[dict], max_len: int, chat_template: str = "auto") -> Batch:
-    """X_s as one right-padded (m·k, T) batch (the reference layout; the stage packs `meta_sequences`)."""
-    return data.pad(meta_sequences(tokenizer, items, max_len, chat_template), tokenizer.pad_token_id)
+def micro_batches(tokenizer, X_t: list[dict], X_s: list[dict], size: int, max_len: int,
+                  chat_template: str, device: torch.device) -> tuple[list[packing.Packed],
+                                                                      list[packing.Packed]]:
+    """This process's share of X_t and X_s as packed micro-batches of at most `size` pairs / prompts
+    (packing.py: no FLOPs on padding): (pairs, meta), each a list; one of each when `size` holds
+    them all (the functional routes)."""
+    pad = tokenizer.pad_token_id
+    pairs = [reward.pair_sequences(tokenizer, X_t[i: i + size], max_len, chat_template)[0]
+             for i in range(0, len(X_t), size)]
+    meta = [meta_sequences(tokenizer, X_s[i: i + size], max_len, chat_template)
+            for i in range(0, len(X_s), size)]
+    return ([packing.pack(seqs, pad).to(device) for seqs in pairs],
+            [packing.pack(seqs, pad).to(device) for seqs in meta])
 
 
 def read_meta_set(path: str) -> tuple[list[dict], int]:
-    """Read S; every record needs `prompt` and the same number k ≥ 2 of string `responses`. Returns (items, k)."""
+    """Read S; every record needs `prompt` and the same number k ≥ 2 of string `responses`.
+    Returns (items, k)."""
     items = data.read_jsonl(path, ["prompt", "responses"])
     k = len(items[0]["responses"])
     for lineno, it in enumerate(items, start=1):
         ok = isinstance(it["responses"], list) and all(isinstance(s, str) for s in it["responses"])
         check(ok, f"{path}:{lineno}: 'responses' must be a list of strings")
-        check(len(it["responses"]) == k, f"{path}:{lineno}: {len(it['responses'])} responses, the first record has {k}")
+        check(len(it["responses"]) == k,
+              f"{path}:{lineno}: {len(it['responses'])} responses, the first record has {k}")
     check(k >= 2, f"{path}: k = {k} responses per prompt; the difference loss needs k >= 2")
     return items, k
 
 
-def heldout_gaps(model, tokenizer, items: list[dict], k: int, args: Args, world: int, rank: int) -> dict[str, float]:
+def heldout_gaps(model, tokenizer, items: list[dict], k: int, args: Args, world: int,
+                 rank: int) -> dict[str, float]:
     """Reward-gap statistics (reward_gaps) of the RM on held-out items of S."""
     prompts = [it["prompt"] for it in items for _ in range(k)]
     responses = [s for it in items for s in it["responses"]]
     with common.eval_mode(model):
-        scores = reward.score_texts(model, tokenizer, prompts, responses, max_len=args.max_len, world=world,
-                                    rank=rank, batch_size=args.eval_batch_size, bf16=args.bf16,
-                                    chat_template=args.chat_template).view(-1, k)
+        scores = reward.score_texts(model, tokenizer, prompts, responses, max_len=args.max_len,
+                                    world=world, rank=rank, batch_size=args.eval_batch_size,
+                                    bf16=args.bf16, chat_template=args.chat_template).view(-1, k)
     return reward_gaps(scores)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Stage
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     args = common.parse_args(Args, argv)
     threads = common.configure_process(args.threads)
     rank, world, device = distributed.init_distributed()
-    impl = meta_impl(args, world)
-    for flag, size in (("--batch-size", args.batch_size), ("--meta-batch-size", args.meta_batch_size)):
+    route = meta_route(args, world)  # which code computes Alg. 1 l.4–7 (the loop names it)
+    for flag, size in (("--batch-size", args.batch_size),
+                       ("--meta-batch-size", args.meta_batch_size)):
         check(size % world == 0, f"{flag} {size} is not divisible by the world size {world}")
     n_local, m_local = args.batch_size // world, args.meta_batch_size // world
-    if impl == "functional":
+    if route != "inplace":
         check(args.micro_batch_size >= max(n_local, m_local),
-              f"--meta-impl functional runs X_t and X_s in one forward each ({n_local} pairs, {m_local} prompts "
-              f"per process); raise --micro-batch-size to {max(n_local, m_local)} or use --meta-impl inplace")
+              f"--meta-impl functional runs X_t and X_s in one forward each ({n_local} pairs, "
+              f"{m_local} prompts per process); raise --micro-batch-size to "
+              f"{max(n_local, m_local)} or use --meta-impl inplace")
     if args.fresh_head:
         distributed.check_checkpoint(args.model, "--model")
     else:  # a causal LM would get a random head without a word
-        reward.check_reward_model(args.model, "--model", " (or pass --fresh-head to start from it with a new head)")
+        distributed.check_reward_model(args.model, "--model",
+                                       " (or pass --fresh-head to start from it with a new head)")
     distributed.check_positions(args.model, "--max-len", args.max_len)
     pairs = data.read_pairs(args.train, args.data_format, args.preference)
     test_pairs = data.read_pairs(args.test, args.data_format, args.preference) if args.test else []
@@ -494,38 +545,60 @@ def main(argv: list[str] | None = None) -> None:
     common.prepare_output(args.out, args.overwrite, args.resume, state)
     common.seed_everything(args.seed, 0)
 
-    # ---- models and optimiser ----
-    # Order 2 differentiates twice through attention; the fused SDPA kernels have no double backward.
+    # ---- model: the RM (r_θ: a linear head on the last token),
+    # FSDP2 over the processes; optimiser ----
+    path = args.out if state else args.model
+    tokenizer = distributed.check_reward_tokenizer(path)
+    # Order 2 differentiates twice through attention;
+    # the fused SDPA kernels have no double backward.
     attn = {"attn_implementation": "eager"} if args.meta_order == 2 else {}
-    model, tokenizer = reward.load_reward_model(args.out if state else args.model, world, device, **attn)
+    model = distributed.empty_model(AutoModelForSequenceClassification, path, num_labels=1,
+                                    pad_token_id=tokenizer.pad_token_id, **attn)  # meta device
+    # FSDP2: each decoder layer is one unit (gathered for its forward, then freed), then the root
+    if world > 1:
+        for layer in distributed.decoder_layers(model):
+            fully_shard(layer)
+        fully_shard(model)
+    # rank 0 reads, every rank gets its shards
+    model = distributed.load_weights(model, path, world, device)
     model.train()
-    meta_step = choose_meta_step(impl, args, model, tokenizer, k, n_local, m_local, world, device)
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    # a plain copy of the architecture; its weights come from functional_call
+    if route == "gathered":
+        with torch.device("meta"):
+            twin = AutoModelForSequenceClassification.from_config(model.config)
+        twin.train()
     if args.optimizer == "sgd":
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
     else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
+                                      weight_decay=0.0)
     log = common.MetricsLog(os.path.join(args.out, "metrics.jsonl"))
 
     _, total_steps = common.count_steps(len(pairs), args.batch_size, args.epochs, args.max_steps,
                                         f"{args.train}: {len(pairs)} pairs")
     check(len(meta_items) >= args.meta_batch_size,
-          f"{args.meta}: {len(meta_items)} items, fewer than one meta batch of {args.meta_batch_size}")
-    common.print0(f"meta_rm: {len(pairs)} pairs, S has {len(meta_items)} prompts x k = {k}; {total_steps} steps of "
-                  f"n = {args.batch_size} pairs, m = {args.meta_batch_size} prompts; order {args.meta_order}, "
-                  f"{impl} on {world} process(es), {threads} thread(s) each; η = {args.eta}, α = {args.lr}")
+          f"{args.meta}: {len(meta_items)} items, fewer than one meta batch of "
+          f"{args.meta_batch_size}")
+    common.print0(f"meta_rm: {len(pairs)} pairs, S has {len(meta_items)} prompts x k = {k}; "
+                  f"{total_steps} steps of n = {args.batch_size} pairs, "
+                  f"m = {args.meta_batch_size} prompts; order {args.meta_order}, "
+                  f"{route} on {world} process(es), {threads} thread(s) each; "
+                  f"η = {args.eta}, α = {args.lr}")
 
     def run_eval(step: int) -> None:
         metrics = {}
         if test_pairs:
-            metrics.update(reward.evaluate(model, tokenizer, test_pairs, max_len=args.max_len, world=world,
-                                           rank=rank, batch_size=args.eval_batch_size, bf16=args.bf16,
-                                           chat_template=args.chat_template))
+            metrics.update(reward.evaluate(model, tokenizer, test_pairs, max_len=args.max_len,
+                                           world=world, rank=rank, batch_size=args.eval_batch_size,
+                                           bf16=args.bf16, chat_template=args.chat_template))
         if heldout:
             metrics.update({"heldout_" + key: v for key, v in
                             heldout_gaps(model, tokenizer, heldout, k, args, world, rank).items()})
         if metrics:
             log.log(step=step, **{"eval_" + key: v for key, v in metrics.items()})
-            common.print0(f"eval @ {step}: " + ", ".join(f"{key} {v:.4f}" for key, v in metrics.items()))
+            common.print0(f"eval @ {step}: "
+                          + ", ".join(f"{key} {v:.4f}" for key, v in metrics.items()))
 
     if state is None:
         run_eval(0)  # the starting point, so every change is visible
@@ -533,45 +606,73 @@ def main(argv: list[str] | None = None) -> None:
     # ---- loop: Algorithm 1 ----
     # the orders of D and of S: the same on every rank, so all ranks agree on X_t and X_s
     pair_order = common.Shuffled(len(pairs), args.batch_size, args.seed, whole_batches=True)
-    s_order = common.Shuffled(len(meta_items), args.meta_batch_size, args.seed + 1, whole_batches=False)
+    s_order = common.Shuffled(len(meta_items), args.meta_batch_size, args.seed + 1,
+                              whole_batches=False)
     start = 0
-    if state:  # --resume: optimiser, RNG states, and the orders of D and S where the checkpoint left them
-        distributed.restore_training_state(state, [(model, optimizer)], world, rank, pair_order=pair_order,
-                                           s_order=s_order)
+    # --resume: optimiser, RNG states, and the orders of D and S where the checkpoint left them
+    if state:
+        distributed.restore_training_state(state, [(model, optimizer)], world, rank,
+                                           pair_order=pair_order, s_order=s_order)
         start = state["step"]
 
     def save(step: int, finished: bool = False) -> None:  # collective: every rank calls it
         trainer_state = None
         if args.save_every > 0:  # resumable checkpoints: also what --resume needs
-            trainer_state = distributed.training_state(step, [(model, optimizer)], world, log, finished,
-                                                       pair_order=pair_order, s_order=s_order)
+            trainer_state = distributed.training_state(step, [(model, optimizer)], world, log,
+                                                       finished, pair_order=pair_order,
+                                                       s_order=s_order)
         distributed.save_model(model, tokenizer, args.out, world, args, trainer_state)
 
     preemption = common.Preemption(args.save_every > 0, "meta_rm", args.out, NOT_RESUMABLE)
     bar = common.progress(range(start, total_steps), desc=f"meta_rm (order {args.meta_order})")
     t0 = time.time()
     for step in bar:
-        # Alg.1 l.2: X_t ← n pairs from D (one epoch in a shuffled order); this process takes its n / world of them
+        # Alg.1 l.2: X_t ← n pairs from D (one epoch in a shuffled order);
+        # this process takes its n / world of them
         X_t = [pairs[i] for i in pair_order.take()][rank * n_local: (rank + 1) * n_local]
-        # Alg.1 l.3: X_s ← m items from S (S is cycled through in shuffled order, independently of D)
+        # Alg.1 l.3: X_s ← m items from S
+        # (S is cycled through in shuffled order, independently of D)
         X_s = [meta_items[i] for i in s_order.take()][rank * m_local: (rank + 1) * m_local]
-        # Alg.1 l.4–l.6 and the gradient of l.7: ∇θ L_θ'(X_t) into every p.grad (meta_gradient, or the route that
-        # stands in for it under FSDP2). Every --log-adapted-every steps also J(θ') on the same X_s (one forward),
-        # so the log shows that the ascent raised J.
-        stats = meta_step(X_t, X_s, args.log_adapted_every > 0 and step % args.log_adapted_every == 0)
+        pairs_t, meta_s = micro_batches(tokenizer, X_t, X_s, args.micro_batch_size, args.max_len,
+                                        args.chat_template, device)  # this process's share, packed
+        # Alg.1 l.4–l.6 and the gradient of l.7: ∇θ L_θ'(X_t) into every p.grad, by the route chosen
+        # before the loop (meta_route; docs/design.md §9: functional_call cannot run under FSDP2)
+        if route == "functional":
+            # the textbook code: torch.func.functional_call at θ' (1 process)
+            grads, stats = meta_gradient(model, params, buffers, pairs_t[0], meta_s[0], k, args.eta,
+                                         args.meta_order, args.normalize_ascent, bf16=args.bf16)
+            for p, g in zip(params.values(), grads):
+                p.grad = g
+        elif route == "inplace":
+            # FSDP2, order 1: ascend the shards in place, backward L, restore θ
+            stats = meta_gradient_inplace(model, pairs_t, meta_s, k, args.eta, n_local, m_local,
+                                          args.normalize_ascent, args.bf16)
+        else:
+            # "gathered" (FSDP2, order 2): meta_gradient on gathered parameters and a plain twin
+            stats = meta_gradient_gathered(model, twin, pairs_t[0], meta_s[0], k, args.eta,
+                                           args.meta_order, args.normalize_ascent, args.bf16)
+        if args.log_adapted_every > 0 and step % args.log_adapted_every == 0:
+            # what the ascent did: J at θ', J of standardised rewards, reward scale,
+            # cos(∇L(θ'), ∇L(θ))
+            stats.update(mechanism_stats(model, pairs_t, meta_s, k, args.eta, args.normalize_ascent,
+                                         n_local, m_local, args.bf16))
         # Alg.1 l.7: θ_{t+1} = θ_t − α ∇θ L_θ'(X_t)   (AdamW with lr α, or plain SGD)
-        grad_norm = distributed.clip_grad_norm(model, args.grad_clip, f"meta_rm step {step + 1}: gradient norm")
+        grad_norm = distributed.clip_grad_norm(model, args.grad_clip,
+                                               f"meta_rm step {step + 1}: gradient norm")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
         common.check_finite(stats["L_adapted"], f"meta_rm step {step + 1}: L(θ')")
-        log.log(step=step + 1, grad_norm=grad_norm, **stats, s_per_step=(time.time() - t0) / (step + 1 - start))
+        log.log(step=step + 1, grad_norm=grad_norm, **stats,
+                s_per_step=(time.time() - t0) / (step + 1 - start))
         bar.set_postfix(L=f"{stats['L_adapted']:.3f}", J=f"{stats['J']:.4f}")
         if (step + 1) % args.log_every == 0 or step + 1 == total_steps:
-            common.print0(f"step {step + 1}/{total_steps} " + " ".join(f"{key} {v:.4g}" for key, v in stats.items()))
+            common.print0(f"step {step + 1}/{total_steps} "
+                          + " ".join(f"{key} {v:.4g}" for key, v in stats.items()))
         if common.due(args.eval_every, step + 1, total_steps):
             run_eval(step + 1)
-        if common.due(args.save_every, step + 1, total_steps) or preemption.requested(world, step + 1, total_steps):
+        if (common.due(args.save_every, step + 1, total_steps)
+                or preemption.requested(world, step + 1, total_steps)):
             save(step + 1)
             preemption.stop(step + 1, total_steps)  # SIGINT / SIGTERM: stop here, resumable
 

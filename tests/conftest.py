@@ -1,8 +1,8 @@
 """Shared test fixtures: a small synthetic world (data + tiny base model) and a subprocess runner.
 
 `world` (session scope) is what every stage test trains on. It is generated once per test session into a temporary
-folder by `python testbed.py --out DIR` with small sizes (a few hundred records, the ~1M-parameter tiny Llama;
-about 5 s). When testbed.py is not in the checkout, a throwaway world with the same file names is built instead
+folder by `python -m testbed --out DIR` with small sizes (a few hundred records, the ~1M-parameter tiny Llama;
+about 5 s). When the testbed package is not in the checkout, a throwaway world with the same file names is built instead
 (random words, a byte-level BPE tokenizer, a 2-layer Llama), so the plumbing tests never depend on it.
 
 This process and every subprocess use one thread (OMP_NUM_THREADS=1).
@@ -68,7 +68,7 @@ def run():
 
 @dataclasses.dataclass(frozen=True)
 class World:
-    """Paths of a generated world. `testbed` is True when it came from testbed.py (then gold rewards exist)."""
+    """Paths of a generated world. `testbed` is True when it came from the testbed package (then gold rewards exist)."""
     root: str
     base_model: str        # save_pretrained folder: tiny LlamaForCausalLM + tokenizer (EOS != PAD)
     sft_train: str         # {prompt, response}
@@ -91,11 +91,11 @@ def _world_paths(root: str, testbed: bool) -> World:
 @pytest.fixture(scope="session")
 def world(tmp_path_factory) -> World:
     root = str(tmp_path_factory.mktemp("world"))
-    # TEST_WORLD=throwaway forces the fallback world (to check that the plumbing tests do not need testbed.py)
-    if os.path.exists(os.path.join(REPO, "testbed.py")) and os.environ.get("TEST_WORLD") != "throwaway":
+    # TEST_WORLD=throwaway forces the fallback world (to check that the plumbing tests do not need the testbed)
+    if os.path.exists(os.path.join(REPO, "testbed", "world.py")) and os.environ.get("TEST_WORLD") != "throwaway":
         flags = [f"--{k.replace('_', '-')}={v}" for k, v in WORLD_SIZES.items()]
-        rc, out, err = run_command(["testbed.py", "--out", root, "--seed", "0", "--overwrite", *flags], timeout=120)
-        assert rc == 0, f"testbed.py failed:\n{out}\n{err}"
+        rc, out, err = run_command(["-m", "testbed", "--out", root, "--seed", "0", "--overwrite", *flags], timeout=120)
+        assert rc == 0, f"python -m testbed failed:\n{out}\n{err}"
         return _world_paths(root, testbed=True)
     _build_throwaway_world(root)
     return _world_paths(root, testbed=False)
@@ -105,7 +105,7 @@ def world(tmp_path_factory) -> World:
 def rm_checkpoint(world, tmp_path_factory) -> str:
     """A reward-model folder as reward.py saves one (LlamaForSequenceClassification, one label, score weight in the
     safetensors): the world's base model with a head drawn under seed 0, untrained. The stages refuse a causal LM
-    where they need an RM (reward.check_reward_model), so tests that only need some RM use this."""
+    where they need an RM (distributed.check_reward_model), so tests that only need some RM use this."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     path = str(tmp_path_factory.mktemp("rm_checkpoint"))

@@ -1,4 +1,4 @@
-"""best_of_n.py: the expected best-of-n reward against brute force over every subset; the KL formula; a run."""
+"""study/best_of_n.py: the expected best-of-n reward against brute force over every subset; the KL formula; a run."""
 import itertools
 import json
 import os
@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-import best_of_n
+from study import best_of_n
 
 
 def test_expected_best_of_n_matches_every_subset():
@@ -37,13 +37,13 @@ def test_kl_best_of_n_closed_form():
 
 def test_run_on_the_world(world, tmp_path, run):
     if not world.testbed:
-        pytest.skip("needs testbed.py: best-of-n reports the gold reward")
+        pytest.skip("needs the testbed: best-of-n reports the gold reward")
     rm = str(tmp_path / "rm")
     rc, out, err = run(["reward.py", "--model", world.base_model, "--train", world.pairs_train, "--test", "",
                         "--out", rm, "--max-steps", "2", "--batch-size", "8", "--micro-batch-size", "8",
                         "--max-len", "64"])
     assert rc == 0, err[-2000:]
-    rc, out, err = run(["best_of_n.py", "--policy", world.base_model, "--rm", rm, "--prompts", world.eval_prompts,
+    rc, out, err = run(["-m", "study.best_of_n", "--policy", world.base_model, "--rm", rm, "--prompts", world.eval_prompts,
                         "--samples", "8", "--max-prompts", "4", "--max-new-tokens", "6", "--out", str(tmp_path / "bon")])
     assert rc == 0, err[-2000:]
     res = json.load(open(os.path.join(tmp_path, "bon", "results.json")))

@@ -14,7 +14,8 @@ import evaluate
 import meta_rm
 import ppo
 import reward
-from common import UserError
+from plumbing import distributed
+from plumbing.common import UserError
 from conftest import run_command
 
 
@@ -24,9 +25,9 @@ def refusal(path: str, flag: str, kind: str) -> str:
 
 
 def test_check_reward_model_by_hand(world, rm_checkpoint, tmp_path):
-    reward.check_reward_model(rm_checkpoint, "--rm")  # what reward.py saves: accepted
+    distributed.check_reward_model(rm_checkpoint, "--rm")  # what reward.py saves: accepted
     with pytest.raises(UserError) as e:
-        reward.check_reward_model(world.base_model, "--rm")
+        distributed.check_reward_model(world.base_model, "--rm")
     assert str(e.value) == (refusal(world.base_model, "--rm", "LlamaForCausalLM")
                             + f"; train one with reward.py --model {world.base_model}")
     # a classifier with two labels is not an RM
@@ -36,7 +37,7 @@ def test_check_reward_model_by_hand(world, rm_checkpoint, tmp_path):
     config["id2label"], config["label2id"] = {"0": "A", "1": "B"}, {"A": 0, "B": 1}
     json.dump(config, open(os.path.join(two, "config.json"), "w"))
     with pytest.raises(UserError, match="LlamaForSequenceClassification checkpoint with 2 labels"):
-        reward.check_reward_model(two, "--rm")
+        distributed.check_reward_model(two, "--rm")
     # the right config, but no score head in the weights (it would be initialised at random)
     headless = str(tmp_path / "headless")
     shutil.copytree(rm_checkpoint, headless)
@@ -45,7 +46,7 @@ def test_check_reward_model_by_hand(world, rm_checkpoint, tmp_path):
     save_file(weights, os.path.join(headless, "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(UserError, match="LlamaForSequenceClassification checkpoint without score.weight in its "
                                         "safetensors"):
-        reward.check_reward_model(headless, "--rm")
+        distributed.check_reward_model(headless, "--rm")
 
 
 def test_every_stage_that_needs_an_rm_refuses_a_causal_lm(world, rm_checkpoint, tmp_path):

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import data
 import dpo
+from plumbing import data
 from conftest import REPO, run_command, subprocess_env
 
 sig = lambda x: 1 / (1 + math.exp(-x))

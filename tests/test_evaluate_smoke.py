@@ -12,7 +12,7 @@ import os
 import pytest
 
 import evaluate
-from common import UserError
+from plumbing.common import UserError
 from conftest import run_command
 
 PNG = b"\x89PNG\r\n\x1a\n"

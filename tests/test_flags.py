@@ -17,16 +17,22 @@ import typing
 
 import pytest
 
-import common
-import distributed
-from common import UserError
+from plumbing import common, distributed
+from plumbing.common import UserError
 from conftest import REPO, run_command
 
 def stage_modules() -> list[str]:
-    """Every script of the repository with an `Args` dataclass and a `main`: a stage added later is covered too."""
-    names = sorted(n[:-3] for n in os.listdir(REPO) if n.endswith(".py"))
-    return [n for n in names if "class Args" in (src := open(os.path.join(REPO, n + ".py")).read())
-            and "\ndef main(" in src]
+    """Every module of the repository with an `Args` dataclass and a `main` (the stages at the root, and
+    testbed.world, study.pipeline, tools.convert_smollm2, ... in their folders): one added later is covered too."""
+    names = []
+    for folder, dirs, files in os.walk(REPO):
+        dirs[:] = [d for d in dirs if not d.startswith((".", "_")) and d != "tests"]
+        rel = os.path.relpath(folder, REPO)
+        for n in files:
+            if n.endswith(".py") and "class Args" in (src := open(os.path.join(folder, n)).read()) \
+                    and "\ndef main(" in src:
+                names.append(n[:-3] if rel == "." else f"{rel.replace(os.sep, '.')}.{n[:-3]}")
+    return sorted(names)
 
 
 STAGES = stage_modules()
@@ -39,8 +45,8 @@ def output_fields(cls) -> list[str]:
 
 
 def test_every_stage_is_found():
-    assert set(STAGES) >= {"sft", "reward", "meta_data", "meta_rm", "ppo", "evaluate", "testbed", "pipeline",
-                           "convert_smollm2", "bench"}
+    assert set(STAGES) >= {"sft", "reward", "meta_data", "meta_rm", "ppo", "dpo", "evaluate", "testbed.world",
+                           "study.pipeline", "study.best_of_n", "tools.convert_smollm2", "bench.stages"}
 
 
 def numeric_fields(module_name: str) -> list[tuple[str, dataclasses.Field, type]]:

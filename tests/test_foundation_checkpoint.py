@@ -6,9 +6,8 @@ import os
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-import data
-import distributed
 import reward
+from plumbing import data, distributed
 
 CPU = torch.device("cpu")
 
@@ -51,7 +50,7 @@ def test_causal_lm_save_then_plain_transformers_load_is_identical(world, tmp_pat
 
 def test_reward_model_save_load_and_pooling_by_hand(world, tmp_path):
     torch.manual_seed(0)
-    model, tokenizer = reward.load_reward_model(world.base_model, 1, CPU)
+    model, tokenizer = distributed.load_reward_model(world.base_model, 1, CPU)
     model.eval()
     perturb_(model)
     out = str(tmp_path / "rm")

@@ -7,10 +7,8 @@ import json
 import pytest
 import torch
 
-import common
-import data
-import sampling
-from common import arg
+from plumbing import common, data, sampling
+from plumbing.common import arg
 
 
 # ---- truncate_at_eos -------------------------------------------------------------------------------------------

@@ -19,11 +19,8 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-import common
-import data
-import distributed
 import reward
-import sampling
+from plumbing import common, data, distributed, sampling
 
 HERE = os.path.abspath(__file__)
 
@@ -145,7 +142,7 @@ def _distributed_checks(base: str, eval_prompts: str, pairs_test: str, ckpt: str
 
     # 5. reward scores from the sharded RM vs the plain one (same head: rank 0 initialises it, broadcasts it)
     torch.manual_seed(0)
-    rm, _ = reward.load_reward_model(base, world, device)
+    rm, _ = distributed.load_reward_model(base, world, device)
     rm.eval()
     responses = [p["chosen"] for p in pairs]
     scores = reward.score_texts(rm, tokenizer, [p["prompt"] for p in pairs], responses, max_len=96, world=world,

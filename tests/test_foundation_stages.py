@@ -28,10 +28,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-import common
-import data
 import reward
 import sft
+from plumbing import common, data
 
 LR = 1e-3
 PARAM_ATOL = 5e-3 * LR   # see the module docstring

@@ -12,6 +12,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, GPT2
 
 import meta_rm
 import reward
+from plumbing import packing
 from conftest import run_command
 
 HERE = os.path.abspath(__file__)
@@ -77,15 +78,27 @@ def rm_and_batches(world):
     # a meta batch of m = 3 prompts with k = 3 responses each, made from the pairs' responses
     items = [{"prompt": p["prompt"], "responses": [p["chosen"], p["rejected"], pairs[(i + 1) % 4]["chosen"]]}
              for i, p in enumerate(pairs[:3])]
-    X_t = reward.pair_batch(tokenizer, pairs, 128)[:2]
-    X_s = meta_rm.meta_batch(tokenizer, items, 128)
-    return model, X_t, X_s
+    X_t = packing.pack(reward.pair_sequences(tokenizer, pairs, 128)[0], tokenizer.pad_token_id)
+    X_s = packing.pack(meta_rm.meta_sequences(tokenizer, items, 128), tokenizer.pad_token_id)
+    return model, X_t, X_s  # packed, as meta_rm.py runs them
 
 
-def _functional(model, X_t, X_s, eta, order):
+def _functional(model, X_t, X_s, eta, order, measure=False):
+    """meta_rm.py's one-process loop body up to the optimiser: meta_gradient, the gradients into p.grad, and
+    with `measure` the mechanism statistics it logs every --log-adapted-every steps. p.grad is cleared after."""
     params = dict(model.named_parameters())
     grads, stats = meta_rm.meta_gradient(model, params, dict(model.named_buffers()), X_t, X_s, k=3, eta=eta,
                                          order=order)
+    if measure:
+        for p, g in zip(params.values(), grads):
+            p.grad = g
+        before = [p.detach().clone() for p in params.values()]
+        stats.update(meta_rm.mechanism_stats(model, [X_t], [X_s], k=3, eta=eta, normalize_ascent=False,
+                                             n_pairs=4, n_prompts=3, bf16=False))
+        # mechanism_stats moves θ to θ' and back, and recomputes gradients: θ and p.grad are left exactly as found
+        assert all(torch.equal(p.detach(), b) for p, b in zip(params.values(), before))
+        assert all(p.grad is g for p, g in zip(params.values(), grads))
+        model.zero_grad(set_to_none=True)
     return grads, stats
 
 
@@ -94,7 +107,7 @@ def _manual_first_order(model, X_t, X_s, eta):
     params = list(model.parameters())
     backup = [p.detach().clone() for p in params]
     model.zero_grad(set_to_none=True)
-    r = model(input_ids=X_s[0], attention_mask=X_s[1]).logits[:, 0].view(3, 3)
+    r = reward.packed_rewards(model, X_s).view(3, 3)  # the module's own forward (no functional_call)
     i, j = (0, 0, 1), (1, 2, 2)
     J = (torch.sigmoid((r[:, i] - r[:, j]).abs()).sum(1) * 2 / 9).mean()  # Eq. (2), written again
     J.backward()
@@ -102,7 +115,7 @@ def _manual_first_order(model, X_t, X_s, eta):
         for p in params:
             p.copy_(p + eta * p.grad)
     model.zero_grad(set_to_none=True)
-    r = model(input_ids=X_t[0], attention_mask=X_t[1]).logits[:, 0]
+    r = reward.packed_rewards(model, X_t)
     n = r.shape[0] // 2
     (-torch.nn.functional.logsigmoid(r[:n] - r[n:]).mean()).backward()
     grads = [p.grad.clone() for p in params]
@@ -133,7 +146,7 @@ def test_first_order_equals_manual_perturb_restore_exactly(rm_and_batches):
 def test_eta_zero_is_the_vanilla_gradient(rm_and_batches):
     model, X_t, X_s = rm_and_batches
     grads, _ = _functional(model, X_t, X_s, eta=0.0, order=1)
-    r = reward.rewards(model, *X_t)
+    r = reward.packed_rewards(model, X_t)
     vanilla = torch.autograd.grad(reward.bradley_terry_loss(r[:4], r[4:]), list(model.parameters()))
     for g, h in zip(grads, vanilla):
         assert torch.equal(g, h)
@@ -143,9 +156,7 @@ def test_ascent_raises_J(rm_and_batches):
     # with a small η the look-ahead must increase Eq. (2) on the same X_s (a first-order Taylor argument:
     # J(θ + η g) ≈ J(θ) + η ‖g‖² > J(θ))
     model, X_t, X_s = rm_and_batches
-    params = dict(model.named_parameters())
-    _, stats = meta_rm.meta_gradient(model, params, dict(model.named_buffers()), X_t, X_s, k=3, eta=0.05, order=1,
-                                     measure_adapted=True)
+    _, stats = _functional(model, X_t, X_s, eta=0.05, order=1, measure=True)
     assert stats["J_adapted"] > stats["J"]
     assert stats["step_norm"] == pytest.approx(0.05 * stats["grad_J_norm"])
 
@@ -155,22 +166,19 @@ def test_mechanism_stats_against_independent_computations(rm_and_batches):
     # gradients from reward.py's vanilla gradient; at η = 0, θ' = θ, so cos is 1 and every "adapted" value
     # equals its value at θ
     model, X_t, X_s = rm_and_batches
-    params = dict(model.named_parameters())
-    grads, stats = meta_rm.meta_gradient(model, params, dict(model.named_buffers()), X_t, X_s, k=3, eta=0.05,
-                                         order=1, measure_adapted=True)
+    grads, stats = _functional(model, X_t, X_s, eta=0.05, order=1, measure=True)
     with torch.no_grad():
-        r_s, r_d = reward.rewards(model, *X_s), reward.rewards(model, *X_t)
+        r_s, r_d = reward.packed_rewards(model, X_s), reward.packed_rewards(model, X_t)
     assert stats["reward_std_S"] == pytest.approx(r_s.std(unbiased=False).item(), rel=1e-5)
     assert stats["reward_std_D"] == pytest.approx(r_d.std(unbiased=False).item(), rel=1e-5)
     z = ((r_s - r_s.mean()) / r_s.std(unbiased=False)).view(3, 3)
     assert stats["J_std"] == pytest.approx(meta_rm.difference_loss(z).item(), rel=1e-5)
-    r = reward.rewards(model, *X_t)
+    r = reward.packed_rewards(model, X_t)
     vanilla = torch.autograd.grad(reward.bradley_terry_loss(r[:4], r[4:]), list(model.parameters()))
     dot = sum((a * b).sum() for a, b in zip(grads, vanilla))
     cos = dot / (sum((a * a).sum() for a in grads) * sum((b * b).sum() for b in vanilla)).sqrt()
     assert stats["cos_grad"] == pytest.approx(cos.item(), rel=1e-5) and stats["cos_grad"] < 1.0
-    _, still = meta_rm.meta_gradient(model, params, dict(model.named_buffers()), X_t, X_s, k=3, eta=0.0, order=1,
-                                     measure_adapted=True)
+    _, still = _functional(model, X_t, X_s, eta=0.0, order=1, measure=True)
     assert still["cos_grad"] == pytest.approx(1.0, abs=1e-9)
     assert still["J_adapted"] == pytest.approx(still["J"], abs=1e-7)
     assert still["J_std_adapted"] == pytest.approx(still["J_std"], abs=1e-7)
@@ -211,6 +219,12 @@ def gpt2_float64():
     return model, (ids[:8], mask[:8]), (ids[8:], mask[8:])
 
 
+def packed(batch: tuple[torch.Tensor, torch.Tensor]) -> packing.Packed:
+    """A right-padded (ids, mask) batch as meta_rm.py runs it: its sequences packed without padding."""
+    ids, mask = batch
+    return packing.pack([row[m.bool()].tolist() for row, m in zip(ids, mask)], pad_id=0)
+
+
 def reference_gradient(model, X_t, X_s, eta: float, order: int) -> list[torch.Tensor]:
     """d/dθ of L(θ') with θ' = θ + η ∇J(θ), by plain autograd, written here without meta_rm's code: order 1
     treats ∇J as a constant (the gradient of L at θ'); order 2 differentiates through it (create_graph)."""
@@ -241,12 +255,15 @@ def max_relative_difference(grads: list[torch.Tensor], reference: list[torch.Ten
 def test_float64_meta_gradient_matches_an_independent_computation(order):
     model, X_t, X_s = gpt2_float64()
     params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
-    grads, _ = meta_rm.meta_gradient(model, params, buffers, X_t, X_s, k=K64, eta=ETA64, order=order)
+    # meta_rm.py's packed batches against the reference's padded ones: two layouts, the same mathematics
+    grads, _ = meta_rm.meta_gradient(model, params, buffers, packed(X_t), packed(X_s), k=K64, eta=ETA64,
+                                     order=order)
     assert all(g.dtype == torch.float64 for g in grads)
     assert max_relative_difference(grads, reference_gradient(model, X_t, X_s, ETA64, order)) < 1e-10
     if order == 1:  # the in-place route (what torchrun runs by default) gives the same, and puts θ back exactly
         before = [p.detach().clone() for p in model.parameters()]
-        meta_rm.meta_gradient_inplace(model, [X_t], [X_s], k=K64, eta=ETA64, n_pairs=4, n_prompts=2)
+        meta_rm.meta_gradient_inplace(model, [packed(X_t)], [packed(X_s)], k=K64, eta=ETA64, n_pairs=4,
+                                      n_prompts=2)
         inplace = [p.grad for p in model.parameters()]
         assert max_relative_difference(inplace, reference_gradient(model, X_t, X_s, ETA64, 1)) < 1e-10
         assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
@@ -258,8 +275,8 @@ def test_second_order_matches_finite_differences():
     model, X_t, X_s = gpt2_float64()
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
-    grads2, _ = meta_rm.meta_gradient(model, params, buffers, X_t, X_s, k=K64, eta=ETA64, order=2)
-    grads1, _ = meta_rm.meta_gradient(model, params, buffers, X_t, X_s, k=K64, eta=ETA64, order=1)
+    grads2, _ = meta_rm.meta_gradient(model, params, buffers, packed(X_t), packed(X_s), k=K64, eta=ETA64, order=2)
+    grads1, _ = meta_rm.meta_gradient(model, params, buffers, packed(X_t), packed(X_s), k=K64, eta=ETA64, order=1)
     names = list(params)
 
     def F(theta: dict) -> float:
@@ -316,14 +333,14 @@ def _two_process_float64(result: str) -> None:
 
     import torch.distributed as dist
 
-    import distributed
+    from plumbing import distributed
 
     rank, world, _ = distributed.init_distributed()
     model, X_t, X_s = gpt2_float64()
     # this process's half: pairs rank*2 .. rank*2+1 (chosen rows, then the same pairs' rejected rows), prompt rank
     pairs = [r for r in (rank * 2, rank * 2 + 1)] + [4 + r for r in (rank * 2, rank * 2 + 1)]
-    local_t = (X_t[0][pairs], X_t[1][pairs])
-    local_s = (X_s[0][rank * K64:(rank + 1) * K64], X_s[1][rank * K64:(rank + 1) * K64])
+    local_t = packed((X_t[0][pairs], X_t[1][pairs]))
+    local_s = packed((X_s[0][rank * K64:(rank + 1) * K64], X_s[1][rank * K64:(rank + 1) * K64]))
     out = {}
     with torch.device("meta"):
         twin = GPT2ForSequenceClassification(model.config).double()
@@ -461,6 +478,6 @@ def test_meta_set_with_k_below_two_is_refused(world, tmp_path):
 if __name__ == "__main__":
     import sys
 
-    import common
+    from plumbing import common
 
     common.run_main(lambda: _two_process_float64(sys.argv[1]))

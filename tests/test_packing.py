@@ -17,12 +17,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import data
 import meta_rm
-import packing
 import ppo
 import reward
 import sft
+from plumbing import data, distributed, packing
 
 
 def close(got, expected, rel=1e-5):
@@ -91,7 +90,7 @@ def pairs(world):
 
 def rm(world, tok, attn="sdpa"):
     torch.manual_seed(0)
-    model, _ = reward.load_reward_model(world.base_model, 1, torch.device("cpu"), attn_implementation=attn)
+    model, _ = distributed.load_reward_model(world.base_model, 1, torch.device("cpu"), attn_implementation=attn)
     return model.train()
 
 
@@ -110,7 +109,7 @@ def test_rm_packed_rewards_and_gradient_equal_padded(world, tok, pairs, attn):
     close(r_pack, r_pad)
     assert_grads_close(g_pack, g_pad)
     # the same at explicit parameters (functional_call, as meta_rm does)
-    r_fn = reward.packed_rewards(model, packed, {**dict(model.named_parameters()), **dict(model.named_buffers())})
+    r_fn = meta_rm.rewards_at(model, {**dict(model.named_parameters()), **dict(model.named_buffers())}, packed)
     close(r_fn, r_pad)
     # the packed fp32 gradient is no further from the exact (float64, padded) one than the padded fp32 gradient is
     model.double()
@@ -164,10 +163,36 @@ def test_response_logprobs_equal_padded(world, tok, pairs):
 def meta_batches(tok, pairs):
     items = [{"prompt": p["prompt"], "responses": [p["chosen"], p["rejected"], pairs[(i + 1) % 8]["chosen"]]}
              for i, p in enumerate(pairs[:4])]
-    padded = (reward.pair_batch(tok, pairs, 128)[:2], meta_rm.meta_batch(tok, items, 128))
+    padded = (reward.pair_batch(tok, pairs, 128)[:2],
+              data.pad(meta_rm.meta_sequences(tok, items, 128), tok.pad_token_id))
     packed = (packing.pack(reward.pair_sequences(tok, pairs, 128)[0], tok.pad_token_id),
               packing.pack(meta_rm.meta_sequences(tok, items, 128), tok.pad_token_id))
     return padded, packed
+
+
+def meta_gradient_padded(model, X_t, X_s, k: int, eta: float, order: int) -> tuple[list, dict]:
+    """The padded twin of meta_rm.meta_gradient (which takes packed batches only): Algorithm 1 l.4–7 written
+    again on right-padded (ids, mask) batches, the rewards read by transformers' own pooling at the last
+    non-pad token (reward.rewards) at θ and θ' through torch.func.functional_call."""
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    theta = list(params.values())
+
+    def r(at: dict, batch) -> torch.Tensor:
+        return torch.func.functional_call(model, {**at, **buffers}, args=(), kwargs=dict(
+            input_ids=batch[0], attention_mask=batch[1], use_cache=False)).logits[:, 0]
+
+    J = meta_rm.difference_loss(r(params, X_s).view(-1, k))
+    grad_J = torch.autograd.grad(J, theta, create_graph=order == 2)
+    adapted = {n: p + eta * (g if order == 2 else g.detach()) for (n, p), g in zip(params.items(), grad_J)}
+    r_t = r(adapted, X_t)
+    n = r_t.shape[0] // 2
+    L = reward.bradley_terry_loss(r_t[:n], r_t[n:])
+    with torch.no_grad():
+        J_adapted = meta_rm.difference_loss(r(adapted, X_s).view(-1, k))
+    grad_J_norm = torch.sqrt(sum((g.detach().double() ** 2).sum() for g in grad_J)).item()
+    stats = {"J": J.item(), "J_adapted": J_adapted.item(), "L_adapted": L.item(), "grad_J_norm": grad_J_norm,
+             "acc_adapted": (r_t[:n] > r_t[n:]).float().mean().item()}
+    return list(torch.autograd.grad(L, theta)), stats
 
 
 @pytest.mark.parametrize("order", [1, 2])
@@ -176,11 +201,13 @@ def test_meta_gradient_packed_equals_padded(world, tok, meta_batches, order):
     model = rm(world, tok, "eager" if order == 2 else "sdpa")
     (X_t, X_s), (P_t, P_s) = meta_batches
     params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
-    g_pad, s_pad = meta_rm.meta_gradient(model, params, buffers, X_t, X_s, k=3, eta=0.5, order=order,
-                                         measure_adapted=True)
-    g_pack, s_pack = meta_rm.meta_gradient(model, params, buffers, P_t, P_s, k=3, eta=0.5, order=order,
-                                           measure_adapted=True)
+    g_pad, s_pad = meta_gradient_padded(model, X_t, X_s, k=3, eta=0.5, order=order)
+    g_pack, s_pack = meta_rm.meta_gradient(model, params, buffers, P_t, P_s, k=3, eta=0.5, order=order)
     assert_grads_close(g_pack, g_pad)
+    for p, g in zip(params.values(), g_pack):  # what the loop does before it logs the mechanism
+        p.grad = g
+    s_pack.update(meta_rm.mechanism_stats(model, [P_t], [P_s], k=3, eta=0.5, normalize_ascent=False, n_pairs=8,
+                                          n_prompts=4, bf16=False))
     for key in ("J", "J_adapted", "L_adapted", "grad_J_norm", "acc_adapted"):
         assert s_pack[key] == pytest.approx(s_pad[key], rel=1e-5), key
     if order == 1:  # the in-place route (FSDP2's) on packed micro-batches: the same gradient, θ restored exactly
@@ -215,7 +242,7 @@ def padded_values(critic, batch):
 def ppo_world(world, tok):
     torch.manual_seed(0)
     policy = AutoModelForCausalLM.from_pretrained(world.base_model, dtype=torch.float32).eval()
-    critic, _ = reward.load_reward_model(world.base_model, 1, torch.device("cpu"))
+    critic, _ = distributed.load_reward_model(world.base_model, 1, torch.device("cpu"))
     critic.eval()
     prompts = [json.loads(line)["prompt"] for line in open(world.rl_prompts)][:6]
     args = ppo.Args(max_new_tokens=12, generation_batch_size=24, temperature=0.8)

@@ -1,13 +1,12 @@
 """The study pipeline: the scheduler (never more than --jobs stages at once, dependencies first, resume, a failure
-stops it), report.py's reductions by hand, and the whole study at toy size end to end (1 and 2 processes)."""
+stops it), study/report.py's reductions by hand, and the whole study at toy size end to end (1 and 2 processes)."""
 import json
 import math
 import os
 
 import pytest
 
-import pipeline
-import report
+from study import arms, pipeline, report
 from conftest import run_command
 
 
@@ -61,18 +60,19 @@ def test_micro_batches_are_split_over_processes():
     # TESTBED's micro-batch sizes are per process for 1 process; with 2 processes each takes half, so that
     # micro-batch x accumulation x processes is the same global batch (32 = 16 x 1 x 2); other flags are untouched.
     flags = ["--lr", "3e-3", "--micro-batch-size", "32", "--max-len", "64"]
-    assert pipeline.per_process(flags, 2) == ["--lr", "3e-3", "--micro-batch-size", "16", "--max-len", "64"]
-    assert pipeline.per_process(flags, 1) == flags
+    assert arms.per_process(flags, 2) == ["--lr", "3e-3", "--micro-batch-size", "16", "--max-len", "64"]
+    assert arms.per_process(flags, 1) == flags
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# report.py by hand
+# study/report.py by hand
 # ----------------------------------------------------------------------------------------------------------------
 def test_every_meta_rm_command_names_eta_once_with_its_own_value():
     # --eta 0.2 sets the metarm arm's η; each sweep point runs meta_rm.py with its own η. A flag given twice would
     # be decided by argparse's last-one-wins: the printed command must say what runs, once.
     args = pipeline.Args(out="/nonexistent/out", seeds=2, eta=0.2, eta_sweep="0.05,1", rounds=2)
-    tasks = pipeline.plan(args, pipeline.stage_flags(args), ["vanilla", "metarm"], [0.05, 1.0])
+    hp = arms.stage_flags(args.toy, args.nproc, args.eta, args.stage_flags)
+    tasks = pipeline.plan(args, hp, ["vanilla", "metarm"], [0.05, 1.0])
     etas = {t.name: t.flags[t.flags.index("--eta") + 1] for t in tasks if t.script == "meta_rm.py"}
     assert all(t.flags.count("--eta") == 1 for t in tasks if t.script == "meta_rm.py")
     assert etas == {f"seed{s}/{part}": eta for s in range(2) for part, eta in (
@@ -101,11 +101,11 @@ def test_gao_fit_recovers_alpha_and_beta():
 
 
 def test_task_names_to_keys():
-    assert report.policy_key("seed0/vanilla/ppo") == "vanilla"
-    assert report.policy_key("seed3/metarm/round2/ppo") == "metarm_r2"
-    assert report.policy_key("seed1/dpo") == "dpo"
-    assert report.policy_key("seed0/sweep/eta0.1/ppo") == "sweep_eta0.1"
-    assert report.rm_key("seed0/rm0") == "vanilla" and report.rm_key("seed0/oracle/round1/rm") == "oracle_r1"
+    assert arms.policy_key("seed0/vanilla/ppo") == "vanilla"
+    assert arms.policy_key("seed3/metarm/round2/ppo") == "metarm_r2"
+    assert arms.policy_key("seed1/dpo") == "dpo"
+    assert arms.policy_key("seed0/sweep/eta0.1/ppo") == "sweep_eta0.1"
+    assert arms.rm_key("seed0/rm0") == "vanilla" and arms.rm_key("seed0/oracle/round1/rm") == "oracle_r1"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -113,7 +113,7 @@ def test_task_names_to_keys():
 # ----------------------------------------------------------------------------------------------------------------
 def test_toy_study_end_to_end_and_resume(tmp_path):
     out = tmp_path / "study"
-    cmd = ["pipeline.py", "--toy", "--seeds", "2", "--rounds", "1", "--arms", "vanilla,metarm,eta0,oracle,dpo",
+    cmd = ["-m", "study", "--toy", "--seeds", "2", "--rounds", "1", "--arms", "vanilla,metarm,eta0,oracle,dpo",
            "--eta-sweep", "0.1", "--out", str(out)]
     rc, stdout, stderr = run_command(cmd, timeout=900)
     assert rc == 0, stdout[-3000:] + stderr[-3000:]
@@ -164,12 +164,12 @@ def test_toy_study_end_to_end_and_resume(tmp_path):
 
 
 def test_toy_study_two_processes(tmp_path):
-    # `python pipeline.py --nproc 2`: every stage but the testbed under torchrun (FSDP2, gloo)
+    # `python -m study --nproc 2`: every stage but the testbed under torchrun (FSDP2, gloo)
     out = tmp_path / "study2"
-    rc, stdout, stderr = run_command(["pipeline.py", "--toy", "--seeds", "1", "--rounds", "1", "--arms",
+    rc, stdout, stderr = run_command(["-m", "study", "--toy", "--seeds", "1", "--rounds", "1", "--arms",
                                       "vanilla,metarm", "--nproc", "2", "--out", str(out)], timeout=1200)
     assert rc == 0, stdout[-3000:] + stderr[-3000:]
-    assert stdout.count("$ python testbed.py") == 1
+    assert stdout.count("$ python -m testbed") == 1
     assert stdout.count("$ torchrun --standalone --nproc_per_node=2 ") == stdout.count("\n$ ") - 1
     results = json.loads((out / "results.json").read_text())
     assert set(results["aggregate"]["policies"]) == {"vanilla", "metarm_r1"}

@@ -46,8 +46,8 @@ def fixed_rollouts(tok):
 def worker(folder: str, out_file: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import common
-    import distributed
+    from plumbing import common
+    from plumbing import distributed
     import ppo
     import reward
 
@@ -56,8 +56,8 @@ def worker(folder: str, out_file: str) -> None:
     tok = AutoTokenizer.from_pretrained(os.path.join(folder, "sft"))
     policy = distributed.load_model(AutoModelForCausalLM, os.path.join(folder, "sft"), world, device)
     ref = distributed.load_model(AutoModelForCausalLM, os.path.join(folder, "sft"), world, device)
-    rm, _ = reward.load_reward_model(os.path.join(folder, "rm"), world, device)
-    critic, _ = reward.load_reward_model(os.path.join(folder, "rm"), world, device)
+    rm, _ = distributed.load_reward_model(os.path.join(folder, "rm"), world, device)
+    critic, _ = distributed.load_reward_model(os.path.join(folder, "rm"), world, device)
     for m in (policy, ref, rm, critic):
         m.eval()
     args = ppo.Args(mini_batch_size=8, micro_batch_size=2, ppo_epochs=2, policy_lr=1e-3, critic_lr=1e-3,
@@ -141,6 +141,6 @@ def test_one_ppo_update_two_processes_equals_one(tmp_path):
 
 if __name__ == "__main__":
     worker(sys.argv[1], sys.argv[2])
-    import common
+    from plumbing import common
 
     common.run_main(lambda: None)  # tears down the process group and exits cleanly under torchrun

@@ -19,6 +19,7 @@ import torch
 import ppo
 import reward
 import sft
+from plumbing import distributed
 
 
 def read_metrics(folder: str) -> list[dict]:
@@ -111,7 +112,7 @@ def test_rm_with_another_tokenizer_is_refused(world, models, tmp_path, run):
 
     tok = AutoTokenizer.from_pretrained(sft_dir)
     tok.add_tokens(["<extra_token>"])
-    rm = reward.load_reward_model(sft_dir, 1, torch.device("cpu"))[0]
+    rm = distributed.load_reward_model(sft_dir, 1, torch.device("cpu"))[0]
     rm.save_pretrained(str(other))
     tok.save_pretrained(str(other))
     rc, stdout, stderr = run(["ppo.py", "--sft", sft_dir, "--rm", str(other), "--prompts", world.rl_prompts,

@@ -12,10 +12,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
 
-import data
 import ppo
 import reward
-import sampling
+from plumbing import data, sampling
 
 
 # ---------------------------------------------------------------------------------------------------------------

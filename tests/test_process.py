@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-import common
+from plumbing import common
 from conftest import REPO, subprocess_env
 
 

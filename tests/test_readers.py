@@ -13,8 +13,7 @@ import os
 
 import pytest
 
-import common
-import data
+from plumbing import common, data
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 H, A = "\n\nHuman:", "\n\nAssistant:"

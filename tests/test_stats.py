@@ -1,10 +1,10 @@
-"""stats.py: the exact bootstrap against a hand-derived case and against brute force; the verdict rule."""
+"""study/stats.py: the exact bootstrap against a hand-derived case and against brute force; the verdict rule."""
 import itertools
 import random
 
 import pytest
 
-import stats
+from study import stats
 
 
 def test_bootstrap_three_values_by_hand():

@@ -1,4 +1,4 @@
-"""Tests of testbed.py: determinism, the gold reward's ordering, the noisy annotator, held-out prompts, the tokenizer
+"""Tests of the testbed (testbed/gold.py, testbed/world.py): determinism, the gold reward's ordering, the noisy annotator, held-out prompts, the tokenizer
 and the base model. Run: /tmp/venv/bin/python -m pytest -q tests/test_testbed.py  (about 12 s on 2 cores)."""
 import json
 import math
@@ -10,20 +10,20 @@ import time
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import testbed  # noqa: E402
-from common import UserError  # noqa: E402
-from data import encode  # noqa: E402
-from testbed import best_response, format_prompt, gold_components, gold_reward  # noqa: E402
+from plumbing.common import UserError  # noqa: E402
+from plumbing.data import encode  # noqa: E402
+from testbed import gold, world as generator  # noqa: E402
+from testbed.gold import best_response, format_prompt, gold_components, gold_reward  # noqa: E402
 
 
 def generate(folder, *flags):
-    """Run `python testbed.py --out tb ...` inside `folder` (relative --out, so args.json is the same bytes in two
+    """Run `python -m testbed --out tb ...` inside `folder` (relative --out, so args.json is the same bytes in two
     folders); return (path of the testbed, stats)."""
     os.makedirs(folder, exist_ok=True)
     cwd = os.getcwd()
     os.chdir(folder)
     try:
-        stats = testbed.main(["--out", "tb", *flags])
+        stats = generator.main(["--out", "tb", *flags])
     finally:
         os.chdir(cwd)
     return os.path.join(folder, "tb"), stats
@@ -128,7 +128,7 @@ def test_components_sum_and_foreign_prompts(tb):
     assert gold_components("What colour is the glimmet?", " blue") is None  # not in the HH format
     assert gold_reward(format_prompt("What colour is the unknownthing?"), " blue") is None  # not in the table
     assert gold_reward(format_prompt("What is 0 plus 5?"), " 5") is None  # operands are 1..9
-    assert not testbed.is_testbed_prompt("hello")
+    assert not gold.is_testbed_prompt("hello")
 
 
 def test_best_response_is_never_beaten_by_generated_responses(tb):
@@ -173,7 +173,7 @@ def test_label_agreement_matches_the_noise_level(tb):
     assert 0.70 <= expected <= 0.80
     assert stats["label_agreement_with_gold"]["pairs_train"] == realised
     for tau, lo, hi in ((0.3, 0.84, 0.93), (3.0, 0.55, 0.65)):  # less noise -> more agreement, and vice versa
-        pairs = testbed.sample_pairs(random.Random(tau), 2000, testbed.IN_DISTRIBUTION, tau, set())
+        pairs = generator.sample_pairs(random.Random(tau), 2000, gold.IN_DISTRIBUTION, tau, set())
         expected, _ = agreement_check(pairs, tau)
         assert lo < expected < hi
     for r in read(root, "pairs_train"):
@@ -191,14 +191,14 @@ def test_eval_prompts_are_held_out_and_ood_prompts_are_ood(tb):
     training = set()
     for name in ("sft_train", "pairs_train", "pairs_test", "rl_prompts"):
         prompts = {r["prompt"] for r in read(root, name)}
-        assert {testbed.family_of(p) for p in prompts} == set(testbed.IN_DISTRIBUTION), name
+        assert {gold.family_of(p) for p in prompts} == set(gold.IN_DISTRIBUTION), name
         training |= prompts
     assert not training & set(eval_prompts)
-    families = [testbed.family_of(p) for p in eval_prompts]
-    assert all(families.count(f) == 20 for f in testbed.IN_DISTRIBUTION)
+    families = [gold.family_of(p) for p in eval_prompts]
+    assert all(families.count(f) == 20 for f in gold.IN_DISTRIBUTION)
     for name in ("ood_prompts", "ood_pairs_test"):
-        assert {testbed.family_of(r["prompt"]) for r in read(root, name)} == set(testbed.OOD), name
-    assert not set(testbed.OOD) & set(testbed.IN_DISTRIBUTION) and len(testbed.OOD) >= 2
+        assert {gold.family_of(r["prompt"]) for r in read(root, name)} == set(gold.OOD), name
+    assert not set(gold.OOD) & set(gold.IN_DISTRIBUTION) and len(gold.OOD) >= 2
 
 
 def test_record_counts_formats_and_sft_quality(tb):
@@ -261,7 +261,7 @@ def test_model_loads_and_sizes(tb):
     assert model(ids).logits.shape == (1, ids.shape[1], len(tok))
     for size, lo, hi in (("small", 5e6, 10e6), ("medium", 25e6, 50e6)):
         with torch.device("meta"):  # parameter count only: no memory, no init
-            m = testbed.build_model(size, tok, seed=0)
+            m = generator.build_model(size, tok, seed=0)
         assert lo <= sum(p.numel() for p in m.parameters()) <= hi, size
 
 
@@ -287,24 +287,23 @@ def test_oracle_labels_use_the_testbeds_annotator():
     # where the better response is chosen follows sigmoid(gap / tau).
     import random
 
-    import testbed
 
     prompt = "\n\nHuman: What is 3 plus 5?\n\nAssistant:"
     good, bad = " Sure! 3 plus 5 is 8.", " 3 plus 5 is 9."        # gold 2.8 and 0.5: gap 2.3
     items = [{"prompt": prompt, "responses": [good, bad, good]}] * 2000
-    a = testbed.label_meta_set(items, 1.0, seed=7)
-    assert a == testbed.label_meta_set(items, 1.0, seed=7) and a != testbed.label_meta_set(items, 1.0, seed=8)
+    a = gold.label_meta_set(items, 1.0, seed=7)
+    assert a == gold.label_meta_set(items, 1.0, seed=7) and a != gold.label_meta_set(items, 1.0, seed=8)
     # per item: (good, bad), (good, good) equal -> no pair, (bad, good): 2 pairs per item
     assert len(a) == 4000
     share = sum(p["chosen"] == good for p in a) / len(a)
-    expected = testbed.sigmoid(2.3 / 1.0)                         # 0.909
+    expected = gold.sigmoid(2.3 / 1.0)                         # 0.909
     assert abs(share - expected) < 3 * (expected * (1 - expected) / len(a)) ** 0.5 + 1e-9
     # the same draw as D's annotator: one rng.random() per labelled pair, compared with the sigmoid
     rng, twin = random.Random(3), random.Random(3)
-    pair = testbed.bradley_terry_label(prompt, bad, good, 1.0, rng)
-    assert pair == ({"prompt": prompt, "chosen": bad, "rejected": good} if twin.random() < testbed.sigmoid(-2.3)
+    pair = gold.bradley_terry_label(prompt, bad, good, 1.0, rng)
+    assert pair == ({"prompt": prompt, "chosen": bad, "rejected": good} if twin.random() < gold.sigmoid(-2.3)
                     else {"prompt": prompt, "chosen": good, "rejected": bad})
-    assert testbed.bradley_terry_label(prompt, good, good, 1.0, rng) is None
+    assert gold.bradley_terry_label(prompt, good, good, 1.0, rng) is None
 
 
 def test_visible_errors_show_in_the_words():
@@ -313,11 +312,11 @@ def test_visible_errors_show_in_the_words():
     # in the wrong order or count (sort "d b f" for "b d f")
     rng = random.Random(0)
     for fam in ("repeat", "sort", "reverse", "add"):
-        f = testbed.FAMILIES[fam]
+        f, sampler = gold.FAMILIES[fam], generator.SAMPLERS[fam]
         for _ in range(200):
-            p = f.sample(rng)
-            right, wrong = f.solve(p), f.visible(p, rng)
+            p = sampler.sample(rng)
+            right, wrong = f.solve(p), sampler.visible(p, rng)
             assert wrong != right and set(wrong) - set(right), (fam, p, wrong)
     p = {"letters": "d b f"}
-    subtle = {testbed.FAMILIES["sort"].corrupt(p, random.Random(i)) for i in range(50)}
+    subtle = {generator.SAMPLERS["sort"].corrupt(p, random.Random(i)) for i in range(50)}
     assert any(set(w) == {"b", "d", "f"} for w in subtle)  # an order error: no foreign word

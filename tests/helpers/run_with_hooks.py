@@ -24,8 +24,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository
 
-import common  # noqa: E402
-import distributed  # noqa: E402
+from plumbing import common  # noqa: E402
+from plumbing import distributed  # noqa: E402
 
 
 def main(argv: list[str]) -> None:

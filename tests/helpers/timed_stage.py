@@ -11,4 +11,4 @@ with open(log, "a") as f:
 time.sleep(seconds)
 with open(log, "a") as f:
     f.write(f"{name} end {time.time()}\n")
-sys.exit(1 if "fail" in sys.argv[4:] else 0)  # pipeline.py appends --overwrite
+sys.exit(1 if "fail" in sys.argv[4:] else 0)  # study/pipeline.py appends --overwrite

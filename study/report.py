@@ -1,19 +1,25 @@
-"""The study's report: a finished pipeline folder -> results.json, report.md and figures, with intervals over seeds.
+"""The study's report: a finished pipeline folder -> results.json, report.md and figures,
+with intervals over seeds.
 
-Per seed it reads what the stages wrote (evaluate.py's judgments and results, ppo.py's held-out curve lines,
-meta_rm.py's mechanism lines, best_of_n.py's curve) and reduces each (arm, seed) to a few numbers; across seeds
-every number gets its mean and exact bootstrap interval (stats.bootstrap_ci), every arm its paired difference to
-vanilla PPO on the same seed (stats.paired_difference), and every comparison one verdict line (stats.verdict).
+Per seed it reads what the stages wrote (evaluate.py's judgments and results, ppo.py's held-out
+curve lines, meta_rm.py's mechanism lines, best_of_n.py's curve) and reduces each (arm, seed) to a
+few numbers; across seeds every number gets its mean and exact bootstrap interval
+(stats.bootstrap_ci), every arm its paired difference to vanilla PPO on the same seed
+(stats.paired_difference), and every comparison one verdict line (stats.verdict).
 
-    python report.py runs/pipeline            # (re)write the report of a finished or partly finished study
+    python -m study.report runs/pipeline  # (re)write the report of a finished or partly
+                                            finished study
 
 What the numbers are
-  gold (greedy)      mean gold reward of the final policy's greedy responses to the held-out prompts (evaluate.py)
-  win / tie / lose   per prompt, gold judge with evaluate.py's margin; vs SFT, and vs vanilla PPO of the same seed
-  curve              ppo.py's held-out evaluation every few iterations: gold and RM score of sampled responses and
-                     √KL(π‖π_SFT); "SFT" is its iteration 0, "peak" the best point of the curve after a 3-point
-                     moving average (a raw maximum of noisy points is biased upwards), "final" the average of the
-                     last 3 points, "drop" = peak − final
+  gold (greedy)      mean gold reward of the final policy's greedy responses to the held-out
+                     prompts (evaluate.py)
+  win / tie / lose   per prompt, gold judge with evaluate.py's margin; vs SFT, and vs vanilla PPO
+                     of the same seed
+  curve              ppo.py's held-out evaluation every few iterations: gold and RM score of
+                     sampled responses and √KL(π‖π_SFT); "SFT" is its iteration 0, "peak" the best
+                     point of the curve after a 3-point moving average (a raw maximum of noisy
+                     points is biased upwards), "final" the average of the last 3 points,
+                     "drop" = peak − final
   RM accuracy        agreement with the labels and with the gold order on the test pairs (ID, OOD)
   mechanism          meta_rm.py's mechanism_stats averaged over the logged steps of a round
 """
@@ -26,32 +32,18 @@ import sys
 from typing import Any
 
 import evaluate
-import stats
+from plumbing.figures import pyplot
+from study import stats
+from study.arms import metarm_eta, policy_key, rm_key
 
 MARGIN = 0.01  # evaluate.py's default tie margin for the gold judge
 SMOOTH = 3     # points of the moving average on the held-out curves
 
 
-def policy_key(task: str) -> str:
-    """'seed0/vanilla/ppo' -> 'vanilla', 'seed0/metarm/round2/ppo' -> 'metarm_r2', 'seed0/dpo' -> 'dpo',
-    'seed0/sweep/eta0.1/ppo' -> 'sweep_eta0.1'."""
-    parts = task.split("/")[1:]
-    if parts[0] == "sweep":
-        return f"sweep_{parts[1]}"
-    if len(parts) >= 3 and parts[1].startswith("round"):
-        return f"{parts[0]}_r{parts[1][len('round'):]}"
-    return parts[0]
-
-
-def rm_key(task: str) -> str:
-    """'seed0/rm0' -> 'vanilla', otherwise the key of the policy trained with it ('metarm_r1', 'sweep_eta0.1')."""
-    return "vanilla" if task.endswith("/rm0") else policy_key(task)
-
-
 def label(key: str) -> str:
     """A row label for the report: 'metarm_r2' -> 'MetaRM r2', 'eta0_r1' -> 'η = 0 r1', ..."""
-    names = {"vanilla": "vanilla PPO", "metarm": "MetaRM", "eta0": "η = 0 control", "oracle": "oracle (fresh labels)",
-             "dpo": "DPO", "sft": "SFT"}
+    names = {"vanilla": "vanilla PPO", "metarm": "MetaRM", "eta0": "η = 0 control",
+             "oracle": "oracle (fresh labels)", "dpo": "DPO", "sft": "SFT"}
     if key.startswith("sweep_eta"):
         return f"MetaRM r1, η = {key[len('sweep_eta'):]}"
     arm, _, r = key.partition("_r")
@@ -68,30 +60,35 @@ def _read_json(path: str) -> Any:
         return json.load(f)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # One seed: the numbers of every policy and RM
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def smoothed(values: list[float], width: int = SMOOTH) -> list[float]:
-    """Moving average over `width` consecutive points (fewer at the start): point i averages i−width+1 … i."""
-    return [sum(values[max(0, i - width + 1): i + 1]) / (i + 1 - max(0, i - width + 1)) for i in range(len(values))]
+    """Moving average over `width` consecutive points (fewer at the start):
+    point i averages i−width+1 … i."""
+    return [sum(values[max(0, i - width + 1): i + 1]) / (i + 1 - max(0, i - width + 1))
+            for i in range(len(values))]
 
 
 def curve_numbers(lines: list[dict]) -> dict[str, Any]:
-    """The held-out curve of one PPO run -> its points and SFT / peak / final / drop (see the module docstring)."""
+    """The held-out curve of one PPO run -> its points and SFT / peak / final / drop
+    (see the module docstring)."""
     pts = sorted((m for m in lines if "eval_kl" in m), key=lambda m: m["iteration"])
     gold = [m.get("eval_gold", float("nan")) for m in pts]
     smooth = smoothed(gold)
     k = max(range(len(smooth)), key=lambda i: smooth[i])
     final = sum(gold[-SMOOTH:]) / len(gold[-SMOOTH:])
-    return {"iteration": [m["iteration"] for m in pts], "gold": gold, "score": [m["eval_score"] for m in pts],
-            "sqrt_kl": [m["eval_sqrt_kl"] for m in pts], "sft_gold": gold[0], "peak_gold": smooth[k],
+    return {"iteration": [m["iteration"] for m in pts], "gold": gold,
+            "score": [m["eval_score"] for m in pts], "sqrt_kl": [m["eval_sqrt_kl"] for m in pts],
+            "sft_gold": gold[0], "peak_gold": smooth[k],
             "peak_iteration": pts[k]["iteration"], "final_gold": final, "drop": smooth[k] - final,
             "helps": smooth[k] - gold[0], "final_sqrt_kl": pts[-1]["eval_sqrt_kl"],
             "score_rise_after_peak": pts[-1]["eval_score"] - pts[k]["eval_score"]}
 
 
 def seed_numbers(out: str, seed: int, keys: list[str]) -> dict[str, Any]:
-    """Everything report.py needs from seed<seed>/, for the policies `keys` (those whose evaluation exists)."""
+    """Everything report.py needs from seed<seed>/, for the policies `keys`
+    (those whose evaluation exists)."""
     root = os.path.join(out, f"seed{seed}")
     res: dict[str, Any] = {"policies": {}, "rms": {}, "mechanism": {}}
     gold_by_prompt: dict[str, list[float]] = {}
@@ -103,8 +100,8 @@ def seed_numbers(out: str, seed: int, keys: list[str]) -> dict[str, Any]:
         gold_by_prompt[key] = [j["score_a"] for j in judgments]
         gold_by_prompt["sft"] = [j["score_b"] for j in judgments]
         w = _read_json(os.path.join(folder, "results.json"))["win_tie_lose"]
-        entry = {"gold": sum(gold_by_prompt[key]) / len(judgments), "vs_sft": {k: w[f"{k}_pct"] for k in
-                                                                              ("win", "tie", "lose")}}
+        entry = {"gold": sum(gold_by_prompt[key]) / len(judgments),
+                 "vs_sft": {k: w[f"{k}_pct"] for k in ("win", "tie", "lose")}}
         ppo_dir = policy_dir(root, key)
         if ppo_dir and os.path.exists(os.path.join(ppo_dir, "metrics.jsonl")):
             lines = _read_jsonl(os.path.join(ppo_dir, "metrics.jsonl"))
@@ -113,33 +110,41 @@ def seed_numbers(out: str, seed: int, keys: list[str]) -> dict[str, Any]:
         res["policies"][key] = entry
     if "sft" in gold_by_prompt:
         res["sft_gold"] = sum(gold_by_prompt["sft"]) / len(gold_by_prompt["sft"])
-    for key, entry in res["policies"].items():  # Table 2 shape: against vanilla PPO of the same seed, per prompt
+    # Table 2 shape: against vanilla PPO of the same seed, per prompt
+    for key, entry in res["policies"].items():
         if "vanilla" in gold_by_prompt and key != "vanilla":
-            outcomes = [j["outcome"] for j in evaluate.judge_by_scores(gold_by_prompt[key], gold_by_prompt["vanilla"],
-                                                                       MARGIN)]
+            outcomes = [j["outcome"]
+                        for j in evaluate.judge_by_scores(gold_by_prompt[key],
+                                                          gold_by_prompt["vanilla"], MARGIN)]
             w = evaluate.win_tie_lose(outcomes)
             entry["vs_vanilla"] = {k: w[f"{k}_pct"] for k in ("win", "tie", "lose")}
     rms_file = os.path.join(root, "eval", "rms", "results.json")
     if os.path.exists(rms_file):
         for name, r in _read_json(rms_file).get("reward_models", {}).items():
-            ood, gaps = r["ood_test"], r.get("gaps", {})  # no gaps without a meta set (a vanilla-only study)
+            # no gaps without a meta set (a vanilla-only study)
+            ood, gaps = r["ood_test"], r.get("gaps", {})
             res["rms"][name] = {"acc": r["test"]["acc"], "acc_gold": r["test"].get("acc_gold"),
-                                "ood_acc": ood["acc"], "ood_acc_gold": ood.get("ood_acc_gold", ood.get("acc_gold")),
-                                "gap_mean": gaps.get("gap_mean"), "gaps_below_0.2": gaps.get("normalised_below_0.2"),
+                                "ood_acc": ood["acc"],
+                                "ood_acc_gold": ood.get("ood_acc_gold", ood.get("acc_gold")),
+                                "gap_mean": gaps.get("gap_mean"),
+                                "gaps_below_0.2": gaps.get("normalised_below_0.2"),
                                 "J": gaps.get("J")}
     for key in keys:
-        metrics = os.path.join(root, *rm_dir_parts(key), "metrics.jsonl") if rm_dir_parts(key) else None
+        metrics = (os.path.join(root, *rm_dir_parts(key), "metrics.jsonl") if rm_dir_parts(key)
+                   else None)
         if metrics and os.path.exists(metrics):
             logged = [m for m in _read_jsonl(metrics) if "cos_grad" in m]
             if logged:
-                res["mechanism"][key] = {k: sum(m[k] for m in logged) / len(logged) for k in MECHANISM}
+                res["mechanism"][key] = {k: sum(m[k] for m in logged) / len(logged)
+                                         for k in MECHANISM}
     bon = os.path.join(root, "best_of_n", "results.json")
     if os.path.exists(bon):
         res["best_of_n"] = _read_json(bon)
     return res
 
 
-MECHANISM = ("J", "J_adapted", "J_std", "J_std_adapted", "reward_std_S", "reward_std_D", "cos_grad", "step_norm")
+MECHANISM = ("J", "J_adapted", "J_std", "J_std_adapted", "reward_std_S", "reward_std_D",
+             "cos_grad", "step_norm")
 
 
 def policy_dir(root: str, key: str) -> str | None:
@@ -153,19 +158,21 @@ def policy_dir(root: str, key: str) -> str | None:
 
 
 def rm_dir_parts(key: str) -> list[str] | None:
-    """Path parts of the meta_rm.py folder behind a policy key (MetaRM rounds and sweep points), else None."""
+    """Path parts of the meta_rm.py folder behind a policy key (MetaRM rounds and sweep points),
+    else None."""
     if key.startswith("sweep_"):
         return ["sweep", key[len("sweep_"):], "rm"]
     arm, _, r = key.partition("_r")
     return [arm, f"round{r}", "rm"] if arm == "metarm" and r else None
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Across seeds
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def interval(values: dict[int, float]) -> dict[str, float] | None:
     """{mean, low, high, n} of the values over seeds (None when there are none)."""
-    values = {s: v for s, v in values.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
+    values = {s: v for s, v in values.items()
+              if v is not None and not (isinstance(v, float) and math.isnan(v))}
     if not values:
         return None
     mean, low, high = stats.bootstrap_ci(list(values.values()))
@@ -195,22 +202,26 @@ def aggregate(seeds: dict[int, dict], keys: list[str]) -> dict[str, Any]:
         if entry["gold"] is None:
             continue
         for vs in ("vs_sft", "vs_vanilla"):
-            entry[vs] = {k: interval(per_seed(seeds, "policies", key, vs, k)) for k in ("win", "tie", "lose")}
-        for k in ("sft_gold", "peak_gold", "final_gold", "drop", "helps", "final_sqrt_kl", "score_rise_after_peak",
-                  "peak_iteration"):
+            entry[vs] = {k: interval(per_seed(seeds, "policies", key, vs, k))
+                         for k in ("win", "tie", "lose")}
+        for k in ("sft_gold", "peak_gold", "final_gold", "drop", "helps", "final_sqrt_kl",
+                  "score_rise_after_peak", "peak_iteration"):
             entry[k] = interval(per_seed(seeds, "policies", key, "curve", k))
         if key != "vanilla":
             for k, path in (("gold", ("gold",)), ("final_gold_sampled", ("curve", "final_gold")),
                             ("peak_gold_sampled", ("curve", "peak_gold"))):
-                a, b = per_seed(seeds, "policies", key, *path), per_seed(seeds, "policies", "vanilla", *path)
+                a, b = (per_seed(seeds, "policies", key, *path),
+                        per_seed(seeds, "policies", "vanilla", *path))
                 if set(a) & set(b):
                     entry[f"{k}_minus_vanilla"] = stats.paired_difference(a, b)
         agg["policies"][key] = entry
     for name in sorted({n for s in seeds.values() for n in s["rms"]}, key=_order):
         agg["rms"][name] = {k: interval(per_seed(seeds, "rms", name, k))
-                            for k in ("acc", "acc_gold", "ood_acc", "ood_acc_gold", "gap_mean", "gaps_below_0.2", "J")}
+                            for k in ("acc", "acc_gold", "ood_acc", "ood_acc_gold", "gap_mean",
+                                      "gaps_below_0.2", "J")}
     for key in sorted({k for s in seeds.values() for k in s["mechanism"]}, key=_order):
-        agg["mechanism"][key] = {k: interval(per_seed(seeds, "mechanism", key, k)) for k in MECHANISM}
+        agg["mechanism"][key] = {k: interval(per_seed(seeds, "mechanism", key, k))
+                                 for k in MECHANISM}
     agg["verdicts"] = verdicts(agg, seeds)
     return agg
 
@@ -221,24 +232,29 @@ def _order(key: str) -> tuple:
 
 
 def verdicts(agg: dict[str, Any], seeds: dict[int, dict]) -> list[str]:
-    """One line per comparison, from the intervals: every arm vs vanilla on gold (greedy), MetaRM vs the η = 0
-    control, vs the oracle round by round, and vs DPO; each η-sweep point vs the η = 0 control."""
+    """One line per comparison, from the intervals: every arm vs vanilla on gold (greedy), MetaRM vs
+    the η = 0 control, vs the oracle round by round, and vs DPO; each η-sweep point vs the
+    η = 0 control."""
     lines = []
     for key, entry in agg["policies"].items():
         if "gold_minus_vanilla" in entry:
-            lines.append(stats.verdict(f"{label(key)} − vanilla PPO", entry["gold_minus_vanilla"], "gold"))
+            lines.append(stats.verdict(f"{label(key)} − vanilla PPO", entry["gold_minus_vanilla"],
+                                       "gold"))
     for key in agg["policies"]:
         for other in compared_with(key):
-            a, b = per_seed(seeds, "policies", key, "gold"), per_seed(seeds, "policies", other, "gold")
+            a, b = (per_seed(seeds, "policies", key, "gold"),
+                    per_seed(seeds, "policies", other, "gold"))
             if set(a) & set(b):
-                lines.append(stats.verdict(f"{label(key)} − {label(other)}", stats.paired_difference(a, b), "gold"))
+                lines.append(stats.verdict(f"{label(key)} − {label(other)}",
+                                           stats.paired_difference(a, b), "gold"))
     return lines
 
 
 def compared_with(key: str) -> tuple[str, ...]:
-    """The policies a policy is compared with besides vanilla PPO: MetaRM round r with the η = 0 control and the
-    oracle of round r and with DPO (the paper's Table 2 comparison); an η-sweep point (round 1) with the η = 0
-    control, since both train RM₀ one more epoch over D and only η differs."""
+    """The policies a policy is compared with besides vanilla PPO: MetaRM round r with the η = 0
+    control and the oracle of round r and with DPO (the paper's Table 2 comparison); an η-sweep
+    point (round 1) with the η = 0 control, since both train RM₀ one more epoch over D and only
+    η differs."""
     if key.startswith("metarm_r"):
         r = key[len("metarm_r"):]
         return f"eta0_r{r}", f"oracle_r{r}", "dpo"
@@ -247,25 +263,28 @@ def compared_with(key: str) -> tuple[str, ...]:
     return ()
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Figures
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def mean_curve(seeds: dict[int, dict], key: str) -> dict[str, list] | None:
-    """The seed-mean held-out curve of a policy, point by point, with the bootstrap band of gold and score."""
-    curves = [s["policies"][key]["curve"] for s in seeds.values() if "curve" in s["policies"].get(key, {})]
+    """The seed-mean held-out curve of a policy, point by point, with the bootstrap band
+    of gold and score."""
+    curves = [s["policies"][key]["curve"] for s in seeds.values()
+              if "curve" in s["policies"].get(key, {})]
     if not curves:
         return None
     n = min(len(c["iteration"]) for c in curves)
     out: dict[str, list] = {"iteration": curves[0]["iteration"][:n]}
     for k in ("sqrt_kl", "gold", "score"):
         cis = [stats.bootstrap_ci([c[k][i] for c in curves]) for i in range(n)]
-        out[k], out[k + "_low"], out[k + "_high"] = [c[0] for c in cis], [c[1] for c in cis], [c[2] for c in cis]
+        out[k], out[k + "_low"], out[k + "_high"] = ([c[0] for c in cis], [c[1] for c in cis],
+                                                     [c[2] for c in cis])
     return out
 
 
 def gao_fit(d: list[float], gain: list[float]) -> dict[str, float] | None:
-    """Least squares of Gao et al.'s RL form R(d) = d (α − β log d) on points d > 0 (gain = gold − gold at d = 0):
-    linear in (α, β) with regressors d and −d log d."""
+    """Least squares of Gao et al.'s RL form R(d) = d (α − β log d) on points d > 0
+    (gain = gold − gold at d = 0): linear in (α, β) with regressors d and −d log d."""
     rows = [(x, -x * math.log(x), y) for x, y in zip(d, gain) if x > 1e-9]
     if len(rows) < 3:
         return None
@@ -274,15 +293,15 @@ def gao_fit(d: list[float], gain: list[float]) -> dict[str, float] | None:
     A = np.array([[a, b] for a, b, _ in rows])
     y = np.array([c for _, _, c in rows])
     (alpha, beta), *_ = np.linalg.lstsq(A, y, rcond=None)
-    return {"alpha": float(alpha), "beta": float(beta), "d_peak": float(math.exp(alpha / beta - 1)) if beta > 0
-            else float("inf")}
+    return {"alpha": float(alpha), "beta": float(beta),
+            "d_peak": float(math.exp(alpha / beta - 1)) if beta > 0 else float("inf")}
 
 
 def draw_figures(out: str, seeds: dict[int, dict], keys: list[str], sweep: list[float],
                  metarm_eta: float | None = None) -> dict[str, str]:
     """figures/gold_vs_sqrt_kl.png (gold and proxy against √KL, seed bands), figures/best_of_n.png,
     figures/eta_sweep.png (with a sweep). Returns {name: relative path}."""
-    plt = evaluate._pyplot()
+    plt = pyplot()
     os.makedirs(os.path.join(out, "figures"), exist_ok=True)
     figures = {}
     curves = {k: c for k in keys if not k.startswith("sweep_") and (c := mean_curve(seeds, k))}
@@ -308,7 +327,8 @@ def draw_figures(out: str, seeds: dict[int, dict], keys: list[str], sweep: list[
         for y, name in (("gold", "gold"), ("proxy", "proxy (RM₀)")):
             cis = [stats.bootstrap_ci([b[y][i] for b in bons]) for i in range(len(ns))]
             ax.plot([math.log2(n) for n in ns], [c[0] for c in cis], marker="o", label=name)
-            ax.fill_between([math.log2(n) for n in ns], [c[1] for c in cis], [c[2] for c in cis], alpha=0.2)
+            ax.fill_between([math.log2(n) for n in ns], [c[1] for c in cis], [c[2] for c in cis],
+                            alpha=0.2)
         ax.set(xlabel="log₂ n", ylabel="reward of the best of n (proxy's choice)",
                title=f"best-of-n from SFT, {len(bons)} seeds")
         ax.legend()
@@ -319,18 +339,19 @@ def draw_figures(out: str, seeds: dict[int, dict], keys: list[str], sweep: list[
     if sweep:
         fig, ax = plt.subplots(figsize=(5.5, 4))
         sources = {eta: f"sweep_eta{eta:g}" for eta in sweep}
-        # the arms are points of the sweep too: the η = 0 control (reward.py, bit for bit meta_rm.py at η = 0,
-        # tests/test_meta_rm.py) and MetaRM round 1 at the study's η, same seeds and data
+        # the arms are points of the sweep too: the η = 0 control (reward.py, bit for bit meta_rm.py
+        # at η = 0, tests/test_meta_rm.py) and MetaRM round 1 at the study's η, same seeds and data
         sources.setdefault(0.0, "eta0_r1")
         if metarm_eta is not None:
             sources.setdefault(metarm_eta, "metarm_r1")
-        pts = [(eta, interval(per_seed(seeds, "policies", key, "gold"))) for eta, key in sorted(sources.items())]
+        pts = [(eta, interval(per_seed(seeds, "policies", key, "gold")))
+               for eta, key in sorted(sources.items())]
         pts = [(e, i) for e, i in pts if i]
         if pts:
             xs = list(range(len(pts)))
-            ax.errorbar(xs, [i["mean"] for _, i in pts], yerr=[[i["mean"] - i["low"] for _, i in pts],
-                                                               [i["high"] - i["mean"] for _, i in pts]], marker="o",
-                        capsize=3)
+            ax.errorbar(xs, [i["mean"] for _, i in pts],
+                        yerr=[[i["mean"] - i["low"] for _, i in pts],
+                              [i["high"] - i["mean"] for _, i in pts]], marker="o", capsize=3)
             ax.set_xticks(xs, [f"{e:g}" for e, _ in pts])
             ax.set(xlabel="η (round 1)", ylabel="gold of the PPO policy (greedy)",
                    title=f"η sweep, {len(seeds)} seeds, 95% interval")
@@ -341,9 +362,9 @@ def draw_figures(out: str, seeds: dict[int, dict], keys: list[str], sweep: list[
     return figures
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # report.md and results.json
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def fmt(ci: dict[str, float] | None, decimals: int = 3) -> str:
     """'1.234 [1.100, 1.350]' (mean [95% interval]); '–' when missing; no interval for one seed."""
     if ci is None:
@@ -363,14 +384,15 @@ def calibration_section(agg: dict[str, Any], seeds: dict[int, dict]) -> list[str
     v = agg["policies"].get("vanilla", {})
     rm = agg["rms"].get("vanilla", {})
     met = lambda ci, ok: "–" if ci is None else ("met" if ok(ci) else "not met")  # noqa: E731
-    rows = [["vanilla RM agrees with the gold order on ID test pairs", "≥ 0.80", fmt(rm.get("acc_gold")),
-             met(rm.get("acc_gold"), lambda c: c["mean"] >= 0.8)],
-            ["PPO first helps: peak − SFT (held-out, sampled)", "≥ +0.3, interval above 0", fmt(v.get("helps")),
-             met(v.get("helps"), lambda c: c["mean"] >= 0.3 and c["low"] > 0)],
+    rows = [["vanilla RM agrees with the gold order on ID test pairs", "≥ 0.80",
+             fmt(rm.get("acc_gold")), met(rm.get("acc_gold"), lambda c: c["mean"] >= 0.8)],
+            ["PPO first helps: peak − SFT (held-out, sampled)", "≥ +0.3, interval above 0",
+             fmt(v.get("helps")), met(v.get("helps"), lambda c: c["mean"] >= 0.3 and c["low"] > 0)],
             ["then over-optimises: peak − final", "interval above 0", fmt(v.get("drop")),
              met(v.get("drop"), lambda c: c["low"] > 0)],
             ["… while the proxy keeps rising: score(final) − score(peak)", "> 0",
-             fmt(v.get("score_rise_after_peak")), met(v.get("score_rise_after_peak"), lambda c: c["mean"] > 0)]]
+             fmt(v.get("score_rise_after_peak")),
+             met(v.get("score_rise_after_peak"), lambda c: c["mean"] > 0)]]
     lines = ["## The testbed's criteria, measured on the vanilla arm", "",
              "| criterion | target | measured | |", "|---|---|---|---|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -378,94 +400,115 @@ def calibration_section(agg: dict[str, Any], seeds: dict[int, dict]) -> list[str
     if bons:
         ns = bons[0]["n"]
         cis = [stats.bootstrap_ci([b["gold"][i] for b in bons]) for i in range(len(ns))]
-        lines += ["", "Best-of-n from the SFT model under RM₀ (gold of the proxy's choice; the sanity check): " +
-                  ", ".join(f"n = {n}: {c[0]:.3f}" for n, c in zip(ns, cis)) + f" ({len(bons)} seeds)."]
+        lines += ["", "Best-of-n from the SFT model under RM₀ (gold of the proxy's choice; "
+                      "the sanity check): "
+                  + ", ".join(f"n = {n}: {c[0]:.3f}" for n, c in zip(ns, cis))
+                  + f" ({len(bons)} seeds)."]
     curve = mean_curve(seeds, "vanilla")
     if curve:
         fit = gao_fit(curve["sqrt_kl"], [g - curve["gold"][0] for g in curve["gold"]])
         if fit:
-            lines += ["", f"Gao et al.'s form fitted to the seed-mean vanilla curve, gold − gold(SFT) = d (α − β log d) "
-                          f"with d = √KL: α = {fit['alpha']:.3f}, β = {fit['beta']:.3f} (peak at d = "
-                          f"{fit['d_peak']:.2f})."]
+            lines += ["", "Gao et al.'s form fitted to the seed-mean vanilla curve, "
+                          "gold − gold(SFT) = d (α − β log d) with d = √KL: "
+                          f"α = {fit['alpha']:.3f}, β = {fit['beta']:.3f} "
+                          f"(peak at d = {fit['d_peak']:.2f})."]
     return lines + [""]
 
 
 def tables(agg: dict[str, Any]) -> list[str]:
     P = agg["policies"]
-    lines = ["## Table 1 shape: each policy vs SFT (gold judge, greedy responses, held-out prompts)", "",
+    lines = ["## Table 1 shape: each policy vs SFT (gold judge, greedy responses, held-out "
+             "prompts)", "",
              "| policy | win % | tie % | lose % | gold (greedy) |", "|---|---|---|---|---|",
              f"| SFT | | | | {fmt(agg['sft_gold'])} |"]
-    lines += [f"| {label(k)} | " + " | ".join(_wtl(e, "vs_sft")) + f" | {fmt(e['gold'])} |" for k, e in P.items()]
+    lines += [f"| {label(k)} | " + " | ".join(_wtl(e, "vs_sft")) + f" | {fmt(e['gold'])} |"
+              for k, e in P.items()]
     lines += ["", "## Table 2 shape: each policy vs vanilla PPO of the same seed", "",
-              "| policy | win % | tie % | lose % | gold − vanilla (paired) |", "|---|---|---|---|---|"]
-    lines += [f"| {label(k)} | " + " | ".join(_wtl(e, "vs_vanilla")) + f" | {fmt(e.get('gold_minus_vanilla'))} |"
+              "| policy | win % | tie % | lose % | gold − vanilla (paired) |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {label(k)} | " + " | ".join(_wtl(e, "vs_vanilla"))
+              + f" | {fmt(e.get('gold_minus_vanilla'))} |"
               for k, e in P.items() if k != "vanilla"]
     lines += ["", "## The held-out curves (gold and RM score of sampled responses along PPO)", "",
-              "| policy | SFT | peak | at iteration | final | peak − final | final √KL |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {label(k)} | {fmt(e['sft_gold'])} | {fmt(e['peak_gold'])} | {fmt(e['peak_iteration'], 0)} | "
-              f"{fmt(e['final_gold'])} | {fmt(e['drop'])} | {fmt(e['final_sqrt_kl'], 2)} |"
-              for k, e in P.items() if e.get("peak_gold")]
-    lines += ["", "## Reward models: accuracy on held-out pairs (labels / gold order) and reward gaps (Fig. 5)", "",
-              "| RM | acc | acc (gold) | OOD acc | OOD acc (gold) | gap mean | normalised gaps < 0.2 |",
+              "| policy | SFT | peak | at iteration | final | peak − final | final √KL |",
               "|---|---|---|---|---|---|---|"]
-    lines += [f"| {'vanilla RM₀' if k == 'vanilla' else label(k)} | {fmt(r['acc'])} | {fmt(r['acc_gold'])} | "
-              f"{fmt(r['ood_acc'])} | "
+    lines += [f"| {label(k)} | {fmt(e['sft_gold'])} | {fmt(e['peak_gold'])} | "
+              f"{fmt(e['peak_iteration'], 0)} | {fmt(e['final_gold'])} | {fmt(e['drop'])} | "
+              f"{fmt(e['final_sqrt_kl'], 2)} |"
+              for k, e in P.items() if e.get("peak_gold")]
+    lines += ["", "## Reward models: accuracy on held-out pairs (labels / gold order) and "
+                  "reward gaps (Fig. 5)", "",
+              "| RM | acc | acc (gold) | OOD acc | OOD acc (gold) | gap mean "
+              "| normalised gaps < 0.2 |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {'vanilla RM₀' if k == 'vanilla' else label(k)} | {fmt(r['acc'])} | "
+              f"{fmt(r['acc_gold'])} | {fmt(r['ood_acc'])} | "
               f"{fmt(r['ood_acc_gold'])} | {fmt(r['gap_mean'])} | {fmt(r['gaps_below_0.2'], 2)} |"
               for k, r in agg["rms"].items()]
     if agg["mechanism"]:
         lines += ["", "## Why MetaRM does what it does (meta_rm.py, mean over logged steps)", "",
-                  "J rewards a larger reward scale as much as a better separation; J of standardised rewards does not. "
+                  "J rewards a larger reward scale as much as a better separation; "
+                  "J of standardised rewards does not. "
                   "cos = cos(∇L(θ′), ∇L(θ)): 1 means the look-ahead changed nothing.", "",
-                  "| round | J | J(θ′) | J std. | J std.(θ′) | std r (S) | std r (D) | cos | ‖θ′ − θ‖ |",
+                  "| round | J | J(θ′) | J std. | J std.(θ′) | std r (S) | std r (D) | cos "
+                  "| ‖θ′ − θ‖ |",
                   "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {label(k)} | " + " | ".join(fmt(m[x], 4) for x in MECHANISM) + " |"
                   for k, m in agg["mechanism"].items()]
     return lines + [""]
 
 
-def write(out: str, seeds: list[int], arms: list[str], rounds: int, sweep: list[float], wall_seconds: float,
-          stage_seconds: dict[str, tuple[str, float]], settings: dict[str, Any]) -> str:
-    """Read the study in `out`, write results.json, report.md and figures/; return the markdown. `stage_seconds`:
-    {task: (script, seconds)} of the stages run by this invocation."""
-    keys = ["vanilla"] + [f"{a}_r{r}" for a in arms if a in ("metarm", "eta0", "oracle") for r in
-                          range(1, rounds + 1)] + (["dpo"] if "dpo" in arms else []) + [f"sweep_eta{e:g}"
-                                                                                        for e in sweep]
+def write(out: str, seeds: list[int], arms: list[str], rounds: int, sweep: list[float],
+          wall_seconds: float, stage_seconds: dict[str, tuple[str, float]],
+          settings: dict[str, Any]) -> str:
+    """Read the study in `out`, write results.json, report.md and figures/; return the markdown.
+    `stage_seconds`: {task: (script, seconds)} of the stages run by this invocation."""
+    keys = (["vanilla"]
+            + [f"{a}_r{r}" for a in arms if a in ("metarm", "eta0", "oracle")
+               for r in range(1, rounds + 1)]
+            + (["dpo"] if "dpo" in arms else []) + [f"sweep_eta{e:g}" for e in sweep])
     per = {s: seed_numbers(out, s, keys) for s in seeds}
     per = {s: n for s, n in per.items() if n["policies"]}
-    agg = aggregate(per, keys) if per else {"policies": {}, "rms": {}, "mechanism": {}, "verdicts": [],
-                                            "sft_gold": None}
+    agg = (aggregate(per, keys) if per
+           else {"policies": {}, "rms": {}, "mechanism": {}, "verdicts": [], "sft_gold": None})
     figures = draw_figures(out, per, keys, sweep, settings.get("eta")) if per else {}
     stage_totals: dict[str, float] = {}
     for script, sec in stage_seconds.values():
         stage_totals[script] = stage_totals.get(script, 0.0) + sec
-    results = {"seeds": sorted(per), "arms": arms, "rounds": rounds, "eta_sweep": sweep, "settings": settings,
-               "wall_seconds": wall_seconds, "stage_seconds": stage_seconds, "per_seed": per, "aggregate": agg,
-               "figures": figures}
+    results = {"seeds": sorted(per), "arms": arms, "rounds": rounds, "eta_sweep": sweep,
+               "settings": settings, "wall_seconds": wall_seconds, "stage_seconds": stage_seconds,
+               "per_seed": per, "aggregate": agg, "figures": figures}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     n = len(per)
-    lines = [f"# MetaRM on the testbed: {n} seed{'s' if n != 1 else ''}, arms {', '.join(arms)}, {rounds} rounds", "",
-             (f"Wall time of the last pipeline.py invocation {wall_seconds / 60:.1f} min (stages skipped as done "
-              "not counted)" if wall_seconds else "Wall time not recorded (report.py run on its own)") +
+    lines = [f"# MetaRM on the testbed: {n} seed{'s' if n != 1 else ''}, arms {', '.join(arms)}, "
+             f"{rounds} rounds", "",
+             (f"Wall time of the last python -m study run {wall_seconds / 60:.1f} min "
+              "(stages skipped as done not counted)" if wall_seconds
+              else "Wall time not recorded (python -m study.report run on its own)") +
              f" ({settings.get('jobs')} stages at a time x "
              f"{settings.get('threads')} thread(s) x {settings.get('nproc')} process(es)); model "
              f"{settings.get('model_size')}, meta order {settings.get('meta_order')}"
-             f"{', OOD meta set' if settings.get('ood') else ''}{', TOY sizes (numbers mean nothing)' if settings.get('toy') else ''}. "
-             f"Every number is the mean over the {n} seeds with its 95 % exact bootstrap interval over seeds "
-             "[low, high]; a difference is called only when its interval excludes 0.", ""]
+             f"{', OOD meta set' if settings.get('ood') else ''}"
+             f"{', TOY sizes (numbers mean nothing)' if settings.get('toy') else ''}. "
+             f"Every number is the mean over the {n} seeds with its 95 % exact bootstrap interval "
+             "over seeds [low, high]; a difference is called only when its interval excludes 0.",
+             ""]
     if n:
         lines += ["## Verdicts", ""] + [f"- {v}" for v in agg["verdicts"]] + [""]
         lines += calibration_section(agg, per) + tables(agg)
         if sweep:
-            lines += ["## η sweep (round 1)", "", "| η | gold (greedy) | gold − vanilla | RM acc (gold) |",
-                      "|---|---|---|---|"]
+            lines += ["## η sweep (round 1)", "",
+                      "| η | gold (greedy) | gold − vanilla | RM acc (gold) |", "|---|---|---|---|"]
             lines += [f"| {e:g} | {fmt(agg['policies'].get(f'sweep_eta{e:g}', {}).get('gold'))} | "
-                      f"{fmt(agg['policies'].get(f'sweep_eta{e:g}', {}).get('gold_minus_vanilla'))} | "
-                      f"{fmt(agg['rms'].get(f'sweep_eta{e:g}', {}).get('acc_gold'))} |" for e in sweep] + [""]
+                      f"{fmt(agg['policies'].get(f'sweep_eta{e:g}', {}).get('gold_minus_vanilla'))}"
+                      f" | {fmt(agg['rms'].get(f'sweep_eta{e:g}', {}).get('acc_gold'))} |"
+                      for e in sweep] + [""]
         lines += ["Figures: " + ", ".join(f"[{k}]({v})" for k, v in figures.items()), ""]
     if stage_totals:
         lines += ["Stage time (summed over the stages run now): " +
-                  ", ".join(f"{k} {v / 60:.1f} min" for k, v in sorted(stage_totals.items(), key=lambda x: -x[1])), ""]
+                  ", ".join(f"{k} {v / 60:.1f} min"
+                            for k, v in sorted(stage_totals.items(), key=lambda x: -x[1])), ""]
     text = "\n".join(lines)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(text)
@@ -474,18 +517,23 @@ def write(out: str, seeds: list[int], arms: list[str], rounds: int, sweep: list[
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    usage = ("usage: python -m study.report OUT   (OUT: a python -m study output folder; "
+             "rewrites its report)")
+    if argv in (["-h"], ["--help"]):
+        print(usage)
+        return
     if len(argv) != 1 or argv[0].startswith("-"):
-        sys.exit("usage: python report.py OUT   (OUT: a pipeline.py output folder)")
+        sys.exit(usage)
     out = os.path.abspath(argv[0])
     if not os.path.isfile(os.path.join(out, "args.json")):
-        sys.exit(f"error: {out}: no args.json (not a pipeline.py output folder)")
+        sys.exit(f"error: {out}: no args.json (not a python -m study output folder)")
     args = _read_json(os.path.join(out, "args.json"))
     arms = ["vanilla"] + [a for a in args["arms"].split(",") if a and a != "vanilla"]
     sweep = [float(x) for x in args.get("eta_sweep", "").split(",") if x.strip()]
-    import pipeline  # here, not at the top: pipeline.py imports this module
-    settings = {k: args.get(k) for k in ("jobs", "threads", "nproc", "model_size", "meta_order", "ood", "toy")}
+    settings = {k: args.get(k)
+                for k in ("jobs", "threads", "nproc", "model_size", "meta_order", "ood", "toy")}
     print(write(out, list(range(args["seeds"])), arms, args["rounds"], sweep, 0.0, {},
-                {**settings, "eta": pipeline.metarm_eta(args.get("eta", -1.0))}))
+                {**settings, "eta": metarm_eta(args.get("eta", -1.0))}))
 
 
 if __name__ == "__main__":
