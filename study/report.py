@@ -32,7 +32,7 @@ import sys
 from typing import Any
 
 import evaluate
-from plumbing import figures
+from plumbing.figures import pyplot
 from study import stats
 from study.arms import metarm_eta, policy_key, rm_key
 
@@ -301,7 +301,7 @@ def draw_figures(out: str, seeds: dict[int, dict], keys: list[str], sweep: list[
                  metarm_eta: float | None = None) -> dict[str, str]:
     """figures/gold_vs_sqrt_kl.png (gold and proxy against √KL, seed bands), figures/best_of_n.png,
     figures/eta_sweep.png (with a sweep). Returns {name: relative path}."""
-    plt = figures.pyplot()
+    plt = pyplot()
     os.makedirs(os.path.join(out, "figures"), exist_ok=True)
     figures = {}
     curves = {k: c for k in keys if not k.startswith("sweep_") and (c := mean_curve(seeds, k))}
