@@ -472,13 +472,29 @@ def threads_for(requested: int = 0) -> int:
     return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
-def configure_process(threads: int = 0) -> int:
+TF32_HELP = ("NVIDIA GPUs: TF32 for fp32 matmuls and convolutions (a 10-bit mantissa, several "
+             "times the fp32 throughput on A100 / H100); off = exact fp32. No effect on CPU")
+DETERMINISTIC_HELP = ("deterministic kernels only (torch.use_deterministic_algorithms; on CUDA "
+                      "also CUBLAS_WORKSPACE_CONFIG): what bit-identical --resume and 1 process == "
+                      "N processes need on a GPU, at some speed; CPU runs are deterministic "
+                      "without it")
+
+
+def configure_process(threads: int = 0, tf32: bool = False, deterministic: bool = False) -> int:
     """What every stage does first: `torch.set_num_threads(threads_for(threads))` (threads that
     outnumber the cores busy-wait on each other: two 2-thread processes on 2 cores each ran
-    ~3x slower than with 1 thread each, see BENCHMARKS.md), and no progress bars from transformers
-    when stderr is not a terminal. Returns the thread count."""
+    ~3x slower than with 1 thread each, see bench/BENCHMARKS.md), no progress bars from
+    transformers when stderr is not a terminal, TF32 matmuls on NVIDIA GPUs when `tf32`, and only
+    deterministic kernels when `deterministic` (CUBLAS_WORKSPACE_CONFIG must be set before the first
+    cuBLAS call, hence here; ops without a deterministic kernel warn, once each). Returns the thread
+    count."""
     n = threads_for(threads)
     torch.set_num_threads(n)
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
     if not sys.stderr.isatty():
         import transformers
 
