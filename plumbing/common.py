@@ -494,7 +494,7 @@ def configure_process(threads: int = 0, tf32: bool = False, deterministic: bool 
     torch.backends.cudnn.allow_tf32 = tf32
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)  # set both ways: in-process runs
     if not sys.stderr.isatty():
         import transformers
 
