@@ -138,8 +138,11 @@ def test_tf32_and_deterministic_switches():
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
         assert torch.are_deterministic_algorithms_enabled()
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # set before any cuBLAS call
+        # the flash / memory-efficient SDPA backward is not deterministic on CUDA: the math kernel then
+        assert not torch.backends.cuda.flash_sdp_enabled() and not torch.backends.cuda.mem_efficient_sdp_enabled()
         common.configure_process(1)
         assert not torch.backends.cuda.matmul.allow_tf32  # the default is exact fp32
+        assert torch.backends.cuda.flash_sdp_enabled() and not torch.are_deterministic_algorithms_enabled()
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before[0]
         torch.use_deterministic_algorithms(before[1])
