@@ -157,9 +157,14 @@ class Args:
                            essential=True, valid=non_negative)
     seed: int = arg(0, "random seed (data order; sampling after training)", essential=True,
                    valid=common.seed)
-    bf16: bool = arg(False, "bf16 autocast for forward/backward (fp32 master weights); fp32 is "
-                            "the reference", essential=True)
+    bf16: bool = arg(False, "bf16: autocast, and under FSDP2 bf16 parameters and activations with "
+                            "fp32 master weights and gradient reduction (MixedPrecisionPolicy); "
+                            "the frozen π_ref in bf16; fp32 is the reference", essential=True)
+    grad_checkpointing: bool = arg(False, distributed.CHECKPOINTING_HELP)
     threads: int = arg(0, common.THREADS_HELP, valid=non_negative)
+    tf32: bool = arg(False, common.TF32_HELP)
+    deterministic: bool = arg(False, common.DETERMINISTIC_HELP)
+    dist_timeout: float = arg(60.0, distributed.DIST_TIMEOUT_HELP, valid=positive)
     max_steps: int = arg(-1, "stop after this many optimiser steps (-1 = run all epochs); for "
                              "smoke tests", essential=True, valid=or_sentinel(-1, "all epochs"))
     eval_every: int = arg(50, "evaluate on the test pairs every N steps (and at the end; 0 = only "
@@ -323,8 +328,8 @@ def evaluate(policy_logps: tuple[torch.Tensor, torch.Tensor],
 # --------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     args = common.parse_args(Args, argv)
-    threads = common.configure_process(args.threads)
-    rank, world, device = distributed.init_distributed()
+    threads = common.configure_process(args.threads, args.tf32, args.deterministic)
+    rank, world, device = distributed.init_distributed(args.dist_timeout)
     accum = common.split_batch(args.batch_size, args.micro_batch_size, world)
     # seed + rank: the ranks sample different responses in the report
     common.seed_everything(args.seed, rank)
@@ -332,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     # ---- data: every rank reads and encodes all pairs and draws the same order; each takes its
     # slice of a batch ----
     # Every input is checked before the output folder is created: a mistake leaves nothing behind.
-    distributed.check_checkpoint(args.model, "--model")
+    distributed.check_causal_lm(args.model, "--model")
     distributed.check_positions(args.model, "--max-len", args.max_len)
     if args.eval_prompts:
         distributed.check_positions(args.model, "--max-new-tokens", args.max_new_tokens, reserve=1)
@@ -362,22 +367,24 @@ def main(argv: list[str] | None = None) -> None:
                   f"processes, {threads} thread(s) each, beta {args.beta}")
 
     # ---- models and optimiser: π_θ trained, π_ref frozen; dropout off in both (choice 3) ----
-    def load(path: str) -> torch.nn.Module:
-        # the architecture on the meta device
-        model = distributed.empty_model(AutoModelForCausalLM, path)
-        # FSDP2: each decoder layer is one unit (gathered for its forward, then freed), then
-        # the root
-        if world > 1:
+    def load(path: str, trained: bool) -> torch.nn.Module:
+        # π_θ in fp32 (the master weights); the frozen π_ref in bf16 under --bf16
+        dtype = torch.bfloat16 if args.bf16 and not trained else torch.float32
+        model = distributed.empty_model(AutoModelForCausalLM, path, dtype)  # meta device
+        if world > 1:  # FSDP2: each decoder layer one unit (gathered for its forward), the root
+            mp = distributed.fsdp_precision(args.bf16)  # --bf16: bf16 compute, fp32 master weights
             for layer in distributed.decoder_layers(model):
-                fully_shard(layer)
-            fully_shard(model)
-        # rank 0 reads, every rank gets its shards
-        return distributed.load_weights(model, path, world, device)
+                fully_shard(layer, mp_policy=mp)
+            fully_shard(model, mp_policy=mp)
+        model = distributed.load_weights(model, path, world, device)  # rank 0 reads, broadcasts
+        model.eval()
+        if trained and args.grad_checkpointing:  # keep each layer's input only, recompute it
+            distributed.checkpoint_activations(model)
+            distributed.keep_layers_training(model)  # transformers checkpoints training layers only
+        return model
 
-    policy = load(args.out if state else args.model)
-    ref = load(args.model)
-    policy.eval()
-    ref.eval()
+    policy = load(args.out if state else args.model, trained=True)
+    ref = load(args.model, trained=False)
     ref.requires_grad_(False)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.95),
                                   weight_decay=0.0)
@@ -482,7 +489,8 @@ def main(argv: list[str] | None = None) -> None:
     if eval_prompts:
         report = sampling.sample_report(policy, tokenizer, eval_prompts,
                                         max_new_tokens=args.max_new_tokens, world=world, rank=rank,
-                                        chat_template=args.chat_template, gold=gold_scores)
+                                        chat_template=args.chat_template, bf16=args.bf16,
+                                        gold=gold_scores)
         log.log(**{"final_" + k: v for k, v in report.items()})
         common.print0("dpo samples: " + ", ".join(f"{k} {v:.3f}" for k, v in report.items()))
 

@@ -197,8 +197,12 @@ class Args:
     batch_size: int = arg(64, "sequences per generate call / RM forward on one process",
                           valid=positive)
     seed: int = arg(0, "random seed: sampling (seed + rank), LLM-judge order", valid=common.seed)
-    bf16: bool = arg(False, "bf16 autocast when an RM scores responses; fp32 is the reference")
+    bf16: bool = arg(False, "bf16 autocast when a policy generates and an RM scores; fp32 is the "
+                            "reference")
     threads: int = arg(0, common.THREADS_HELP, valid=non_negative)
+    tf32: bool = arg(False, common.TF32_HELP)
+    deterministic: bool = arg(False, common.DETERMINISTIC_HELP)
+    dist_timeout: float = arg(60.0, distributed.DIST_TIMEOUT_HELP, valid=positive)
     data_format: str = arg("auto", DATA_FORMAT_HELP + " (for every prompt and pair file; auto "
                            "detects each file separately)", choices=DATA_FORMATS)
     preference: str = arg("safer", "PKU-SafeRLHF pairs: chosen by safer_response_id or "
@@ -473,25 +477,27 @@ def policy_responses(path: str, prompts: list[str], args: Args, world: int, rank
     ...]. Every rank gets all of them (sampling.sample_texts spreads the prompts over ranks). The
     model is freed afterwards."""
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = load(AutoModelForCausalLM, path, world, device)
+    model = load(AutoModelForCausalLM, path, world, device, args.bf16)
     model.eval()
     texts, _ = sampling.sample_texts(model, tokenizer, [p for p in prompts for _ in range(k)],
                                      max_new_tokens=args.max_new_tokens, world=world, rank=rank,
                                      batch_size=args.batch_size, do_sample=sample,
                                      temperature=args.temperature, top_p=args.top_p,
                                      repetition_penalty=args.repetition_penalty,
-                                     chat_template=args.chat_template)
+                                     chat_template=args.chat_template, bf16=args.bf16)
     del model
     return texts
 
 
-def load(cls, path: str, world: int, device: torch.device, **overrides) -> torch.nn.Module:
+def load(cls, path: str, world: int, device: torch.device, bf16: bool,
+         **overrides) -> torch.nn.Module:
     """A checkpoint as `cls`, sharded by FSDP2 over the processes (each decoder layer, the root)."""
     model = distributed.empty_model(cls, path, **overrides)  # the architecture on the meta device
     if world > 1:  # FSDP2: each decoder layer is one unit (gathered for its forward, freed after)
+        mp = distributed.fsdp_precision(bf16)  # --bf16: bf16 parameters when gathered
         for layer in distributed.decoder_layers(model):
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
     return distributed.load_weights(model, path, world, device)  # rank 0 reads, broadcasts shards
 
 
@@ -499,7 +505,7 @@ def load_rm(path: str, args: Args, world: int, device: torch.device):
     """An RM checkpoint (`validate` refused anything else: distributed.check_reward_model)."""
     common.seed_everything(args.seed, 0)
     tokenizer = distributed.check_reward_tokenizer(path, "--rms")
-    model = load(AutoModelForSequenceClassification, path, world, device, num_labels=1,
+    model = load(AutoModelForSequenceClassification, path, world, device, args.bf16, num_labels=1,
                  pad_token_id=tokenizer.pad_token_id)
     model.eval()
     return model, tokenizer
@@ -553,11 +559,11 @@ def validate(args: Args) -> dict[str, Any]:
           "--gap-set, --gap-policy and --diff-checkpoints need reward models to score with (--rms)")
     for flag in ("policy_a", "policy_b", "gap_policy"):
         if getattr(args, flag):
-            distributed.check_checkpoint(getattr(args, flag), "--" + flag.replace("_", "-"))
+            distributed.check_causal_lm(getattr(args, flag), "--" + flag.replace("_", "-"))
             distributed.check_positions(getattr(args, flag), "--max-new-tokens",
                                         args.max_new_tokens, reserve=1)
     for path in named["diff_checkpoints"].values():
-        distributed.check_checkpoint(path, "--diff-checkpoints")
+        distributed.check_causal_lm(path, "--diff-checkpoints")
         distributed.check_positions(path, "--max-new-tokens", args.max_new_tokens, reserve=1)
     for path in named["rms"].values():  # a causal LM here would be scored with a random head
         distributed.check_reward_model(path, "--rms")
@@ -617,8 +623,8 @@ def run(args: Args) -> dict[str, Any]:
     Returns the results dict that is written to results.json."""
     # parse_args did it for a command line; run(Args(...)) is called in-process too
     common.validate(args)
-    common.configure_process(args.threads)
-    rank, world, device = distributed.init_distributed()
+    common.configure_process(args.threads, args.tf32, args.deterministic)
+    rank, world, device = distributed.init_distributed(args.dist_timeout)
     named = validate(args)
     common.prepare_output(args.out, args.overwrite)
     results: dict[str, Any] = {"args": dataclasses.asdict(args)}

@@ -67,9 +67,14 @@ class Args:
     max_new_tokens: int = arg(48, "maximum new tokens per response", valid=positive)
     batch_size: int = arg(64, "sequences per generate call on one process (prompts x k)",
                           valid=positive)
+    bf16: bool = arg(False, "bf16: generate under bf16 autocast, and under FSDP2 with bf16 "
+                            "parameters; fp32 is the reference")
     seed: int = arg(0, "random seed (held-out split, sampling, the oracle's labels)",
                     valid=common.seed)
     threads: int = arg(0, common.THREADS_HELP, valid=non_negative)
+    tf32: bool = arg(False, common.TF32_HELP)
+    deterministic: bool = arg(False, common.DETERMINISTIC_HELP)
+    dist_timeout: float = arg(60.0, distributed.DIST_TIMEOUT_HELP, valid=positive)
     oracle_pairs: bool = arg(False, "testbed only: also write oracle_pairs.jsonl, every two "
                                     "responses of each meta_train prompt labelled by the "
                                     "testbed's Bradley-Terry annotator (the study's oracle arm: "
@@ -81,11 +86,11 @@ class Args:
 
 def main(argv: list[str] | None = None) -> None:
     args = common.parse_args(Args, argv)
-    common.configure_process(args.threads)
-    rank, world, device = distributed.init_distributed()
+    common.configure_process(args.threads, args.tf32, args.deterministic)
+    rank, world, device = distributed.init_distributed(args.dist_timeout)
     check(args.batch_size >= args.k, f"--batch-size {args.batch_size} must hold at least the "
                                      f"k = {args.k} samples of one prompt")
-    distributed.check_checkpoint(args.policy, "--policy")
+    distributed.check_causal_lm(args.policy, "--policy")
     distributed.check_positions(args.policy, "--max-new-tokens", args.max_new_tokens, reserve=1)
     prompts = data.read_prompts(args.prompts, args.data_format)
     if args.max_prompts > 0:
@@ -107,11 +112,11 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.policy)
     # the architecture on the meta device
     model = distributed.empty_model(AutoModelForCausalLM, args.policy)
-    # FSDP2: each decoder layer is one unit (gathered for its forward, then freed), then the root
-    if world > 1:
+    if world > 1:  # FSDP2: each decoder layer one unit (gathered for its forward), then the root
+        mp = distributed.fsdp_precision(args.bf16)  # --bf16: bf16 compute, fp32 master weights
         for layer in distributed.decoder_layers(model):
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
     # rank 0 reads, broadcasts the shards
     model = distributed.load_weights(model, args.policy, world, device)
     model.eval()
@@ -128,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
                                          rank=rank, batch_size=args.batch_size,
                                          temperature=args.temperature, top_p=args.top_p,
                                          repetition_penalty=args.repetition_penalty,
-                                         chat_template=args.chat_template)
+                                         chat_template=args.chat_template, bf16=args.bf16)
         responses += texts
         bar.update(len(chunk))
     bar.close()

@@ -147,9 +147,17 @@ class Args:
                            essential=True, valid=non_negative)
     seed: int = arg(0, "random seed (data order, head initialisation when starting from SFT)",
                     essential=True, valid=common.seed)
-    bf16: bool = arg(False, "bf16 autocast for forward/backward (fp32 master weights); "
+    bf16: bool = arg(False, "bf16: autocast, and under FSDP2 bf16 parameters and activations with "
+                            "fp32 master weights and gradient reduction (MixedPrecisionPolicy); "
                             "fp32 is the reference", essential=True)
+    grad_checkpointing: bool = arg(False, distributed.CHECKPOINTING_HELP + "; the in-place route "
+                                   "only (--meta-impl inplace): the functional routes evaluate the "
+                                   "model at θ' through functional_call, which a recomputation in "
+                                   "the backward would not see")
     threads: int = arg(0, common.THREADS_HELP, valid=non_negative)
+    tf32: bool = arg(False, common.TF32_HELP)
+    deterministic: bool = arg(False, common.DETERMINISTIC_HELP)
+    dist_timeout: float = arg(60.0, distributed.DIST_TIMEOUT_HELP, valid=positive)
     max_steps: int = arg(-1, "stop after this many steps (-1 = the whole epoch); for smoke tests",
                          valid=or_sentinel(-1, "the whole epoch"))
     eval_every: int = arg(50, "evaluate on the test pairs and held-out S every N steps "
@@ -519,9 +527,13 @@ def heldout_gaps(model, tokenizer, items: list[dict], k: int, args: Args, world:
 # --------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     args = common.parse_args(Args, argv)
-    threads = common.configure_process(args.threads)
-    rank, world, device = distributed.init_distributed()
+    threads = common.configure_process(args.threads, args.tf32, args.deterministic)
+    rank, world, device = distributed.init_distributed(args.dist_timeout)
     route = meta_route(args, world)  # which code computes Alg. 1 l.4–7 (the loop names it)
+    check(not args.grad_checkpointing or route == "inplace",
+          f"--grad-checkpointing needs --meta-impl inplace (this run's route is {route}): the "
+          "functional routes evaluate the model at θ' through torch.func.functional_call, and a "
+          "layer recomputed in the backward would run at the module's own parameters instead")
     for flag, size in (("--batch-size", args.batch_size),
                        ("--meta-batch-size", args.meta_batch_size)):
         check(size % world == 0, f"{flag} {size} is not divisible by the world size {world}")
@@ -554,13 +566,15 @@ def main(argv: list[str] | None = None) -> None:
     attn = {"attn_implementation": "eager"} if args.meta_order == 2 else {}
     model = distributed.empty_model(AutoModelForSequenceClassification, path, num_labels=1,
                                     pad_token_id=tokenizer.pad_token_id, **attn)  # meta device
-    # FSDP2: each decoder layer is one unit (gathered for its forward, then freed), then the root
-    if world > 1:
+    if world > 1:  # FSDP2: each decoder layer one unit (gathered for its forward), then the root
+        mp = distributed.fsdp_precision(args.bf16)  # --bf16: bf16 compute, fp32 master weights
         for layer in distributed.decoder_layers(model):
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
     # rank 0 reads, every rank gets its shards
     model = distributed.load_weights(model, path, world, device)
+    if args.grad_checkpointing:  # each layer keeps its input only and is recomputed in backward
+        distributed.checkpoint_activations(model)
     model.train()
     params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
     # a plain copy of the architecture; its weights come from functional_call

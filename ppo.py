@@ -137,6 +137,10 @@ class Args:
                                    essential=True, valid=positive)
     max_new_tokens: int = arg(512, "maximum response tokens (paper: 512)", essential=True,
                               valid=positive)
+    max_prompt_len: int = arg(512, "prompts longer than this many tokens keep their last ones (the "
+                                   "start is cut first, as data.encode does); bounds the rollouts' "
+                                   "length and the KV cache; 0 = no cap", essential=True,
+                              valid=non_negative)
     temperature: float = arg(0.8, "sampling temperature; log-probs use logits / temperature "
                                   "(paper: 0.8)", essential=True, valid=positive)
     top_p: float = arg(0.9, "nucleus sampling mass (paper: 0.9)", essential=True,
@@ -178,11 +182,17 @@ class Args:
                            essential=True, valid=non_negative)
     seed: int = arg(0, "random seed: prompt order (shared by all ranks) and sampling (seed + rank)",
                     essential=True, valid=common.seed)
-    bf16: bool = arg(False, "bf16 autocast for generation and forward/backward; fp32 is the "
-                            "reference (in bf16 the log-probs of steps 3 and 6 differ by "
-                            "rounding, so the ratio is not 1 at the start)",
+    bf16: bool = arg(False, "bf16: autocast for generation and forward/backward, under FSDP2 bf16 "
+                            "parameters and activations with fp32 master weights and gradient "
+                            "reduction (MixedPrecisionPolicy), and the frozen reference and RM in "
+                            "bf16; fp32 is the reference (in bf16 the log-probs of steps 3 and 6 "
+                            "differ by rounding, so the ratio is not 1 at the start)",
                      essential=True)
+    grad_checkpointing: bool = arg(False, distributed.CHECKPOINTING_HELP + " (policy and critic)")
     threads: int = arg(0, common.THREADS_HELP, valid=non_negative)
+    tf32: bool = arg(False, common.TF32_HELP)
+    deterministic: bool = arg(False, common.DETERMINISTIC_HELP)
+    dist_timeout: float = arg(60.0, distributed.DIST_TIMEOUT_HELP, valid=positive)
     eval_prompts: str = arg("", "held-out prompts, JSONL {prompt}: every --eval-every iterations "
                                 "(and before the first and after the last) the policy is sampled "
                                 "on them and the gold reward (on the testbed), the RM's score and "
@@ -258,13 +268,12 @@ def rollout(policy, tokenizer, prompts: list[str], args: Args, world: int,
     until all are done."""
     queries, responses = [], []
     for start in range(0, len(prompts), args.generation_batch_size):
-        with common.autocast(device, args.bf16):
-            q, r = sampling.generate(policy, tokenizer,
-                                     prompts[start: start + args.generation_batch_size],
-                                     max_new_tokens=args.max_new_tokens,
-                                     temperature=args.temperature, top_p=args.top_p,
-                                     repetition_penalty=args.repetition_penalty, world=world,
-                                     chat_template=args.chat_template)
+        q, r = sampling.generate(policy, tokenizer,
+                                 prompts[start: start + args.generation_batch_size],
+                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                 top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                                 world=world, chat_template=args.chat_template, bf16=args.bf16,
+                                 max_prompt_len=args.max_prompt_len)
         for q_row, r_row in zip(q.tolist(), r.tolist()):
             # drop the left padding
             queries.append([t for t in q_row if t != tokenizer.pad_token_id])
@@ -597,11 +606,11 @@ def evaluate_policy(policy, ref, rm, tokenizer, prompts: list[str], args: Args, 
     has_gold = True
     for start in range(0, len(mine), args.generation_batch_size):
         chunk = mine[start: start + args.generation_batch_size]
-        with common.autocast(device, args.bf16):
-            q, r = sampling.generate(policy, tokenizer, chunk, max_new_tokens=args.max_new_tokens,
-                                     temperature=args.temperature, top_p=args.top_p,
-                                     repetition_penalty=args.repetition_penalty, world=world,
-                                     chat_template=args.chat_template)
+        q, r = sampling.generate(policy, tokenizer, chunk, max_new_tokens=args.max_new_tokens,
+                                 temperature=args.temperature, top_p=args.top_p,
+                                 repetition_penalty=args.repetition_penalty, world=world,
+                                 chat_template=args.chat_template, bf16=args.bf16,
+                                 max_prompt_len=args.max_prompt_len)
         queries = [[t for t in row if t != tokenizer.pad_token_id] for row in q.tolist()]
         responses = [row[: row.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in row
                      else row for row in r.tolist()]
@@ -676,8 +685,8 @@ def rollout_metrics(batch: Rollouts, exp: dict[str, torch.Tensor], texts: list[s
 # --------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     args = common.parse_args(Args, argv)
-    threads = common.configure_process(args.threads)
-    rank, world, device = distributed.init_distributed()
+    threads = common.configure_process(args.threads, args.tf32, args.deterministic)
+    rank, world, device = distributed.init_distributed(args.dist_timeout)
     check(args.prompts_per_iteration % world == 0,
           f"--prompts-per-iteration {args.prompts_per_iteration} is not divisible by "
           f"world size {world}")
@@ -691,8 +700,11 @@ def main(argv: list[str] | None = None) -> None:
     # ---- tokenizers: the RM reads the policy's token ids, so both must be the same tokenizer ----
     args.policy = args.policy or args.sft
     for flag, path in (("--sft", args.sft), ("--policy", args.policy)):
-        distributed.check_checkpoint(path, flag)
+        distributed.check_causal_lm(path, flag)
         distributed.check_positions(path, "--max-new-tokens", args.max_new_tokens, reserve=1)
+        if args.max_prompt_len > 0:  # a rollout is at most a capped prompt and its response
+            distributed.check_positions(path, "--max-prompt-len + --max-new-tokens",
+                                        args.max_prompt_len + args.max_new_tokens)
     # an SFT checkpoint here would be PPO against a random head
     distributed.check_reward_model(args.rm, "--rm")
     tokenizer = AutoTokenizer.from_pretrained(args.sft)
@@ -717,7 +729,7 @@ def main(argv: list[str] | None = None) -> None:
     # the critic is saved just before the policy: a crash between the two saves leaves them apart
     if state:
         critic_step = torch.load(os.path.join(critic_path, distributed.TRAINER_STATE),
-                                 weights_only=True)["step"]
+                                 weights_only=True, map_location="cpu")["step"]
         check(critic_step == state["step"],
               f"{args.out}: the critic was saved after iteration {critic_step}, the policy after "
               f"{state['step']} (a crash between the two saves); pass --overwrite to start again")
@@ -725,26 +737,28 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- models: policy and critic are trained; reference and RM are frozen.
     # Dropout off everywhere (choice 7) ----
-    def load(cls, path: str, **overrides) -> torch.nn.Module:
-        # the architecture on the meta device
-        model = distributed.empty_model(cls, path, **overrides)
-        # FSDP2: each decoder layer is one unit (gathered for its forward, then freed), then
-        # the root
-        if world > 1:
+    def load(cls, path: str, trained: bool, **overrides) -> torch.nn.Module:
+        # the trained models in fp32 (the master weights), the frozen ones in bf16 under --bf16
+        dtype = torch.bfloat16 if args.bf16 and not trained else torch.float32
+        model = distributed.empty_model(cls, path, dtype, **overrides)  # meta device
+        if world > 1:  # FSDP2: each decoder layer one unit (gathered for its forward), the root
+            mp = distributed.fsdp_precision(args.bf16)  # --bf16: bf16 compute, fp32 master weights
             for layer in distributed.decoder_layers(model):
-                fully_shard(layer)
-            fully_shard(model)
-        # rank 0 reads, every rank gets its shards
-        return distributed.load_weights(model, path, world, device)
-
-    # the RM's and the critic's one output
-    head = dict(num_labels=1, pad_token_id=tokenizer.pad_token_id)
-    policy = load(AutoModelForCausalLM, args.out if state else args.policy)
-    ref = load(AutoModelForCausalLM, args.sft)
-    rm = load(AutoModelForSequenceClassification, args.rm, **head)
-    critic = load(AutoModelForSequenceClassification, critic_path if state else args.rm, **head)
-    for model in (policy, ref, rm, critic):
+                fully_shard(layer, mp_policy=mp)
+            fully_shard(model, mp_policy=mp)
+        model = distributed.load_weights(model, path, world, device)  # rank 0 reads, broadcasts
         model.eval()
+        if trained and args.grad_checkpointing:  # keep each layer's input only, recompute it
+            distributed.checkpoint_activations(model)
+            distributed.keep_layers_training(model)  # transformers checkpoints training layers only
+        return model
+
+    head = dict(num_labels=1, pad_token_id=tokenizer.pad_token_id)  # the RM's and critic's output
+    policy = load(AutoModelForCausalLM, args.out if state else args.policy, trained=True)
+    ref = load(AutoModelForCausalLM, args.sft, trained=False)
+    rm = load(AutoModelForSequenceClassification, args.rm, trained=False, **head)
+    critic = load(AutoModelForSequenceClassification, critic_path if state else args.rm,
+                  trained=True, **head)
     ref.requires_grad_(False)
     rm.requires_grad_(False)
     policy_opt = torch.optim.AdamW(policy.parameters(), lr=args.policy_lr, betas=(0.9, 0.95),
@@ -757,7 +771,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"prompts x {args.rollouts_per_prompt} rollouts = {rollouts_per_iteration}, "
                   f"{args.ppo_epochs} epochs x {rollouts_per_iteration // args.mini_batch_size} "
                   f"mini-batches of {args.mini_batch_size}, {world} processes, "
-                  f"{threads} thread(s) each")
+                  f"{threads} thread(s) each; policy and critic {next(policy.parameters()).dtype} "
+                  f"(trained), reference and RM {next(ref.parameters()).dtype} (frozen)")
 
     # ---- loop ----
     # the prompt order, the same on every rank; its generator also shuffles the mini-batches of

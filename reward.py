@@ -79,9 +79,14 @@ class Args:
                            essential=True, valid=non_negative)
     seed: int = arg(0, "random seed (data order, head initialisation)", essential=True,
                     valid=common.seed)
-    bf16: bool = arg(False, "bf16 autocast for forward/backward (fp32 master weights); fp32 is "
-                            "the reference", essential=True)
+    bf16: bool = arg(False, "bf16: autocast, and under FSDP2 bf16 parameters and activations with "
+                            "fp32 master weights and gradient reduction (MixedPrecisionPolicy); "
+                            "fp32 is the reference", essential=True)
+    grad_checkpointing: bool = arg(False, distributed.CHECKPOINTING_HELP)
     threads: int = arg(0, common.THREADS_HELP, valid=non_negative)
+    tf32: bool = arg(False, common.TF32_HELP)
+    deterministic: bool = arg(False, common.DETERMINISTIC_HELP)
+    dist_timeout: float = arg(60.0, distributed.DIST_TIMEOUT_HELP, valid=positive)
     max_steps: int = arg(-1, "stop after this many optimiser steps (-1 = the whole epoch); for "
                              "smoke tests", valid=or_sentinel(-1, "the whole epoch"))
     eval_every: int = arg(50, "evaluate on the test pairs every N steps (and at the end; 0 = only "
@@ -210,8 +215,8 @@ def evaluate(model, tokenizer, pairs: list[dict], *, max_len: int, world: int, r
 # --------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     args = common.parse_args(Args, argv)
-    threads = common.configure_process(args.threads)
-    rank, world, device = distributed.init_distributed()
+    threads = common.configure_process(args.threads, args.tf32, args.deterministic)
+    rank, world, device = distributed.init_distributed(args.dist_timeout)
     accum = common.split_batch(args.batch_size, args.micro_batch_size, world)
     # ---- inputs: every one is checked before the output folder is created, so a mistake leaves
     # nothing behind ----
@@ -232,13 +237,15 @@ def main(argv: list[str] | None = None) -> None:
     # the architecture on the meta device
     model = distributed.empty_model(AutoModelForSequenceClassification, path, num_labels=1,
                                     pad_token_id=tokenizer.pad_token_id)
-    # FSDP2: each decoder layer is one unit (gathered for its forward, then freed), then the root
-    if world > 1:
+    if world > 1:  # FSDP2: each decoder layer one unit (gathered for its forward), then the root
+        mp = distributed.fsdp_precision(args.bf16)  # --bf16: bf16 compute, fp32 master weights
         for layer in distributed.decoder_layers(model):
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
     # rank 0 reads (a new head: seeded), broadcasts
     model = distributed.load_weights(model, path, world, device)
+    if args.grad_checkpointing:  # each layer keeps its input only and is recomputed in backward
+        distributed.checkpoint_activations(model)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
                                   weight_decay=0.0)

@@ -79,9 +79,14 @@ class Args:
                            essential=True, valid=non_negative)
     seed: int = arg(0, "random seed (data order, initialisation)", essential=True,
                     valid=common.seed)
-    bf16: bool = arg(False, "bf16 autocast for forward/backward (fp32 master weights); fp32 is "
-                            "the reference", essential=True)
+    bf16: bool = arg(False, "bf16: autocast, and under FSDP2 bf16 parameters and activations with "
+                            "fp32 master weights and gradient reduction (MixedPrecisionPolicy); "
+                            "fp32 is the reference", essential=True)
+    grad_checkpointing: bool = arg(False, distributed.CHECKPOINTING_HELP)
     threads: int = arg(0, common.THREADS_HELP, valid=non_negative)
+    tf32: bool = arg(False, common.TF32_HELP)
+    deterministic: bool = arg(False, common.DETERMINISTIC_HELP)
+    dist_timeout: float = arg(60.0, distributed.DIST_TIMEOUT_HELP, valid=positive)
     max_steps: int = arg(-1, "stop after this many optimiser steps (-1 = run all epochs); for "
                              "smoke tests", essential=True, valid=or_sentinel(-1, "all epochs"))
     log_every: int = arg(10, "print a metrics line every N steps", valid=positive)
@@ -160,15 +165,15 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
 # --------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     args = common.parse_args(Args, argv)
-    threads = common.configure_process(args.threads)
-    rank, world, device = distributed.init_distributed()
+    threads = common.configure_process(args.threads, args.tf32, args.deterministic)
+    rank, world, device = distributed.init_distributed(args.dist_timeout)
     accum = common.split_batch(args.batch_size, args.micro_batch_size, world)
     common.seed_everything(args.seed, rank)
 
     # ---- data: every rank reads the whole file and draws the same order; each takes its slice of
     # a batch ----
     # Every input is checked before the output folder is created: a mistake leaves nothing behind.
-    distributed.check_checkpoint(args.model, "--model")
+    distributed.check_causal_lm(args.model, "--model")
     distributed.check_positions(args.model, "--max-len", args.max_len)
     if args.eval_prompts:
         distributed.check_positions(args.model, "--max-new-tokens", args.max_new_tokens, reserve=1)
@@ -198,13 +203,15 @@ def main(argv: list[str] | None = None) -> None:
     path = args.out if state else args.model
     # the architecture on the meta device
     model = distributed.empty_model(AutoModelForCausalLM, path)
-    # FSDP2: each decoder layer is one unit (gathered for its forward, then freed), then the root
-    if world > 1:
+    if world > 1:  # FSDP2: each decoder layer one unit (gathered for its forward), then the root
+        mp = distributed.fsdp_precision(args.bf16)  # --bf16: bf16 compute, fp32 master weights
         for layer in distributed.decoder_layers(model):
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
     # rank 0 reads, every rank gets its shards
     model = distributed.load_weights(model, path, world, device)
+    if args.grad_checkpointing:  # each layer keeps its input only and is recomputed in backward
+        distributed.checkpoint_activations(model)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
                                   weight_decay=0.0)
@@ -279,7 +286,8 @@ def main(argv: list[str] | None = None) -> None:
     if eval_prompts:
         report = sampling.sample_report(model, tokenizer, eval_prompts,
                                         max_new_tokens=args.max_new_tokens, world=world, rank=rank,
-                                        chat_template=args.chat_template, gold=gold_scores)
+                                        chat_template=args.chat_template, bf16=args.bf16,
+                                        gold=gold_scores)
         log.log(**{"final_" + k: v for k, v in report.items()})
         common.print0("sft samples: " + ", ".join(f"{k} {v:.3f}" for k, v in report.items()))
 

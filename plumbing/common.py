@@ -20,6 +20,7 @@ and nothing in here imports a stage or the testbed. The other plumbing modules: 
                        (one live run at a time) and what it appends there
 - `is_main`, `print0`, `progress`, `seed_everything`, `autocast`  rank 0 prints; progress bars;
                        seeds; bf16 autocast
+- `report_peak_memory`  tools/gpu_smoke.py's one hook: a stage's peak GPU memory, when asked
 - the pieces every training loop repeats: `split_batch`, `count_steps`, `Shuffled` (the data order,
   resumable), `due` (every N steps), `eval_mode`, `check_finite`
 """
@@ -120,6 +121,7 @@ def run_main(main: Callable[[], Any]) -> None:
             dist.destroy_process_group()
         sys.stdout.flush()
         os._exit(2)
+    report_peak_memory()
     # torchrun workers have been seen to abort at interpreter exit *after* the work finished
     # (docs/design.md §9); ending the process here, after everything was flushed and saved, makes
     # the exit status reliable.
@@ -129,6 +131,32 @@ def run_main(main: Callable[[], Any]) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+PEAK_MEMORY_ENV = "METARM_PEAK_MEMORY_FILE"
+
+
+def report_peak_memory() -> None:
+    """For tools/gpu_smoke.py, which runs each stage as its own process: when the environment
+    variable METARM_PEAK_MEMORY_FILE names a file, rank 0 writes there, as `run_main` ends a stage
+    that finished, the peaks of PyTorch's CUDA allocator over the whole run (bytes:
+    torch.cuda.max_memory_allocated, max_memory_reserved) and the process group's backend, as JSON;
+    on CPU only the device and backend. Unset (every ordinary run): nothing. A failure here is one
+    line on stderr, never the stage's."""
+    path = os.environ.get(PEAK_MEMORY_ENV)
+    if not path or not is_main():
+        return
+    try:
+        report: dict[str, Any] = {"device": "cpu", "backend": (str(dist.get_backend())
+                                                               if dist.is_initialized() else None)}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            report.update(device=f"cuda:{torch.cuda.current_device()}",
+                          max_memory_allocated=torch.cuda.max_memory_allocated(),
+                          max_memory_reserved=torch.cuda.max_memory_reserved())
+        with open(path, "w") as f:
+            json.dump(report, f)
+    except Exception as e:  # noqa: BLE001 (a report, not the stage's work)
+        print(f"note: {PEAK_MEMORY_ENV}: no report ({e})", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -472,13 +500,34 @@ def threads_for(requested: int = 0) -> int:
     return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
-def configure_process(threads: int = 0) -> int:
+TF32_HELP = ("NVIDIA GPUs: TF32 for fp32 matmuls and convolutions (a 10-bit mantissa, several "
+             "times the fp32 throughput on A100 / H100); off = exact fp32. No effect on CPU")
+DETERMINISTIC_HELP = ("deterministic kernels only (torch.use_deterministic_algorithms; on CUDA "
+                      "also CUBLAS_WORKSPACE_CONFIG): what bit-identical --resume and 1 process == "
+                      "N processes need on a GPU, at some speed; CPU runs are deterministic "
+                      "without it")
+
+
+def configure_process(threads: int = 0, tf32: bool = False, deterministic: bool = False) -> int:
     """What every stage does first: `torch.set_num_threads(threads_for(threads))` (threads that
     outnumber the cores busy-wait on each other: two 2-thread processes on 2 cores each ran
-    ~3x slower than with 1 thread each, see BENCHMARKS.md), and no progress bars from transformers
-    when stderr is not a terminal. Returns the thread count."""
+    ~3x slower than with 1 thread each, see bench/BENCHMARKS.md), no progress bars from
+    transformers when stderr is not a terminal, TF32 matmuls on NVIDIA GPUs when `tf32`, and only
+    deterministic kernels when `deterministic` (CUBLAS_WORKSPACE_CONFIG must be set before the first
+    cuBLAS call, hence here; ops without a deterministic kernel warn, once each). Returns the thread
+    count."""
     n = threads_for(threads)
     torch.set_num_threads(n)
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # Set both ways (a stage run in-process after another). warn_only: an op without a deterministic
+    # kernel warns instead of stopping the run; SDPA's flash and memory-efficient backward are among
+    # them, so under --deterministic attention runs its math kernel (deterministic, more memory).
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cuda.enable_flash_sdp(not deterministic)
+    torch.backends.cuda.enable_mem_efficient_sdp(not deterministic)
     if not sys.stderr.isatty():
         import transformers
 

@@ -21,6 +21,7 @@ Nothing in here is part of the method. What each part answers:
 """
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -40,21 +41,48 @@ from plumbing.common import (MetricsLog, NothingToDo, UserError, check, check_fi
 # Processes: `python stage.py` (world size 1) and `torchrun --nproc_per_node=N stage.py` share one
 # code path.
 # --------------------------------------------------------------------------------------------------
-def init_distributed() -> tuple[int, int, torch.device]:
+DIST_TIMEOUT_HELP = ("minutes a process waits in a collective before the run fails (NCCL's own "
+                     "default is 10: less than rank 0 may need to write a 7B optimiser state while "
+                     "the others wait)")
+
+
+def process_group_backend(device_type: str) -> str:
+    """The backend string of the process group for a run on `device_type`. CPU: gloo. CUDA: NCCL
+    for CUDA tensors (the FSDP2 all-gathers and reduce-scatters) and gloo for CPU tensors —
+    "cpu:gloo,cuda:nccl", one process group with both: NCCL has no CPU implementation, and the
+    stages reduce python numbers (losses, token counts, the preemption flag) as CPU tensors and
+    broadcast python objects (errors, judge verdicts), which then go through gloo."""
+    return "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
+
+
+def check_gpu_count(local_rank: int, local_world: int, gpus: int) -> None:
+    """One GPU per process: torchrun must not start more processes on a machine than it has GPUs
+    (a second process on a GPU would crash NCCL, or silently share it)."""
+    check(local_rank < gpus, f"torchrun started {local_world} processes on this machine, which has "
+                             f"{gpus} GPU(s): one GPU per process, so --nproc_per_node={gpus} at "
+                             "most (or set CUDA_VISIBLE_DEVICES)")
+
+
+def init_distributed(timeout_minutes: float = 60.0) -> tuple[int, int, torch.device]:
     """Start the process group when launched by torchrun; return (rank, world_size, device).
 
-    The backend follows the device: nccl for CUDA, gloo for CPU. Without torchrun nothing is
-    initialised and the stage runs as a plain single process.
+    CUDA when there is a GPU (one per process: LOCAL_RANK), else CPU; the backend is
+    `process_group_backend`'s, and a process waits `timeout_minutes` in a collective before the
+    run fails. Without torchrun nothing is initialised and the stage runs as a plain single
+    process.
     """
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        check_gpu_count(local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+                        torch.cuda.device_count())
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
     if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+        dist.init_process_group(backend=process_group_backend(device.type),
+                                timeout=datetime.timedelta(minutes=timeout_minutes),
                                 device_id=device if device.type == "cuda" else None)
     return rank, world, device
 
@@ -149,17 +177,21 @@ def check_positions(path: str, flag: str, tokens: int, reserve: int = 0) -> None
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The transformer blocks of a Hugging Face model: the modules whose class is listed in
-    `_no_split_modules` (LlamaDecoderLayer, GPT2Block, ...). Each becomes its own FSDP2 unit."""
+    `_no_split_modules` (LlamaDecoderLayer, GPT2Block, ...). Each becomes its own FSDP2 unit. Found
+    by class name through the class's bases too: `fully_shard` turns a LlamaDecoderLayer into an
+    FSDPLlamaDecoderLayer, a subclass."""
     names = set(getattr(model, "_no_split_modules", None) or [])
-    return [m for m in model.modules() if type(m).__name__ in names]
+    return [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]
 
 
-def empty_model(cls: Any, path: str, **overrides: Any) -> torch.nn.Module:
+def empty_model(cls: Any, path: str, dtype: torch.dtype = torch.float32,
+                **overrides: Any) -> torch.nn.Module:
     """The architecture of the `save_pretrained` folder `path` as `cls` (AutoModelForCausalLM,
     AutoModelForSequenceClassification, ...) on the meta device: its shape, no memory, no weights
     yet. A stage shards it (FSDP2: `fully_shard` per decoder layer, then the root) or not, then
-    fills it with `load_weights`. `overrides` go to the config (num_labels=1, pad_token_id,
-    attn_implementation="eager")."""
+    fills it with `load_weights`. `dtype`: of the weights (float32, the master weights of a trained
+    model; bfloat16 for a frozen one under --bf16). `overrides` go to the config (num_labels=1,
+    pad_token_id, attn_implementation="eager")."""
     check_checkpoint(path)
     from transformers import AutoConfig
 
@@ -168,7 +200,7 @@ def empty_model(cls: Any, path: str, **overrides: Any) -> torch.nn.Module:
     if "attn_implementation" in overrides:
         config._attn_implementation = overrides["attn_implementation"]
     with torch.device("meta"):
-        return cls.from_config(config, dtype=torch.float32)
+        return cls.from_config(config, dtype=dtype)
 
 
 def load_weights(model: torch.nn.Module, path: str, world: int,
@@ -181,14 +213,15 @@ def load_weights(model: torch.nn.Module, path: str, world: int,
     process. A head the folder lacks (an RM started from an SFT checkpoint) is initialised by
     `from_pretrained` under the current seed, on rank 0, and broadcast like the rest. Buffers that
     are not saved (Llama's rotary `inv_freq`) are garbage after `to_empty`, so rank 0 broadcasts
-    those too (docs/design.md §9)."""
+    those too (docs/design.md §9). The weights keep the empty model's dtype."""
     cls, config = _unwrapped_class(model), model.config  # config: with empty_model's overrides
+    dtype = next(model.parameters()).dtype
     if world == 1:
-        return cls.from_pretrained(path, config=config, dtype=torch.float32).to(device)
+        return cls.from_pretrained(path, config=config, dtype=dtype).to(device)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     model.to_empty(device=device)
-    full = (cls.from_pretrained(path, config=config, dtype=torch.float32)
+    full = (cls.from_pretrained(path, config=config, dtype=dtype)
             if dist.get_rank() == 0 else None)
     set_model_state_dict(model, full.state_dict() if full is not None else {},
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
@@ -199,6 +232,40 @@ def load_weights(model: torch.nn.Module, path: str, world: int,
         dist.broadcast(buf, src=0)
     del full
     return model
+
+
+def fsdp_precision(bf16: bool):
+    """FSDP2's mixed precision for --bf16: the shards stay fp32 (the master weights the optimiser
+    updates), the all-gathered parameters, and so the forward, backward and saved activations, are
+    bf16, and gradients are reduce-scattered in fp32. Without it FSDP2 would all-gather fp32
+    weights and autocast would keep a bf16 copy of every layer's weights for the backward.
+    Without --bf16: no cast (fp32, the reference)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if not bf16:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+CHECKPOINTING_HELP = ("activation checkpointing: every decoder layer keeps only its input for the "
+                      "backward and runs its forward again there (about a third more compute, far "
+                      "less memory); for models too large for the activations of a micro-batch")
+
+
+def checkpoint_activations(model: torch.nn.Module) -> None:
+    """--grad-checkpointing: every decoder layer keeps only its input for the backward and runs its
+    forward again there (transformers' checkpointing, non-reentrant; the FSDP2 hooks stay outside
+    the checkpoint). Call on the model `load_weights` returned (one process: a new model).
+    transformers checkpoints a layer only in training mode: a stage that keeps its models in eval
+    mode (PPO, DPO: no dropout) calls `keep_layers_training` after every `.eval()`."""
+    model.activation_checkpointing_enable({"use_reentrant": False})
+
+
+def keep_layers_training(model: torch.nn.Module) -> None:
+    """For a model in eval mode with --grad-checkpointing: mark its decoder layers themselves as
+    training (what transformers' checkpointing asks), not their submodules, so dropout stays off."""
+    for layer in decoder_layers(model):
+        layer.training = True
 
 
 def shard(model: torch.nn.Module, world: int) -> torch.nn.Module:
@@ -242,6 +309,22 @@ def check_reward_model(path: str, flag: str, alternative: str = "") -> None:
           f"{path}: {flag} must be a reward model (one score head, trained: what reward.py or "
           f"meta_rm.py saves), but this is a {kind} checkpoint{what}; "
           f"train one with reward.py --model {path}{alternative}")
+
+
+def check_causal_lm(path: str, flag: str) -> None:
+    """`path` must be a causal language model (a base model, or what sft.py, ppo.py or dpo.py
+    save), where a stage generates or trains a policy. A reward model there is refused with one
+    line: loaded as a causal LM it would get a random LM head without a word. A config that names
+    no architecture is let through (nothing to tell it by)."""
+    check_checkpoint(path, flag)
+    kinds = model_config(path).get("architectures") or []
+    causal = any(k.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"))
+                 for k in kinds)
+    reward_model = any(k.endswith("ForSequenceClassification") for k in kinds)
+    check(causal or not kinds,
+          f"{path}: {flag} must be a causal language model (a base model, or what sft.py, ppo.py "
+          f"or dpo.py save), but this is a {', '.join(kinds)} checkpoint"
+          + (" (a reward model)" if reward_model else ""))
 
 
 def _weight_names(path: str) -> set[str]:
@@ -497,7 +580,9 @@ def resume_state(args: Any) -> dict | None:
                        f"({'; '.join(changed)}); "
                        "use the same flags, or --overwrite / another --out for a new run")
     # our own file (it holds numpy/python RNG states)
-    state = torch.load(path, weights_only=False, mmap=True)
+    # map_location: a state saved on GPUs loads on any machine (the optimiser's tensors go back to
+    # their device in restore_training_state)
+    state = torch.load(path, weights_only=False, mmap=True, map_location="cpu")
     if state["finished"]:
         raise NothingToDo(f"--resume: {folder} is a finished run ({state['step']} steps); "
                           "nothing to do")

@@ -5,26 +5,49 @@ Nothing in here is part of the method. Prompts are tokenised by `data.prompt_ids
 training, so a policy samples after the same ids the reward model later reads.
 
 - `generate`        one response per prompt, as token ids: (prompt_ids (B, P) left-padded,
-                    response_ids (B, R))
+                    response_ids (B, R)); under FSDP2 on the whole, gathered model (`unsharded`)
 - `truncate_at_eos` each response kept up to and including its first EOS, the rest made pad
 - `sample_texts`    one decoded response per prompt, the prompts spread over the processes
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 
+from plumbing.common import autocast
 from plumbing.data import pad, prompt_ids
-from plumbing.distributed import reshard
+from plumbing.distributed import decoder_layers, reshard
+
+
+@contextlib.contextmanager
+def unsharded(model: torch.nn.Module) -> Iterator[None]:
+    """FSDP2: keep the whole model gathered for a generate call. A sharded decoder layer is
+    all-gathered for its forward and freed after it (reshard_after_forward), which under `generate`
+    means every layer all-gathered again for every new token; here each layer stays gathered after
+    its first forward, and all are freed when the block ends. Costs the whole model's parameters in
+    the compute dtype on every process for the length of the call. No-op on a plain module."""
+    from torch.distributed.fsdp import FSDPModule
+
+    layers = [m for m in decoder_layers(model) if isinstance(m, FSDPModule)]
+    for layer in layers:
+        layer.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.set_reshard_after_forward(True, recurse=False)
+            layer.reshard()
+        reshard(model)  # the root, which FSDP2 keeps gathered after a forward
 
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, tokenizer: Any, prompts: list[str], *, max_new_tokens: int,
              temperature: float = 0.8, top_p: float = 0.9, repetition_penalty: float = 1.1,
-             do_sample: bool = True, world: int = 1,
-             chat_template: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+             do_sample: bool = True, world: int = 1, chat_template: str = "auto",
+             bf16: bool = False, max_prompt_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one response per prompt (batched, with the KV cache) -> (prompt_ids, response_ids).
 
     Prompts are tokenised by `prompt_ids` (the chat template where `chat_template` says so), as in
@@ -34,13 +57,18 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: list[str], *, max_
     response_ids (B, R) R <= max_new_tokens; each response is cut right after its first EOS, the
                  rest is pad
 
-    Under FSDP2 every rank must run the same number of forward passes (each one all-gathers
-    parameters), so `synced_gpus=True` keeps a rank whose samples all hit EOS stepping until every
-    rank is done.
+    `max_prompt_len` > 0 keeps the last that many tokens of a longer prompt (the start goes first,
+    as data.encode cuts). `bf16`: under bf16 autocast, as the stages' training forwards.
+
+    Under FSDP2 every rank must run the same number of forward passes (each is collective), so
+    `synced_gpus=True` keeps a rank whose samples all hit EOS stepping until every rank is done;
+    the model stays gathered for the call (`unsharded`).
     """
     device = next(model.parameters()).device
-    input_ids, attention_mask = pad([prompt_ids(tokenizer, p, chat_template) for p in prompts],
-                                    tokenizer.pad_token_id, side="left")
+    ids = [prompt_ids(tokenizer, p, chat_template) for p in prompts]
+    if max_prompt_len > 0:
+        ids = [x[-max_prompt_len:] for x in ids]
+    input_ids, attention_mask = pad(ids, tokenizer.pad_token_id, side="left")
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     kwargs: dict[str, Any] = dict(do_sample=do_sample, max_new_tokens=max_new_tokens,
                                   use_cache=True, pad_token_id=tokenizer.pad_token_id,
@@ -48,8 +76,8 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: list[str], *, max_
                                   repetition_penalty=repetition_penalty, synced_gpus=world > 1)
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    reshard(model)
+    with unsharded(model), autocast(device, bf16):
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     response = out[:, input_ids.shape[1]:]
     return input_ids, truncate_at_eos(response, tokenizer.eos_token_id, tokenizer.pad_token_id)
 
@@ -94,6 +122,7 @@ def sample_texts(model: torch.nn.Module, tokenizer: Any, prompts: list[str], *, 
 
 def sample_report(model: torch.nn.Module, tokenizer: Any, prompts: list[str], *,
                   max_new_tokens: int, world: int, rank: int, chat_template: str = "auto",
+                  bf16: bool = False,
                   gold: Callable[[list[str], list[str]], list[float] | None] | None = None
                   ) -> dict[str, float]:
     """What a trained policy answers (sft.py, dpo.py after training): one sampled response per
@@ -102,7 +131,7 @@ def sample_report(model: torch.nn.Module, tokenizer: Any, prompts: list[str], *,
     mean gold reward."""
     model.eval()
     texts, ended = sample_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                world=world, rank=rank, chat_template=chat_template)
+                                world=world, rank=rank, chat_template=chat_template, bf16=bf16)
     report = {"eos_rate": sum(ended) / len(ended),
               "mean_response_words": sum(len(t.split()) for t in texts) / len(texts)}
     scores = gold(prompts, texts) if gold is not None else None

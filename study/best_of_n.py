@@ -72,6 +72,9 @@ class Args:
                           valid=positive)
     seed: int = arg(0, "random seed of the sampling (seed + rank)", valid=common.seed)
     threads: int = arg(0, common.THREADS_HELP, valid=non_negative)
+    tf32: bool = arg(False, common.TF32_HELP)
+    deterministic: bool = arg(False, common.DETERMINISTIC_HELP)
+    dist_timeout: float = arg(60.0, distributed.DIST_TIMEOUT_HELP, valid=positive)
     bf16: bool = arg(False, "bf16 autocast for sampling and scoring; fp32 is the reference")
     overwrite: bool = arg(False, "replace an existing output folder")
 
@@ -98,9 +101,9 @@ def kl_best_of_n(n: int) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     args = common.parse_args(Args, argv)
-    common.configure_process(args.threads)
-    rank, world, device = distributed.init_distributed()
-    distributed.check_checkpoint(args.policy, "--policy")
+    common.configure_process(args.threads, args.tf32, args.deterministic)
+    rank, world, device = distributed.init_distributed(args.dist_timeout)
+    distributed.check_causal_lm(args.policy, "--policy")
     distributed.check_positions(args.policy, "--max-new-tokens", args.max_new_tokens, reserve=1)
     distributed.check_reward_model(args.rm, "--rm")  # a causal LM would pick with a random head
     distributed.check_reward_tokenizer(args.rm, "--rm")
@@ -115,17 +118,15 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- N samples per prompt from the policy ----
     tokenizer = AutoTokenizer.from_pretrained(args.policy)
-    policy = distributed.load_model(AutoModelForCausalLM, args.policy, world, device)
+    policy = distributed.load_model(AutoModelForCausalLM, args.policy, world, device)  # FSDP2 > 1
     policy.eval()
     # prompt-major: row i·N + j: sample j of prompt i
     repeated = [p for p in prompts for _ in range(args.samples)]
-    with common.autocast(device, args.bf16):
-        texts, _ = sampling.sample_texts(policy, tokenizer, repeated,
-                                         max_new_tokens=args.max_new_tokens, world=world,
-                                         rank=rank, batch_size=args.batch_size,
-                                         temperature=args.temperature, top_p=args.top_p,
-                                         repetition_penalty=args.repetition_penalty,
-                                         chat_template=args.chat_template)
+    texts, _ = sampling.sample_texts(policy, tokenizer, repeated,
+                                     max_new_tokens=args.max_new_tokens, world=world, rank=rank,
+                                     batch_size=args.batch_size, temperature=args.temperature,
+                                     top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                                     chat_template=args.chat_template, bf16=args.bf16)
     del policy
 
     # ---- proxy and gold rewards of every sample ----

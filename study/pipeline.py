@@ -156,10 +156,26 @@ def resume_flags(args: Args, script: str) -> list[str]:
     return ["--overwrite"]
 
 
-def run_tasks(args: Args, tasks: list[Task], jobs: int) -> dict[str, tuple[str, float]]:
+def gpu_slots(nproc: int) -> list[str]:
+    """The GPUs of this machine (as CUDA_VISIBLE_DEVICES names them), nproc to a slot: ["0", "1",
+    ...], or ["0,1", "2,3"] for --nproc 2; [] without a GPU. A stage runs on one slot, so two stages
+    never share a GPU (and never all land on GPU 0)."""
+    import torch
+
+    count = torch.cuda.device_count()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    names = [x.strip() for x in visible.split(",") if x.strip()] if visible else \
+        [str(i) for i in range(count)]
+    names = names[:count]
+    return [",".join(names[i: i + nproc]) for i in range(0, len(names) - nproc + 1, nproc)]
+
+
+def run_tasks(args: Args, tasks: list[Task], jobs: int,
+              slots: list[str] | None = None) -> dict[str, tuple[str, float]]:
     """Run every task whose dependencies are done and whose marker is missing, at most `jobs` at a
     time; return {task: (script, seconds)} of the tasks run now. A failed task stops the launching
-    of new ones (those in flight finish)."""
+    of new ones (those in flight finish). With GPU `slots` (gpu_slots) each running stage holds one
+    slot as its CUDA_VISIBLE_DEVICES."""
     out = os.path.abspath(args.out)
     marker = lambda t: os.path.join(out, ".done", t.name)  # noqa: E731
     done = {t.name for t in tasks if os.path.exists(marker(t))}
@@ -169,12 +185,15 @@ def run_tasks(args: Args, tasks: list[Task], jobs: int) -> dict[str, tuple[str, 
               flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
     running: dict[str, tuple[subprocess.Popen, float, object]] = {}
+    free = list(slots or [])  # GPU slots not held by a running stage
+    held: dict[str, str] = {}  # task -> its slot
     seconds: dict[str, tuple[str, float]] = {}
     script_of = {t.name: t.script for t in tasks}
     failed: list[str] = []
     stopping, restore_signals = pass_signals_on(running)
     while (todo and not failed and not stopping) or running:
-        for t in [t for t in todo if all(d in done for d in t.deps)][: max(0, jobs - len(running))]:
+        room = min(jobs, len(slots)) if slots else jobs
+        for t in [t for t in todo if all(d in done for d in t.deps)][: max(0, room - len(running))]:
             if failed or stopping:
                 break
             todo.remove(t)
@@ -185,7 +204,11 @@ def run_tasks(args: Args, tasks: list[Task], jobs: int) -> dict[str, tuple[str, 
             os.makedirs(os.path.dirname(log_path), exist_ok=True)
             log = open(log_path, "w")
             print(f"[{len(done) + len(running) + 1}/{len(tasks)}] {t.name}\n$ {shown}", flush=True)
-            running[t.name] = (subprocess.Popen(argv, cwd=REPO, env=env, stdout=log,
+            task_env = env
+            if slots:
+                held[t.name] = free.pop(0)
+                task_env = dict(env, CUDA_VISIBLE_DEVICES=held[t.name])
+            running[t.name] = (subprocess.Popen(argv, cwd=REPO, env=task_env, stdout=log,
                                                 stderr=subprocess.STDOUT),
                                time.time(), log)
         time.sleep(0.1)
@@ -194,6 +217,8 @@ def run_tasks(args: Args, tasks: list[Task], jobs: int) -> dict[str, tuple[str, 
                 continue
             log.close()
             del running[name]
+            if name in held:
+                free.append(held.pop(name))
             seconds[name] = (script_of[name], time.time() - t0)
             if proc.returncode != 0:
                 failed.append(name)
@@ -260,7 +285,8 @@ def main(argv: list[str] | None = None) -> None:
     check(all(x >= 0 for x in sweep), "--eta-sweep values must be >= 0")
     cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
              else (os.cpu_count() or 1))
-    jobs = args.jobs or max(1, cores // (args.threads * args.nproc))
+    slots = gpu_slots(args.nproc)  # on a GPU machine: a slot of --nproc GPUs per stage
+    jobs = args.jobs or (len(slots) if slots else max(1, cores // (args.threads * args.nproc)))
     t_start = time.time()
     common.lock_output(args.out)  # one live pipeline per folder (each stage also locks its own)
     os.makedirs(args.out, exist_ok=True)
@@ -273,8 +299,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"pipeline: {len(tasks)} stages ({args.seeds} seeds, arms {', '.join(arms)}, "
           f"{args.rounds} rounds{', η sweep ' + args.eta_sweep if sweep else ''}); "
           f"{jobs} at a time x {args.threads} thread(s) x {args.nproc} process(es) on {cores} "
-          "cores", flush=True)
-    seconds = run_tasks(args, tasks, jobs)
+          "cores" + (f", GPUs {' / '.join(slots)}" if slots else ""), flush=True)
+    seconds = run_tasks(args, tasks, jobs, slots)
     text = report.write(os.path.abspath(args.out), seeds=list(range(args.seeds)), arms=arms,
                         rounds=args.rounds, sweep=sweep, wall_seconds=time.time() - t_start,
                         stage_seconds=seconds,

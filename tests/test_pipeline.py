@@ -15,7 +15,7 @@ from conftest import run_command
 # ----------------------------------------------------------------------------------------------------------------
 def _events(log):
     rows = [line.split() for line in open(log)]
-    return {(name, kind): float(t) for name, kind, t in rows}
+    return {(name, kind): float(t) for name, kind, t in rows if kind in ("start", "end")}
 
 
 def test_run_tasks_respects_jobs_and_dependencies(tmp_path):
@@ -54,6 +54,37 @@ def test_run_tasks_stops_at_a_failure_and_resumes(tmp_path):
     assert ("c", "start") not in _events(log)
     fixed = bad[:1] + [pipeline.Task("b", stage, [log, "b", "0"], ["a"]), bad[2]]
     assert set(pipeline.run_tasks(args, fixed, jobs=1)) == {"b", "c"}  # a was done: only b and c run again
+
+
+def test_on_a_gpu_machine_each_stage_holds_its_own_gpus(tmp_path):
+    # two GPU slots of 2 GPUs each (--nproc 2 on a 4-GPU machine): five independent stages, at most two at a
+    # time, each given one slot as CUDA_VISIBLE_DEVICES, and no two running stages ever share one (before,
+    # every stage saw every GPU and started on GPU 0)
+    log = str(tmp_path / "events.log")
+    stage = os.path.join("tests", "helpers", "timed_stage.py")
+    tasks = [pipeline.Task(n, stage, [log, n, "0.3"], []) for n in "abcde"]
+    pipeline.run_tasks(pipeline.Args(out=str(tmp_path / "out")), tasks, jobs=8, slots=["0,1", "2,3"])
+    ev = _events(log)
+    gpu = {n: s for n, kind, s in (line.split() for line in open(log)) if kind == "gpu"}
+    assert set(gpu) == set("abcde") and set(gpu.values()) <= {"0+1", "2+3"}
+    for x in "abcde":
+        for y in "abcde":
+            if x < y and ev[(x, "start")] < ev[(y, "end")] and ev[(y, "start")] < ev[(x, "end")]:
+                assert gpu[x] != gpu[y], (x, y)  # overlapping stages never share a slot
+    alive = [[n for n in "abcde" if ev[(n, "start")] <= ev[(m, "start")] < ev[(n, "end")]] for m in "abcde"]
+    assert max(len(a) for a in alive) <= 2  # jobs = 8, but only two slots
+
+
+def test_gpu_slots_group_the_visible_gpus(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,6,7")
+    assert pipeline.gpu_slots(1) == ["3", "5", "6", "7"] and pipeline.gpu_slots(2) == ["3,5", "6,7"]
+    assert pipeline.gpu_slots(3) == ["3,5,6"]  # the fourth GPU alone cannot hold a 3-process stage
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert pipeline.gpu_slots(1) == []  # CPU: no slots, stages share the cores as --jobs x --threads
 
 
 def test_micro_batches_are_split_over_processes():

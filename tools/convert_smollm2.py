@@ -80,13 +80,13 @@ class Args:
     overwrite: bool = arg(False, "replace an existing output folder")
 
 
-def ensure_packages() -> None:
+def ensure_packages() -> bool:
     """pip-install (no dependencies) the modules of REQUIREMENTS that this interpreter
-    cannot find."""
+    cannot find; True when it installed any."""
     missing = [req for module, req in REQUIREMENTS.items()
                if importlib.util.find_spec(module) is None]
     if not missing:
-        return
+        return False
     print(f"installing {' '.join(missing)} (--no-deps) into {sys.prefix}", flush=True)
     p = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", *missing],
                        capture_output=True, text=True)
@@ -94,6 +94,7 @@ def ensure_packages() -> None:
         last = (p.stderr.strip() or p.stdout.strip()).splitlines()[-1:] or ["no output"]
         raise common.UserError(f"pip install --no-deps {' '.join(missing)} failed: {last[0]}")
     importlib.invalidate_caches()
+    return True
 
 
 def wheel_gguf_path() -> str:
@@ -111,9 +112,19 @@ def wheel_gguf_path() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = common.parse_args(Args, argv)
+    # The packages first: transformers decides when it is imported which optional packages exist
+    # (accelerate, gguf) and keeps that answer, so a process that imported it before the install
+    # refuses the GGUF file ("accelerate is required"). Nothing has imported it yet here; if
+    # something had, the conversion runs in a new process, which sees the packages.
+    if ensure_packages() and "transformers" in sys.modules:
+        child = subprocess.run([sys.executable, "-m", "tools.convert_smollm2",
+                                *(sys.argv[1:] if argv is None else argv)],
+                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        if child.returncode != 0:
+            raise SystemExit(child.returncode)
+        return
     common.configure_process(args.threads)
     common.prepare_output(args.out, args.overwrite)
-    ensure_packages()
     gguf_path = wheel_gguf_path()
     folder, name = os.path.split(gguf_path)
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
