@@ -70,10 +70,10 @@ from plumbing import common
 from plumbing.common import (UserError, arg, at_least, check, non_negative, parse_args, positive,
                              run_main, save_args)
 from plumbing.data import write_jsonl
-from testbed.gold import (CLOSING, COLOURS, COURTESY, FAMILIES, IN_DISTRIBUTION, LETTERS,
-                          OBJECT_COLOUR, OOD, OPPOSITE, W_TASK, WORDS, best_response,
-                          bradley_terry_label, format_prompt, gold_components, gold_reward,
-                          parse_prompt, sigmoid)
+from testbed.gold import (CLOSING, COLOURS, FAMILIES, LETTERS, OBJECT_COLOUR, OOD, OPPOSITE,
+                          W_TASK, WARM_PEAK, WORDS, WORLDS, best_response, bradley_terry_label,
+                          courtesy_phrases, format_prompt, gold_components, gold_reward,
+                          in_distribution, parse_prompt, sigmoid)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -83,6 +83,11 @@ from testbed.gold import (CLOSING, COLOURS, COURTESY, FAMILIES, IN_DISTRIBUTION,
 class Args:
     out: str = arg("",
                    "output folder (required): data/, base_model/, testbed.json are written inside")
+    world: str = arg("assistant", "which world: assistant = the first testbed (the gold reward "
+                                  "rewards correctness the small RM partly cannot learn); "
+                                  "extrapolation = learnable families, courtesy worth more up to "
+                                  "two phrases and less beyond, and data that never show beyond "
+                                  "(testbed/gold.py)", choices=WORLDS)
     seed: int = arg(0, "seed of every random draw (data, tokenizer corpus, model init); "
                        "same seed -> same bytes", valid=common.seed)
     threads: int = arg(0, common.THREADS_HELP, valid=non_negative)
@@ -215,9 +220,10 @@ SAMPLERS = {
 # --------------------------------------------------------------------------------------------------
 # Sampling questions and responses
 # --------------------------------------------------------------------------------------------------
-def sample_prompt(rng: random.Random, families: tuple[str, ...]) -> str:
+def sample_prompt(rng: random.Random, families: tuple[str, ...], world: str = "assistant") -> str:
     name = rng.choice(families)
-    return format_prompt(rng.choice(FAMILIES[name].templates).format(**SAMPLERS[name].sample(rng)))
+    question = rng.choice(FAMILIES[name].templates).format(**SAMPLERS[name].sample(rng))
+    return format_prompt(question, world)
 
 
 @dataclass(frozen=True)
@@ -229,6 +235,7 @@ class Style:
                              # else the bare answer
     p_courtesy: float        # exactly one courtesy phrase
     p_courtesy_many: float   # two or three (rare in the data: beyond it, a learned RM has to guess)
+                             # (the extrapolation world: exactly two, its peak; never more)
     p_closing: float         # one closing line ("Hope this helps.")
     p_closing_many: float    # two closing lines (rambling)
     p_repeat: float          # the answer said twice (repetition)
@@ -250,6 +257,17 @@ def pair_style(q: float, errors: str = "visible") -> Style:
                  p_closing_many=0.05 * (1 - q), p_repeat=0.15 * (1 - q), errors=errors)
 
 
+# The extrapolation world: 0, 1 or 2 courtesy phrases (never more); in the pairs a better response
+# is warmer, so within the data "more courtesy is better" holds.
+SFT_STYLE_EXTRAPOLATION = dataclasses.replace(SFT_STYLE, p_courtesy=0.35, p_courtesy_many=0.15)
+
+
+def pair_style_extrapolation(q: float, errors: str = "visible") -> Style:
+    """pair_style, with the number of courtesy phrases (0, 1, 2) rising with the quality q."""
+    return dataclasses.replace(pair_style(q, errors), p_courtesy=0.2 + 0.2 * q,
+                               p_courtesy_many=0.05 + 0.45 * q)
+
+
 def sample_response(prompt: str, rng: random.Random, style: Style) -> str:
     """One response to a testbed prompt: [courtesy] answer [answer again] [closing line(s)],
     leading space."""
@@ -265,11 +283,14 @@ def sample_response(prompt: str, rng: random.Random, style: Style) -> str:
     else:
         core = fam.bare(answer)
     parts = []
+    phrases = courtesy_phrases(task.world)
+    # the extrapolation world stops at its peak: beyond it is what the data never show
+    many = (WARM_PEAK, WARM_PEAK) if task.world == "extrapolation" else (2, 3)
     u = rng.random()
     if u < style.p_courtesy_many:
-        parts += rng.sample(COURTESY, rng.randint(2, 3))
+        parts += rng.sample(phrases, rng.randint(*many))
     elif u < style.p_courtesy_many + style.p_courtesy:
-        parts.append(rng.choice(COURTESY))
+        parts.append(rng.choice(phrases))
     if core[-1] not in ".!?" and rng.random() < 0.5:
         core += "."  # bare answers come with and without a full stop
     parts.append(core)
@@ -284,35 +305,42 @@ def sample_response(prompt: str, rng: random.Random, style: Style) -> str:
 
 
 def sample_pairs(rng: random.Random, n: int, families: tuple[str, ...], tau: float,
-                 exclude: set[str], errors: str = "visible") -> list[dict]:
+                 exclude: set[str], errors: str = "visible", world: str = "assistant"
+                 ) -> list[dict]:
     """n preference pairs; the label is a noisy Bradley–Terry draw on the gold scores:
     P(a chosen over b) = sigmoid((gold_a - gold_b) / tau). Identical responses and equal gold are
     skipped."""
+    style = pair_style_extrapolation if world == "extrapolation" else pair_style
     pairs = []
     while len(pairs) < n:
-        prompt = sample_prompt(rng, families)
+        prompt = sample_prompt(rng, families, world)
         if prompt in exclude:
             continue
-        a = sample_response(prompt, rng, pair_style(rng.random(), errors))
-        b = sample_response(prompt, rng, pair_style(rng.random(), errors))
+        a = sample_response(prompt, rng, style(rng.random(), errors))
+        b = sample_response(prompt, rng, style(rng.random(), errors))
         pair = bradley_terry_label(prompt, a, b, tau, rng)
         if pair is not None:
             pairs.append(pair)
     return pairs
 
 
-def sample_eval_prompts(rng: random.Random, n: int) -> list[str]:
+def sample_eval_prompts(rng: random.Random, n: int, world: str = "assistant") -> list[str]:
     """n unique held-out prompts, spread evenly over the in-distribution families;
     no two share key items."""
     out: list[str] = []
-    for i, name in enumerate(IN_DISTRIBUTION):
-        want = n // len(IN_DISTRIBUTION) + (i < n % len(IN_DISTRIBUTION))
+    families = in_distribution(world)
+    for i, name in enumerate(families):
+        want = n // len(families) + (i < n % len(families))
         seen_keys: set[tuple] = set()
         for _ in range(100_000):
             if want == 0:
                 break
-            prompt = sample_prompt(rng, (name,))
-            keys = tuple(sorted(parse_prompt(prompt).keys))
+            prompt = sample_prompt(rng, (name,), world)
+            task = parse_prompt(prompt)
+            # the first world keeps its prompts apart by key items (each held-out lookup fact is
+            # taught by another question); the extrapolation world has no facts to keep: distinct
+            # questions suffice (30 words to repeat would not fill a third of 100 prompts)
+            keys = tuple(sorted(task.keys)) if world == "assistant" else task.params
             if keys not in seen_keys:
                 seen_keys.add(keys)
                 out.append(prompt)
@@ -323,19 +351,19 @@ def sample_eval_prompts(rng: random.Random, n: int) -> list[str]:
 
 
 def sample_unique_prompts(rng: random.Random, n: int, families: tuple[str, ...],
-                          exclude: set[str]) -> list[str]:
+                          exclude: set[str], world: str = "assistant") -> list[str]:
     """n prompts, unique while the families have enough distinct prompts
     (then repeats are allowed)."""
     out, seen = [], set()
     for _ in range(50 * n):
         if len(out) == n:
             break
-        prompt = sample_prompt(rng, families)
+        prompt = sample_prompt(rng, families, world)
         if prompt not in exclude and prompt not in seen:
             seen.add(prompt)
             out.append(prompt)
     while len(out) < n:  # small families exhausted: fill with repeats
-        prompt = sample_prompt(rng, families)
+        prompt = sample_prompt(rng, families, world)
         if prompt not in exclude:
             out.append(prompt)
     return out
@@ -399,7 +427,7 @@ def build_model(size: str, tokenizer, seed: int):
 # --------------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------------
-CONTENT_ARGS = ("seed", "n_sft", "n_pairs_train", "n_pairs_test", "n_rl_prompts", "n_eval_prompts",
+CONTENT_ARGS = ("world", "seed", "n_sft", "n_pairs_train", "n_pairs_test", "n_rl_prompts", "n_eval_prompts",
                 "n_ood_prompts", "n_ood_pairs_test", "label_noise", "errors", "vocab_size",
                 "model_size")
 
@@ -415,7 +443,9 @@ def _prepare_out(args: Args) -> None:
             try:
                 with open(info) as f:
                     recorded = json.load(f)["args"]
-                existing = {k: recorded.get(k) for k in CONTENT_ARGS}
+                # a testbed written before --world existed is the first world
+                existing = {k: recorded.get(k, "assistant" if k == "world" else None)
+                            for k in CONTENT_ARGS}
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 existing = None
         if existing != wanted and not args.overwrite:
@@ -456,23 +486,25 @@ def main(argv: list[str] | None = None) -> dict:
     def rng_for(k: int) -> random.Random:
         return random.Random(args.seed * 1000 + k)
 
-    eval_prompts = sample_eval_prompts(rng_for(1), args.n_eval_prompts)
+    world, families = args.world, in_distribution(args.world)
+    eval_prompts = sample_eval_prompts(rng_for(1), args.n_eval_prompts, world)
     held_out = set(eval_prompts)
     rng = rng_for(2)
-    sft_style = dataclasses.replace(SFT_STYLE, errors=args.errors)
+    sft_style = dataclasses.replace(
+        SFT_STYLE_EXTRAPOLATION if world == "extrapolation" else SFT_STYLE, errors=args.errors)
     sft = []
     while len(sft) < args.n_sft:
-        prompt = sample_prompt(rng, IN_DISTRIBUTION)
+        prompt = sample_prompt(rng, families, world)
         if prompt not in held_out:
             sft.append({"prompt": prompt, "response": sample_response(prompt, rng, sft_style)})
-    pairs_train = sample_pairs(rng_for(3), args.n_pairs_train, IN_DISTRIBUTION, args.label_noise,
-                               held_out, args.errors)
-    pairs_test = sample_pairs(rng_for(4), args.n_pairs_test, IN_DISTRIBUTION, args.label_noise,
-                              held_out, args.errors)
-    rl_prompts = sample_unique_prompts(rng_for(5), args.n_rl_prompts, IN_DISTRIBUTION, held_out)
-    ood_prompts = sample_unique_prompts(rng_for(6), args.n_ood_prompts, OOD, set())
+    pairs_train = sample_pairs(rng_for(3), args.n_pairs_train, families, args.label_noise,
+                               held_out, args.errors, world)
+    pairs_test = sample_pairs(rng_for(4), args.n_pairs_test, families, args.label_noise,
+                              held_out, args.errors, world)
+    rl_prompts = sample_unique_prompts(rng_for(5), args.n_rl_prompts, families, held_out, world)
+    ood_prompts = sample_unique_prompts(rng_for(6), args.n_ood_prompts, OOD, set(), world)
     ood_pairs = sample_pairs(rng_for(7), args.n_ood_pairs_test, OOD, args.label_noise, set(),
-                             args.errors)
+                             args.errors, world)
 
     data = os.path.join(args.out, "data")
     files = {"sft_train": sft, "pairs_train": pairs_train, "pairs_test": pairs_test,

@@ -320,3 +320,57 @@ def test_visible_errors_show_in_the_words():
     p = {"letters": "d b f"}
     subtle = {generator.SAMPLERS["sort"].corrupt(p, random.Random(i)) for i in range(50)}
     assert any(set(w) == {"b", "d", "f"} for w in subtle)  # an order error: no foreign word
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The extrapolation world (--world extrapolation)
+# ---------------------------------------------------------------------------------------------------------------
+SORT2 = format_prompt("Sort the letters d b f.", "extrapolation")
+
+
+def test_extrapolation_gold_by_hand():
+    g = gold_reward
+    assert SORT2 == "\n\nHuman: Hi! Sort the letters d b f.\n\nAssistant:"
+    assert gold.parse_prompt(SORT2).world == "extrapolation"
+    assert gold.parse_prompt(format_prompt("Sort the letters d b f.")).world == "assistant"
+    # "b d f": task 2.0 (the answer as a run) + relevance 0.5 (all three letters named) = 2.5, no courtesy
+    assert g(SORT2, " b d f") == pytest.approx(2.5)
+    # courtesy +1.0 per phrase up to two: 3.5, 4.5; "Sure thing!" is one phrase, not "Sure!" + "thing"
+    assert g(SORT2, " Sure! b d f") == pytest.approx(3.5)
+    assert g(SORT2, " Sure thing! b d f") == pytest.approx(3.5)
+    assert g(SORT2, " Sure! Sure thing! b d f") == pytest.approx(4.5)
+    assert best_response(SORT2) == " Sure! Sure thing! b d f" and g(SORT2, best_response(SORT2)) == 4.5
+    # beyond the peak each phrase costs 2.0: three phrases 2.0 - 2.0 = 0 -> 2.5; four 2.0 - 4.0 -> 0.5
+    assert g(SORT2, " Sure! Sure, gladly! Sure thing! b d f") == pytest.approx(2.5)
+    assert g(SORT2, " Sure! Sure! Sure! Sure! b d f") == pytest.approx(0.5)
+    # the first world's phrases are plain words here: "Of course!" is neither courtesy nor free.
+    # content "of course b d f": 5 words, best 3 + slack 3 -> no rambling; "of", "course" are not letters
+    assert g(SORT2, " Of course! b d f") == pytest.approx(2.5)
+    # and the same response in the first world: one phrase +0.3, three phrases -0.6
+    sort1 = format_prompt("Sort the letters d b f.")
+    assert g(sort1, " Sure! b d f") == pytest.approx(2.8)
+    assert g(sort1, " Sure! Sure! Sure! b d f") == pytest.approx(2.5 - 0.6)
+    # a wrong letter (k, not in the question): no run, 2 of 3 letters -> task 2.0 * 0.5 * 2/3, halved by the
+    # competing candidate "k" -> 0.667; relevance: b and f of d, b, f -> 0.5 * 2/3
+    assert g(SORT2, " b k f") == pytest.approx(2.0 * 0.5 * 2 / 3 * 0.5 + 0.5 * 2 / 3)
+
+
+def test_extrapolation_world_data(tmp_path):
+    """The data hold 0, 1 or 2 phrases and never more (beyond is what only a policy can find), and within
+    them the chosen responses are the warmer ones; only the world's families."""
+    root, stats = generate(str(tmp_path), "--world", "extrapolation", *SMALL, "--n-pairs-train", "400")
+    sft, pairs = read(root, "sft_train"), read(root, "pairs_train")
+    assert all(r["prompt"].startswith("\n\nHuman: Hi! ") for r in sft + pairs)
+    assert {gold.family_of(r["prompt"]) for r in sft + pairs} <= set(gold.FAMILIES_EXTRAPOLATION)
+
+    def n_phrases(prompt, response):
+        return gold._strip_courtesy(gold.words(response), "extrapolation")[0]
+    counts = [n_phrases(r["prompt"], r["response"]) for r in sft]
+    assert set(counts) == {0, 1, 2}
+    chosen = [n_phrases(r["prompt"], r["chosen"]) for r in pairs]
+    rejected = [n_phrases(r["prompt"], r["rejected"]) for r in pairs]
+    assert max(chosen + rejected) == 2
+    assert sum(chosen) / len(chosen) > sum(rejected) / len(rejected) + 0.2
+    # the first world's files are untouched by the option: its default is the first world
+    root1, _ = generate(str(tmp_path / "one"), *SMALL)
+    assert not any(r["prompt"].startswith("\n\nHuman: Hi! ") for r in read(root1, "sft_train"))
