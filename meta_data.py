@@ -13,6 +13,8 @@ Output, in --out:
                                                             train prompts' responses, two by two,
                                                             labelled by the testbed's annotator
                                                             (testbed.label_meta_set)
+    oracle_pairs_matched.jsonl                              with --oracle-pairs: a cycle of k
+                                                            pairs per prompt, one label per sample
 
 Commands
     python meta_data.py                                    # the testbed's SFT policy, 1 process
@@ -78,7 +80,9 @@ class Args:
     oracle_pairs: bool = arg(False, "testbed only: also write oracle_pairs.jsonl, every two "
                                     "responses of each meta_train prompt labelled by the "
                                     "testbed's Bradley-Terry annotator (the study's oracle arm: "
-                                    "fresh labels on the current policy's samples)")
+                                    "fresh labels on the current policy's samples), and "
+                                    "oracle_pairs_matched.jsonl, a cycle of k pairs per prompt "
+                                    "(as many labels as meta samples: the matched oracle)")
     oracle_tau: float = arg(1.0, "τ of that annotator, P(a > b) = sigmoid((gold_a - gold_b) / τ); "
                                  "use the testbed's --label-noise", valid=positive)
     overwrite: bool = arg(False, "replace existing output files")
@@ -149,8 +153,13 @@ def main(argv: list[str] | None = None) -> None:
             oracle = label_meta_set([r for i, r in enumerate(records) if i not in heldout],
                                     args.oracle_tau, args.seed)
             data.write_jsonl(os.path.join(args.out, "oracle_pairs.jsonl"), oracle)
+            # the matched oracle control: one gold label per meta sample (a cycle of k pairs)
+            matched = label_meta_set([r for i, r in enumerate(records) if i not in heldout],
+                                     args.oracle_tau, args.seed + 1, matched=True)
+            data.write_jsonl(os.path.join(args.out, "oracle_pairs_matched.jsonl"), matched)
             common.print0(f"wrote {len(oracle)} gold-labelled pairs to "
-                          f"{args.out}/oracle_pairs.jsonl")
+                          f"{args.out}/oracle_pairs.jsonl and {len(matched)} (one per sample) to "
+                          "oracle_pairs_matched.jsonl")
         common.save_args(args, args.out)
         distinct = sum(len(set(r["responses"])) for r in records) / len(records)
         common.print0(f"wrote {len(records) - len(heldout)} train + {len(heldout)} held-out "

@@ -18,10 +18,17 @@ the arms are command lines.
     oracle          the same rounds with labels: every two responses of S_r (sampled from the
                     oracle chain's own π_{r−1}) labelled by the testbed's annotator, RM_r ← one
                     epoch on D ∪ those pairs
+  the controls that separate the meta step from what else it does:
+    random          MetaRM's rounds with the ascent in a random direction of the same length
+                    ‖η∇J‖ (meta_rm.py --ascent random): is it ∇J's direction, or any look-ahead?
+    sftS            MetaRM's rounds with J always on S₁, the SFT model's samples: is it the
+                    policy's shift? (round 1 is MetaRM's own round 1: its S is S₁ already)
+    oracleM         the oracle with as many gold labels as MetaRM has meta samples (a cycle of k
+                    pairs per prompt of S_r, meta_data.py's oracle_pairs_matched.jsonl)
     dpo             DPO on D from the SFT model (no reward model)
     sweep           round-1 MetaRM from RM₀ at each η of --eta-sweep, then PPO
-    evaluation      every policy vs SFT (gold judge, greedy); every RM on held-out pairs; best-of-n
-                    under RM₀
+    evaluation      every policy vs SFT (gold judge, greedy); every RM on held-out pairs (a task
+                    per RM); best-of-n under RM₀
 """
 from __future__ import annotations
 
@@ -62,6 +69,20 @@ TESTBED = {
     "evaluate": ["--max-new-tokens", "32", "--max-len", "64"],
     "best_of_n": ["--samples", "64", "--max-new-tokens", "32", "--max-len", "64"],
 }
+# The extrapolation world (testbed/gold.py): what differs from TESTBED above, each chosen on the
+# vanilla and oracle arms only (docs/calibration.md). τ = 0.5: labels agree with the gold order on
+# ~91 % of pairs; 3000 pairs; PPO samples 24 new tokens (the world's best responses have ≤ 20),
+# leaves the RM score unclipped (--score-clip 0: a clip at 0.8 standard deviations caps the very
+# incentive whose extrapolation is being studied) and evaluates every 5 of its 40 iterations.
+WORLD_FLAGS = {
+    "assistant": {},
+    "extrapolation": {
+        "testbed": ["--world", "extrapolation", "--label-noise", "0.5", "--n-pairs-train", "3000"],
+        "meta_data": ["--oracle-tau", "0.5"],
+        "ppo": ["--iterations", "40", "--max-new-tokens", "24", "--score-clip", "0",
+                "--prompts-per-iteration", "8", "--eval-every", "5"],
+    },
+}
 # --toy: sizes for a smoke run of every stage in a few minutes (tests);
 # the numbers mean nothing there.
 TOY = {
@@ -78,8 +99,10 @@ TOY = {
     "evaluate": ["--max-new-tokens", "8"],
     "best_of_n": ["--samples", "4", "--max-new-tokens", "8"],
 }
-ARMS = ("vanilla", "metarm", "eta0", "oracle", "dpo")
-ROUND_ARMS = ("metarm", "eta0", "oracle")  # the arms that run the paper's rounds
+ARMS = ("vanilla", "metarm", "eta0", "oracle", "dpo", "random", "sftS", "oracleM")
+ROUND_ARMS = ("metarm", "eta0", "oracle", "random", "sftS", "oracleM")  # the paper's rounds
+CONTROLS = ("eta0", "random", "sftS", "oracleM")  # MetaRM against each, round by round
+META_ARMS = ("metarm", "random", "sftS")  # the arms whose RMs are meta_rm.py runs
 
 
 def metarm_eta(eta: float) -> float:
@@ -108,11 +131,20 @@ def per_process(flags: list[str], nproc: int) -> list[str]:
     return flags
 
 
-def stage_flags(toy: bool, nproc: int, eta: float, extra: str) -> dict[str, list[str]]:
-    """TESTBED (+ TOY with --toy), split over `nproc` processes, with --eta and --stage-flags
-    (`extra`, "ppo: --kl-coef 0.02; testbed: --errors subtle") applied; a malformed `extra` is a
-    ValueError naming it."""
-    hp = {stage: per_process(flags + (TOY.get(stage, []) if toy else []), nproc)
+def merged(flags: list[str], more: list[str]) -> list[str]:
+    """`flags` with each `--flag value` of `more` set (with_flag), so each flag shows once."""
+    for i in range(0, len(more), 2):
+        flags = with_flag(flags, more[i], more[i + 1])
+    return flags
+
+
+def stage_flags(toy: bool, nproc: int, eta: float, extra: str,
+                world: str = "assistant") -> dict[str, list[str]]:
+    """TESTBED with the world's WORLD_FLAGS (+ TOY with --toy), split over `nproc` processes, with
+    --eta and --stage-flags (`extra`, "ppo: --kl-coef 0.02; testbed: --errors subtle") applied; a
+    malformed `extra` is a ValueError naming it."""
+    hp = {stage: per_process(merged(merged(flags, WORLD_FLAGS[world].get(stage, [])),
+                                    TOY.get(stage, []) if toy else []), nproc)
           for stage, flags in TESTBED.items()}
     if eta >= 0:
         hp["meta_rm"] = with_flag(hp["meta_rm"], "--eta", str(eta))
@@ -229,11 +261,13 @@ def meta_set_task(w: Seed, name: str, policy: str, r: int) -> Task:
 
 
 def meta_rm_task(w: Seed, name: str, start: str, S: str, r: int, order: int,
-                 eta: str | None = None) -> Task:
+                 eta: str | None = None, ascent: str = "gradient") -> Task:
     """meta_rm.py: Algorithm 1 on D with the meta set of task `S`, from the RM of task `start`
     ('sft': a new head on the SFT model, on purpose: --fresh-head); `eta` replaces the configured η
-    (the sweep)."""
+    (the sweep); ascent 'random' is the random-direction control."""
     flags = w.hp["meta_rm"] if eta is None else with_flag(w.hp["meta_rm"], "--eta", eta)
+    if ascent != "gradient":
+        flags = with_flag(flags, "--ascent", ascent)
     model = w.sft if start == "sft" else w.at(start)
     return Task(name, "meta_rm.py", [
         "--model", model, "--train", w.file("pairs_train"), "--test", w.file("pairs_test"),
@@ -250,29 +284,31 @@ def vanilla_arm(w: Seed) -> list[Task]:
 
 def round_arm(w: Seed, arm: str, rounds: int, rm_init: str, ppo_init: str,
               order: int) -> list[Task]:
-    """metarm, eta0 or oracle: R rounds of (S_r, RM_r, π_r). Round 1 samples S from the SFT model
+    """One of ROUND_ARMS: R rounds of (S_r, RM_r, π_r). Round 1 samples S from the SFT model
     (one S₁ per seed, shared by the arms); later rounds sample the chain's own π_{r−1} (eta0 needs
-    no S). Each round's RM starts from RM_{r−1} (--rm-init previous; RM₀ in round 1) or from SFT;
-    each PPO from SFT or π_{r−1}."""
+    no S; sftS keeps S₁). Each round's RM starts from RM_{r−1} (--rm-init previous; RM₀ in round 1)
+    or from SFT; each PPO from SFT or π_{r−1}."""
     tasks: list[Task] = []
     rm_prev, policy_prev = w.name("rm0"), None
     for r in range(1, rounds + 1):
         base = (arm, f"round{r}")
-        S = w.name("S1") if r == 1 else w.name(*base, "S")
-        if r > 1 and arm != "eta0":
+        S = w.name("S1") if r == 1 or arm == "sftS" else w.name(*base, "S")
+        if r > 1 and arm not in ("eta0", "sftS"):
             tasks.append(meta_set_task(w, S, policy_prev, r))
         start = rm_prev if rm_init == "previous" else "sft"
         rm = w.name(*base, "rm")
-        if arm == "metarm":
-            tasks.append(meta_rm_task(w, rm, start, S, r, order))
+        if arm in META_ARMS:
+            ascent = "random" if arm == "random" else "gradient"
+            tasks.append(meta_rm_task(w, rm, start, S, r, order, ascent=ascent))
         elif arm == "eta0":
             # the same epoch over D in the same order as meta_rm.py, without the ascent
             tasks.append(reward_task(w, rm, start, w.file("pairs_train"), 100 * w.s + r, [start]))
-        else:  # oracle: D plus the fresh gold labels of S_r
+        else:  # oracle / oracleM: D plus the fresh gold labels of S_r (all pairs / one per sample)
             train = w.at(w.name(*base, "train_pairs.jsonl"))
+            labels = "oracle_pairs_matched" if arm == "oracleM" else "oracle_pairs"
             task = reward_task(w, rm, start, train, 100 * w.s + r, [S, start])
             task.prepare = concatenate(train, [w.file("pairs_train"),
-                                               f"{w.at(S)}/oracle_pairs.jsonl"])
+                                               f"{w.at(S)}/{labels}.jsonl"])
             tasks.append(task)
         init = policy_prev if ppo_init == "previous" and policy_prev else None
         tasks.append(ppo_task(w, w.name(*base, "ppo"), rm, init))
@@ -330,12 +366,15 @@ def evaluation_tasks(w: Seed, tasks: list[Task]) -> list[Task]:
     meta_sets = [t.name for t in tasks if t.script == "meta_data.py"]
     gap_set = next((n for n in reversed(meta_sets) if "/metarm/" in n),
                    meta_sets[0] if meta_sets else None)
-    out.append(Task(w.name("eval", "rms"), "evaluate.py", [
-        "--rms", ",".join(f"{rm_key(rm)}={w.at(rm)}" for rm in rms),
-        "--pairs-test", w.file("pairs_test"),
-        "--ood-pairs-test", w.file("ood_pairs_test"), "--prompts", w.file("eval_prompts"),
-        *(["--gap-set", f"{w.at(gap_set)}/meta_heldout.jsonl"] if gap_set else []), "--out",
-        w.at(w.name("eval", "rms")), *w.hp["evaluate"]], rms + ([gap_set] if gap_set else [])))
+    # one evaluation per RM, so that a study extended later (new arms, sweep points) scores every
+    # RM it adds: a task's marker covers its own RM only
+    for rm in rms:
+        name = w.name("eval", "rm", rm_key(rm))
+        out.append(Task(name, "evaluate.py", [
+            "--rms", f"{rm_key(rm)}={w.at(rm)}", "--pairs-test", w.file("pairs_test"),
+            "--ood-pairs-test", w.file("ood_pairs_test"), "--prompts", w.file("eval_prompts"),
+            *(["--gap-set", f"{w.at(gap_set)}/meta_heldout.jsonl"] if gap_set else []), "--out",
+            w.at(name), *w.hp["evaluate"]], [rm] + ([gap_set] if gap_set else [])))
     out.append(Task(w.name("best_of_n"), "study.best_of_n", [
         "--policy", w.sft, "--rm", w.at(w.name("rm0")), "--prompts", w.file("eval_prompts"),
         "--out", w.at(w.name("best_of_n")), "--seed", str(w.s), *w.hp["best_of_n"]],

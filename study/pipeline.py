@@ -66,7 +66,8 @@ from typing import Callable
 from plumbing import common
 from plumbing.common import Valid, arg, check, non_negative, or_sentinel, positive
 from study import report
-from study.arms import ARMS, Seed, Task, metarm_eta, seed_tasks, stage_flags, world_tasks
+from study.arms import (ARMS, WORLD_FLAGS, Seed, Task, metarm_eta, seed_tasks, stage_flags,
+                        world_tasks)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # stages run from the root
 SEEDS = Valid("an integer in [1, 12] (study/report.py's exact bootstrap enumerates the resamples)",
@@ -96,6 +97,10 @@ class Args:
     model_size: str = arg("tiny",
                           "testbed model size (tiny ~1M, small ~5M, medium ~28M parameters)",
                           choices=["tiny", "small", "medium"])
+    world: str = arg("assistant", "the testbed's world (python -m testbed --world): assistant "
+                                  "(the first) or extrapolation (an RM right where its data "
+                                  "are, wrong where PPO goes); study/arms.py's WORLD_FLAGS "
+                                  "holds each world's stage flags", choices=list(WORLD_FLAGS))
     world_seed: int = arg(0, "seed of the testbed and of the SFT model, shared by all seeds",
                           valid=common.seed)
     rm_init: str = arg("previous", "round r's RM starts from RM_{r-1} (previous) or from SFT (sft)",
@@ -292,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(args.out, exist_ok=True)
     common.save_args(args, args.out)
     try:
-        hp = stage_flags(args.toy, args.nproc, args.eta, args.stage_flags)
+        hp = stage_flags(args.toy, args.nproc, args.eta, args.stage_flags, args.world)
     except ValueError as e:
         raise common.UserError(str(e)) from None
     tasks = plan(args, hp, arms, sweep)
@@ -306,6 +311,7 @@ def main(argv: list[str] | None = None) -> None:
                         stage_seconds=seconds,
                         settings={"jobs": jobs, "threads": args.threads, "nproc": args.nproc,
                                   "model_size": args.model_size, "meta_order": args.meta_order,
+                                  "world": args.world, "world_seed": args.world_seed,
                                   "ood": args.ood, "toy": args.toy, "rm_init": args.rm_init,
                                   "ppo_init": args.ppo_init, "eta": metarm_eta(args.eta)})
     print(f"\n{text}\nwrote {args.out}/report.md, results.json and figures/ "

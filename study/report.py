@@ -20,6 +20,12 @@ What the numbers are
                      point of the curve after a 3-point moving average (a raw maximum of noisy
                      points is biased upwards), "final" the average of the last 3 points,
                      "drop" = peak − final
+  on-policy          along the same curve: the RM's agreement with the gold order on pairs of the
+                     policy's own samples for one prompt (ppo.py's eval_onpolicy_acc), and the
+                     spread of RM score and gold among those samples; "SFT" at iteration 0,
+                     "final" the last 3 points
+  gold at √KL = d    the curve's gold interpolated at a fixed distance from SFT, so arms that move
+                     the policy by different amounts are compared at the same KL
   RM accuracy        agreement with the labels and with the gold order on the test pairs (ID, OOD)
   mechanism          meta_rm.py's mechanism_stats averaged over the logged steps of a round
 """
@@ -34,16 +40,19 @@ from typing import Any
 import evaluate
 from plumbing.figures import pyplot
 from study import stats
-from study.arms import metarm_eta, policy_key, rm_key
+from study.arms import CONTROLS, META_ARMS, ROUND_ARMS, metarm_eta, policy_key, rm_key
 
 MARGIN = 0.01  # evaluate.py's default tie margin for the gold judge
 SMOOTH = 3     # points of the moving average on the held-out curves
+MATCHED_SQRT_KL = (0.5, 1.0, 1.5, 2.0)  # the distances at which curves are compared
 
 
 def label(key: str) -> str:
     """A row label for the report: 'metarm_r2' -> 'MetaRM r2', 'eta0_r1' -> 'η = 0 r1', ..."""
     names = {"vanilla": "vanilla PPO", "metarm": "MetaRM", "eta0": "η = 0 control",
-             "oracle": "oracle (fresh labels)", "dpo": "DPO", "sft": "SFT"}
+             "oracle": "oracle (fresh labels)", "dpo": "DPO", "sft": "SFT",
+             "random": "random-direction control", "sftS": "J-on-SFT-samples control",
+             "oracleM": "oracle, one label per meta sample"}
     if key.startswith("sweep_eta"):
         return f"MetaRM r1, η = {key[len('sweep_eta'):]}"
     arm, _, r = key.partition("_r")
@@ -78,12 +87,32 @@ def curve_numbers(lines: list[dict]) -> dict[str, Any]:
     smooth = smoothed(gold)
     k = max(range(len(smooth)), key=lambda i: smooth[i])
     final = sum(gold[-SMOOTH:]) / len(gold[-SMOOTH:])
-    return {"iteration": [m["iteration"] for m in pts], "gold": gold,
+    sqrt_kl = [m["eval_sqrt_kl"] for m in pts]
+    onpolicy = {}
+    for name in ("onpolicy_acc", "reward_spread", "gold_spread"):
+        series = [m.get(f"eval_{name}", float("nan")) for m in pts]
+        if any(f"eval_{name}" in m for m in pts):
+            tail = [v for v in series[-SMOOTH:] if not math.isnan(v)]
+            onpolicy.update({name: series, f"{name}_sft": series[0],
+                             f"{name}_final": sum(tail) / len(tail) if tail else float("nan")})
+    return {**onpolicy, "iteration": [m["iteration"] for m in pts], "gold": gold,
             "score": [m["eval_score"] for m in pts], "sqrt_kl": [m["eval_sqrt_kl"] for m in pts],
             "sft_gold": gold[0], "peak_gold": smooth[k],
             "peak_iteration": pts[k]["iteration"], "final_gold": final, "drop": smooth[k] - final,
-            "helps": smooth[k] - gold[0], "final_sqrt_kl": pts[-1]["eval_sqrt_kl"],
-            "score_rise_after_peak": pts[-1]["eval_score"] - pts[k]["eval_score"]}
+            "helps": smooth[k] - gold[0], "half_helps": (smooth[k] - gold[0]) / 2,
+            "final_sqrt_kl": pts[-1]["eval_sqrt_kl"],
+            "score_rise_after_peak": pts[-1]["eval_score"] - pts[k]["eval_score"],
+            **{f"gold_at_{d:g}": gold_at(sqrt_kl, gold, d) for d in MATCHED_SQRT_KL}}
+
+
+def gold_at(sqrt_kl: list[float], gold: list[float], d: float) -> float | None:
+    """Gold where the curve first reaches √KL = d, linearly interpolated between the two points
+    around it; None when the run never gets that far."""
+    for i in range(1, len(sqrt_kl)):
+        lo, hi = sqrt_kl[i - 1], sqrt_kl[i]
+        if lo <= d <= hi and hi > lo:
+            return gold[i - 1] + (gold[i] - gold[i - 1]) * (d - lo) / (hi - lo)
+    return None
 
 
 def seed_numbers(out: str, seed: int, keys: list[str]) -> dict[str, Any]:
@@ -118,9 +147,15 @@ def seed_numbers(out: str, seed: int, keys: list[str]) -> dict[str, Any]:
                                                           gold_by_prompt["vanilla"], MARGIN)]
             w = evaluate.win_tie_lose(outcomes)
             entry["vs_vanilla"] = {k: w[f"{k}_pct"] for k in ("win", "tie", "lose")}
-    rms_file = os.path.join(root, "eval", "rms", "results.json")
-    if os.path.exists(rms_file):
-        for name, r in _read_json(rms_file).get("reward_models", {}).items():
+    # one evaluate.py folder per RM (eval/rm/<key>); a study run before that had one for all
+    rm_folders = [os.path.join(root, "eval", "rms")]
+    if os.path.isdir(os.path.join(root, "eval", "rm")):
+        rm_folders += [os.path.join(root, "eval", "rm", k)
+                       for k in sorted(os.listdir(os.path.join(root, "eval", "rm")))]
+    for rm_file in [os.path.join(f, "results.json") for f in rm_folders]:
+        if not os.path.exists(rm_file):
+            continue
+        for name, r in _read_json(rm_file).get("reward_models", {}).items():
             # no gaps without a meta set (a vanilla-only study)
             ood, gaps = r["ood_test"], r.get("gaps", {})
             res["rms"][name] = {"acc": r["test"]["acc"], "acc_gold": r["test"].get("acc_gold"),
@@ -163,7 +198,7 @@ def rm_dir_parts(key: str) -> list[str] | None:
     if key.startswith("sweep_"):
         return ["sweep", key[len("sweep_"):], "rm"]
     arm, _, r = key.partition("_r")
-    return [arm, f"round{r}", "rm"] if arm == "metarm" and r else None
+    return [arm, f"round{r}", "rm"] if arm in META_ARMS and r else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -205,7 +240,9 @@ def aggregate(seeds: dict[int, dict], keys: list[str]) -> dict[str, Any]:
             entry[vs] = {k: interval(per_seed(seeds, "policies", key, vs, k))
                          for k in ("win", "tie", "lose")}
         for k in ("sft_gold", "peak_gold", "final_gold", "drop", "helps", "final_sqrt_kl",
-                  "score_rise_after_peak", "peak_iteration"):
+                  "score_rise_after_peak", "peak_iteration", "onpolicy_acc_sft",
+                  "onpolicy_acc_final", "reward_spread_sft", "reward_spread_final",
+                  "gold_spread_final", *[f"gold_at_{d:g}" for d in MATCHED_SQRT_KL]):
             entry[k] = interval(per_seed(seeds, "policies", key, "curve", k))
         if key != "vanilla":
             for k, path in (("gold", ("gold",)), ("final_gold_sampled", ("curve", "final_gold")),
@@ -228,7 +265,8 @@ def aggregate(seeds: dict[int, dict], keys: list[str]) -> dict[str, Any]:
 
 def _order(key: str) -> tuple:
     arm, _, r = key.partition("_r")
-    return ({"vanilla": 0, "metarm": 1, "eta0": 2, "oracle": 3, "dpo": 4}.get(arm, 5), key)
+    order = ["vanilla", "metarm", "eta0", "random", "sftS", "oracle", "oracleM", "dpo"]
+    return (order.index(arm) if arm in order else len(order), key)
 
 
 def verdicts(agg: dict[str, Any], seeds: dict[int, dict]) -> list[str]:
@@ -251,13 +289,13 @@ def verdicts(agg: dict[str, Any], seeds: dict[int, dict]) -> list[str]:
 
 
 def compared_with(key: str) -> tuple[str, ...]:
-    """The policies a policy is compared with besides vanilla PPO: MetaRM round r with the η = 0
-    control and the oracle of round r and with DPO (the paper's Table 2 comparison); an η-sweep
-    point (round 1) with the η = 0 control, since both train RM₀ one more epoch over D and only
-    η differs."""
+    """The policies a policy is compared with besides vanilla PPO: MetaRM round r with each control
+    of round r (η = 0, random direction, J on SFT samples, the matched oracle), the oracle of round
+    r and DPO (the paper's Table 2 comparison); an η-sweep point (round 1) with the η = 0 control,
+    since both train RM₀ one more epoch over D and only η differs."""
     if key.startswith("metarm_r"):
         r = key[len("metarm_r"):]
-        return f"eta0_r{r}", f"oracle_r{r}", "dpo"
+        return (*[f"{c}_r{r}" for c in CONTROLS], f"oracle_r{r}", "dpo")
     if key.startswith("sweep_eta"):
         return ("eta0_r1",)
     return ()
@@ -275,7 +313,8 @@ def mean_curve(seeds: dict[int, dict], key: str) -> dict[str, list] | None:
         return None
     n = min(len(c["iteration"]) for c in curves)
     out: dict[str, list] = {"iteration": curves[0]["iteration"][:n]}
-    for k in ("sqrt_kl", "gold", "score"):
+    extra = [k for k in ("onpolicy_acc", "reward_spread") if all(k in c for c in curves)]
+    for k in ("sqrt_kl", "gold", "score", *extra):
         cis = [stats.bootstrap_ci([c[k][i] for c in curves]) for i in range(n)]
         out[k], out[k + "_low"], out[k + "_high"] = ([c[0] for c in cis], [c[1] for c in cis],
                                                      [c[2] for c in cis])
@@ -320,6 +359,23 @@ def draw_figures(out: str, seeds: dict[int, dict], keys: list[str], sweep: list[
         fig.savefig(os.path.join(out, "figures", "gold_vs_sqrt_kl.png"), dpi=110)
         plt.close(fig)
         figures["gold_vs_sqrt_kl"] = "figures/gold_vs_sqrt_kl.png"
+    onpolicy = {k: c for k, c in curves.items() if "onpolicy_acc" in c}
+    if onpolicy:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for key, c in onpolicy.items():
+            for ax, y in zip(axes, ("onpolicy_acc", "reward_spread")):
+                ax.plot(c["sqrt_kl"], c[y], marker=".", label=label(key))
+                ax.fill_between(c["sqrt_kl"], c[y + "_low"], c[y + "_high"], alpha=0.15)
+        axes[0].set(xlabel="√KL(π ‖ π_SFT)  (nats^½)",
+                    ylabel="RM agrees with gold on the policy's own pairs",
+                    title=f"on-policy RM accuracy, mean of {len(seeds)} seeds")
+        axes[1].set(xlabel="√KL(π ‖ π_SFT)  (nats^½)", ylabel="std of RM score among k samples",
+                    title="reward spread among one prompt's samples")
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "figures", "onpolicy_accuracy.png"), dpi=110)
+        plt.close(fig)
+        figures["onpolicy_accuracy"] = "figures/onpolicy_accuracy.png"
     bons = [s["best_of_n"] for s in seeds.values() if "best_of_n" in s]
     if bons:
         fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -379,23 +435,60 @@ def _wtl(entry: dict[str, Any], vs: str) -> list[str]:
     return [fmt(entry[vs][k], 0) for k in ("win", "tie", "lose")]
 
 
-def calibration_section(agg: dict[str, Any], seeds: dict[int, dict]) -> list[str]:
-    """The vanilla arm against the testbed's criteria (docs/calibration.md)."""
-    v = agg["policies"].get("vanilla", {})
-    rm = agg["rms"].get("vanilla", {})
+def paired(seeds: dict[int, dict], a: tuple[str, ...], b: tuple[str, ...]
+           ) -> dict[str, float] | None:
+    """The paired difference over seeds of the numbers at paths `a` and `b` (None without two
+    seeds that have both; NaNs left out)."""
+    x = {s: v for s, v in per_seed(seeds, *a).items() if not math.isnan(v)}
+    y = {s: v for s, v in per_seed(seeds, *b).items() if not math.isnan(v)}
+    return stats.paired_difference(x, y) if len(set(x) & set(y)) >= 1 else None
+
+
+def criteria_rows(agg: dict[str, Any], seeds: dict[int, dict]) -> list[list[str]]:
+    """The testbed's acceptance criteria (a)–(d), each [criterion, target, measured, met?]: they say
+    whether this world can tell RM methods apart at all, and are read off the vanilla and oracle
+    arms only (the oracle's last round)."""
+    v, rm = agg["policies"].get("vanilla", {}), agg["rms"].get("vanilla", {})
+    oracles = sorted((k for k in agg["policies"] if k.startswith("oracle_r")),
+                     key=lambda k: int(k[len("oracle_r"):]))
+    o = oracles[-1] if oracles else None
     met = lambda ci, ok: "–" if ci is None else ("met" if ok(ci) else "not met")  # noqa: E731
-    rows = [["vanilla RM agrees with the gold order on ID test pairs", "≥ 0.80",
+    helps, drop = v.get("helps"), v.get("drop")
+    half = (paired(seeds, ("policies", "vanilla", "curve", "drop"),
+                   ("policies", "vanilla", "curve", "half_helps")))
+    curve = ("policies", "vanilla", "curve")
+    onpolicy_fall = paired(seeds, (*curve, "onpolicy_acc_final"), (*curve, "onpolicy_acc_sft"))
+    rows = [["(a) the vanilla RM agrees with the gold order on ID test pairs", "≥ 0.80",
              fmt(rm.get("acc_gold")), met(rm.get("acc_gold"), lambda c: c["mean"] >= 0.8)],
-            ["PPO first helps: peak − SFT (held-out, sampled)", "≥ +0.3, interval above 0",
-             fmt(v.get("helps")), met(v.get("helps"), lambda c: c["mean"] >= 0.3 and c["low"] > 0)],
-            ["then over-optimises: peak − final", "interval above 0", fmt(v.get("drop")),
-             met(v.get("drop"), lambda c: c["low"] > 0)],
-            ["… while the proxy keeps rising: score(final) − score(peak)", "> 0",
+            ["(b) vanilla PPO first helps: peak − SFT (held-out, sampled)",
+             "≥ +0.3, interval above 0", fmt(helps),
+             met(helps, lambda c: c["mean"] >= 0.3 and c["low"] > 0)],
+            ["(b) … then loses at least half of it: (peak − final) − (peak − SFT) / 2",
+             "≥ 0", fmt(half), met(half, lambda c: c["mean"] >= 0)],
+            ["(b) … while the proxy keeps rising: score(final) − score(peak)", "> 0",
              fmt(v.get("score_rise_after_peak")),
              met(v.get("score_rise_after_peak"), lambda c: c["mean"] > 0)]]
-    lines = ["## The testbed's criteria, measured on the vanilla arm", "",
+    if o:
+        diff = agg["policies"][o].get("final_gold_sampled_minus_vanilla")
+        rows.append([f"(c) {label(o)} − vanilla PPO, final gold (held-out, sampled)",
+                     "≥ +0.2, interval above 0", fmt(diff),
+                     met(diff, lambda c: c["mean"] >= 0.2 and c["low"] > 0)])
+    rows.append(["(d) on-policy RM accuracy falls along vanilla PPO: final − SFT",
+                 "interval below 0", fmt(onpolicy_fall),
+                 met(onpolicy_fall, lambda c: c["high"] < 0)])
+    if o:
+        restore = paired(seeds, ("policies", o, "curve", "onpolicy_acc_final"),
+                         (*curve, "onpolicy_acc_final"))
+        rows.append([f"(d) … and the oracle restores it: {label(o)} − vanilla, final",
+                     "interval above 0", fmt(restore), met(restore, lambda c: c["low"] > 0)])
+    return rows
+
+
+def calibration_section(agg: dict[str, Any], seeds: dict[int, dict]) -> list[str]:
+    """The testbed's criteria (criteria_rows), best-of-n and the Gao fit of the vanilla curve."""
+    lines = ["## The testbed's criteria, measured on the vanilla and oracle arms", "",
              "| criterion | target | measured | |", "|---|---|---|---|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["| " + " | ".join(r) + " |" for r in criteria_rows(agg, seeds)]
     bons = [s["best_of_n"] for s in seeds.values() if "best_of_n" in s]
     if bons:
         ns = bons[0]["n"]
@@ -436,6 +529,25 @@ def tables(agg: dict[str, Any]) -> list[str]:
               f"{fmt(e['peak_iteration'], 0)} | {fmt(e['final_gold'])} | {fmt(e['drop'])} | "
               f"{fmt(e['final_sqrt_kl'], 2)} |"
               for k, e in P.items() if e.get("peak_gold")]
+    if any(e.get("onpolicy_acc_final") for e in P.values()):
+        lines += ["", "## The paper's claim measured directly: the RM on the policy's own samples",
+                  "", "On-policy accuracy: agreement with the gold order on pairs of one prompt's "
+                  "sampled responses; spread: std of the RM score among them (the quantity "
+                  "Eq. 2 raises). At PPO's start (SFT) and end.", "",
+                  "| policy | on-policy acc SFT | on-policy acc final | RM spread SFT | "
+                  "RM spread final | gold spread final |", "|---|---|---|---|---|---|"]
+        lines += [f"| {label(k)} | {fmt(e['onpolicy_acc_sft'])} | "
+                  f"{fmt(e['onpolicy_acc_final'])} | {fmt(e['reward_spread_sft'])} | "
+                  f"{fmt(e['reward_spread_final'])} | {fmt(e['gold_spread_final'])} |"
+                  for k, e in P.items() if e.get("onpolicy_acc_final")]
+    if any(e.get(f"gold_at_{d:g}") for e in P.values() for d in MATCHED_SQRT_KL):
+        lines += ["", "## Gold at matched distance from SFT (held-out curve interpolated at "
+                  "√KL = d; – where a run never got that far)", "",
+                  "| policy | " + " | ".join(f"d = {d:g}" for d in MATCHED_SQRT_KL) + " |",
+                  "|---|" + "---|" * len(MATCHED_SQRT_KL)]
+        lines += [f"| {label(k)} | "
+                  + " | ".join(fmt(e.get(f"gold_at_{d:g}")) for d in MATCHED_SQRT_KL) + " |"
+                  for k, e in P.items() if e.get("peak_gold")]
     lines += ["", "## Reward models: accuracy on held-out pairs (labels / gold order) and "
                   "reward gaps (Fig. 5)", "",
               "| RM | acc | acc (gold) | OOD acc | OOD acc (gold) | gap mean "
@@ -464,8 +576,7 @@ def write(out: str, seeds: list[int], arms: list[str], rounds: int, sweep: list[
     """Read the study in `out`, write results.json, report.md and figures/; return the markdown.
     `stage_seconds`: {task: (script, seconds)} of the stages run by this invocation."""
     keys = (["vanilla"]
-            + [f"{a}_r{r}" for a in arms if a in ("metarm", "eta0", "oracle")
-               for r in range(1, rounds + 1)]
+            + [f"{a}_r{r}" for a in ROUND_ARMS if a in arms for r in range(1, rounds + 1)]
             + (["dpo"] if "dpo" in arms else []) + [f"sweep_eta{e:g}" for e in sweep])
     per = {s: seed_numbers(out, s, keys) for s in seeds}
     per = {s: n for s, n in per.items() if n["policies"]}
@@ -488,7 +599,8 @@ def write(out: str, seeds: list[int], arms: list[str], rounds: int, sweep: list[
               else "Wall time not recorded (python -m study.report run on its own)") +
              f" ({settings.get('jobs')} stages at a time x "
              f"{settings.get('threads')} thread(s) x {settings.get('nproc')} process(es)); model "
-             f"{settings.get('model_size')}, meta order {settings.get('meta_order')}"
+             f"{settings.get('model_size')}, world {settings.get('world') or 'assistant'} "
+             f"(seed {settings.get('world_seed') or 0}), meta order {settings.get('meta_order')}"
              f"{', OOD meta set' if settings.get('ood') else ''}"
              f"{', TOY sizes (numbers mean nothing)' if settings.get('toy') else ''}. "
              f"Every number is the mean over the {n} seeds with its 95 % exact bootstrap interval "
@@ -531,7 +643,8 @@ def main(argv: list[str] | None = None) -> None:
     arms = ["vanilla"] + [a for a in args["arms"].split(",") if a and a != "vanilla"]
     sweep = [float(x) for x in args.get("eta_sweep", "").split(",") if x.strip()]
     settings = {k: args.get(k)
-                for k in ("jobs", "threads", "nproc", "model_size", "meta_order", "ood", "toy")}
+                for k in ("jobs", "threads", "nproc", "model_size", "meta_order", "ood", "toy",
+                          "world", "world_seed")}
     print(write(out, list(range(args["seeds"])), arms, args["rounds"], sweep, 0.0, {},
                 {**settings, "eta": metarm_eta(args.get("eta", -1.0))}))
 

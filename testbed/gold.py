@@ -419,18 +419,26 @@ def bradley_terry_label(prompt: str, a: str, b: str, tau: float, rng: random.Ran
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
-def label_meta_set(items: list[dict], tau: float, seed: int) -> list[dict]:
+def label_meta_set(items: list[dict], tau: float, seed: int, matched: bool = False) -> list[dict]:
     """Fresh preference pairs from a meta set S {prompt, responses[k]}: every two responses of a
     prompt (C(k, 2) pairs, in order i < j), labelled by `bradley_terry_label` with a
     `random.Random(seed)`; pairs without a preference are left out. The oracle arm of the study:
-    the labels MetaRM does without."""
+    the labels MetaRM does without.
+
+    matched=True: only the k pairs of a cycle (0, 1), (1, 2), …, (k−1, 0) — each response in two
+    pairs, at most one label per sample of S, so an oracle with as many gold labels as MetaRM has
+    meta samples (for k = 2 the one pair)."""
     rng = random.Random(seed)
     pairs = []
     for it in items:
-        for i in range(len(it["responses"])):
-            for j in range(i + 1, len(it["responses"])):
-                pair = bradley_terry_label(it["prompt"], it["responses"][i], it["responses"][j],
-                                           tau, rng)
-                if pair is not None:
-                    pairs.append(pair)
+        k = len(it["responses"])
+        if matched:
+            index_pairs = [(i, (i + 1) % k) for i in range(k if k > 2 else 1)]
+        else:
+            index_pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
+        for i, j in index_pairs:
+            pair = bradley_terry_label(it["prompt"], it["responses"][i], it["responses"][j],
+                                       tau, rng)
+            if pair is not None:
+                pairs.append(pair)
     return pairs

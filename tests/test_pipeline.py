@@ -131,6 +131,64 @@ def test_gao_fit_recovers_alpha_and_beta():
     assert fit["d_peak"] == pytest.approx(math.exp(0.8 / 0.5 - 1))
 
 
+def test_gold_at_matched_sqrt_kl_by_hand():
+    # curve (√KL, gold): (0, 1), (0.4, 2), (1.2, 0); at d = 0.2 halfway up the first segment: 1.5; at d = 1.0,
+    # three quarters down the second: 2 + (0 − 2) · (1.0 − 0.4) / 0.8 = 0.5; d = 2 is never reached: None
+    assert report.gold_at([0, 0.4, 1.2], [1, 2, 0], 0.2) == pytest.approx(1.5)
+    assert report.gold_at([0, 0.4, 1.2], [1, 2, 0], 1.0) == pytest.approx(0.5)
+    assert report.gold_at([0, 0.4, 1.2], [1, 2, 0], 2.0) is None
+
+
+def test_onpolicy_curve_numbers_and_criteria_by_hand():
+    # on-policy accuracy 0.9 at SFT falling to 0.6, 0.5, 0.4: final = mean of the last 3 = 0.5
+    lines = [{"iteration": i, "eval_kl": i, "eval_sqrt_kl": i ** 0.5, "eval_gold": g, "eval_score": i,
+              "eval_onpolicy_acc": a, "eval_reward_spread": 1.0, "eval_gold_spread": 0.5}
+             for i, (g, a) in enumerate([(1, 0.9), (2, 0.7), (2, 0.6), (1, 0.5), (0, 0.4)])]
+    c = report.curve_numbers(lines)
+    assert c["onpolicy_acc_sft"] == 0.9 and c["onpolicy_acc_final"] == pytest.approx(0.5)
+    # smoothed gold 1, 1.5, 5/3, 5/3, 1: peak 5/3 (first), helps 2/3, final 1, drop 2/3 >= helps / 2
+    assert c["helps"] == pytest.approx(2 / 3) and c["drop"] == pytest.approx(2 / 3)
+    # two seeds with identical curves; the oracle ends at on-policy accuracy 0.8 and gold 3 (vanilla: 1)
+    oracle = report.curve_numbers([dict(m, eval_onpolicy_acc=0.8, eval_gold=3) for m in lines])
+    seeds = {s: {"policies": {"vanilla": {"gold": 1.0, "curve": c}, "oracle_r2": {"gold": 2.0, "curve": oracle}},
+                 "rms": {"vanilla": {"acc_gold": 0.85}}, "mechanism": {}, "sft_gold": 1.0} for s in (0, 1)}
+    agg = report.aggregate(seeds, ["vanilla", "oracle_r2"])
+    rows = {r[0][:3] + r[0][-20:]: r for r in report.criteria_rows(agg, seeds)}
+    verdict = [r[3] for r in report.criteria_rows(agg, seeds)]
+    # (a) 0.85 >= 0.8 met; (b) helps 2/3 >= 0.3 but with no spread the interval's low is 2/3 > 0: met; half:
+    # drop − helps/2 = 1/3 >= 0 met; proxy: score(final) 4 − score(peak, iteration 2) 2 = 2 > 0 met; (c) oracle − vanilla
+    # final sampled gold 3 − 1 = 2 met; (d) final − SFT = 0.5 − 0.9 = −0.4, interval [−0.4, −0.4] below 0: met;
+    # oracle − vanilla final on-policy 0.8 − 0.5 = 0.3: met
+    assert verdict == ["met"] * 7, rows
+
+
+def test_controls_are_the_arms_they_claim(tmp_path):
+    # random: meta_rm.py --ascent random on MetaRM's own S; sftS: J on S₁ (the SFT model's samples) in every round,
+    # no meta set of its own; oracleM: D plus the matched (one label per meta sample) oracle pairs of its S_r
+    args = pipeline.Args(out=str(tmp_path), seeds=1, rounds=2)
+    hp = arms.stage_flags(False, 1, -1, "", "extrapolation")
+    tasks = {t.name: t for t in pipeline.plan(args, hp, ["vanilla", "metarm", "random", "sftS", "oracleM"], [])}
+    flag = lambda t, f: t.flags[t.flags.index(f) + 1]  # noqa: E731
+    assert flag(tasks["seed0/random/round2/rm"], "--ascent") == "random"
+    assert "--ascent" not in tasks["seed0/metarm/round2/rm"].flags
+    assert flag(tasks["seed0/random/round2/rm"], "--meta").endswith("seed0/random/round2/S/meta_train.jsonl")
+    assert flag(tasks["seed0/sftS/round2/rm"], "--meta").endswith("seed0/S1/meta_train.jsonl")
+    assert "seed0/sftS/round2/S" not in tasks
+    assert flag(tasks["seed0/oracleM/round2/S"], "--policy").endswith("seed0/oracleM/round1/ppo")
+    train = tmp_path / "seed0" / "oracleM" / "round2" / "train_pairs.jsonl"
+    os.makedirs(tmp_path / "testbed" / "data"); os.makedirs(tmp_path / "seed0" / "oracleM" / "round2" / "S")
+    (tmp_path / "testbed" / "data" / "pairs_train.jsonl").write_text('{"d": 1}\n')
+    (tmp_path / "seed0" / "oracleM" / "round2" / "S" / "oracle_pairs.jsonl").write_text('{"all": 1}\n')
+    (tmp_path / "seed0" / "oracleM" / "round2" / "S" / "oracle_pairs_matched.jsonl").write_text('{"m": 1}\n')
+    tasks["seed0/oracleM/round2/rm"].prepare()
+    assert train.read_text() == '{"d": 1}\n{"m": 1}\n'
+    # every RM gets an evaluation of its own, and the world's flags reach the stages once each
+    assert {n for n in tasks if n.startswith("seed0/eval/rm/")} == {
+        f"seed0/eval/rm/{k}" for k in ("vanilla", "metarm_r1", "metarm_r2", "random_r1", "random_r2", "sftS_r1",
+                                       "sftS_r2", "oracleM_r1", "oracleM_r2")}
+    assert flag(tasks["testbed"], "--world") == "extrapolation" and tasks["testbed"].flags.count("--n-pairs-train") == 1
+
+
 def test_task_names_to_keys():
     assert arms.policy_key("seed0/vanilla/ppo") == "vanilla"
     assert arms.policy_key("seed3/metarm/round2/ppo") == "metarm_r2"
@@ -151,7 +209,7 @@ def test_toy_study_end_to_end_and_resume(tmp_path):
     for s in (0, 1):
         for stage in ("rm0", "vanilla/ppo", "S1", "metarm/round1/rm", "metarm/round1/ppo", "eta0/round1/rm",
                       "eta0/round1/ppo", "oracle/round1/rm", "oracle/round1/ppo", "eval/vanilla", "eval/metarm_r1",
-                      "eval/eta0_r1", "eval/oracle_r1", "eval/rms", "best_of_n", "dpo", "eval/dpo",
+                      "eval/eta0_r1", "eval/oracle_r1", "eval/rm/vanilla", "eval/rm/metarm_r1", "best_of_n", "dpo", "eval/dpo",
                       "sweep/eta0.1/rm", "sweep/eta0.1/ppo", "eval/sweep_eta0.1"):
             assert (out / ".done" / f"seed{s}" / stage).exists(), (s, stage)
         # the oracle trained on D plus the gold-labelled pairs of S_1

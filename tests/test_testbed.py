@@ -374,3 +374,20 @@ def test_extrapolation_world_data(tmp_path):
     # the first world's files are untouched by the option: its default is the first world
     root1, _ = generate(str(tmp_path / "one"), *SMALL)
     assert not any(r["prompt"].startswith("\n\nHuman: Hi! ") for r in read(root1, "sft_train"))
+
+
+def test_matched_oracle_labels_one_pair_per_sample():
+    # matched=True labels the cycle (0,1), (1,2), ..., (k-1,0): for k = 5 distinct-gold responses that is 5 pairs
+    # per prompt (= the 5 meta samples), against C(5, 2) = 10 unmatched; each response sits in exactly two pairs.
+    prompt = format_prompt("Sort the letters d b f.", "extrapolation")
+    responses = [" b d f", " Sure! b d f", " Sure! Sure thing! b d f", " b k f", " Sure! b k f"]
+    assert len({gold_reward(prompt, r) for r in responses}) == 5
+    items = [{"prompt": prompt, "responses": responses}]
+    full = gold.label_meta_set(items, 0.5, seed=1)
+    matched = gold.label_meta_set(items, 0.5, seed=1, matched=True)
+    assert len(full) == 10 and len(matched) == 5
+    seen = [{p["chosen"], p["rejected"]} for p in matched]
+    assert sorted(map(sorted, seen)) == sorted(sorted({responses[i], responses[(i + 1) % 5]}) for i in range(5))
+    assert all(sum(r in s for s in seen) == 2 for r in responses)
+    # k = 2: the one pair, not the pair twice
+    assert len(gold.label_meta_set([{"prompt": prompt, "responses": responses[:2]}], 0.5, 1, matched=True)) == 1
