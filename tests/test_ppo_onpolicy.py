@@ -115,8 +115,8 @@ def test_random_tensors_match_brute_force(k):
 
 
 def test_sums_add_over_ranks():
-    # what all_reduce_sum does: the sums of two halves (two ranks, whole prompts each) added give the
-    # metrics of the whole
+    # what all_reduce_sum does: the sums of two halves (two ranks, whole prompts each) added give
+    # the metrics of the whole
     gen = torch.Generator().manual_seed(0)
     scores = torch.randint(0, 4, (4 * 3,), generator=gen).float()
     golds = torch.randint(0, 4, (4 * 3,), generator=gen).double()
