@@ -64,6 +64,11 @@ Deliberate choices (the paper is silent or we offer more)
      `functional` (gathered) does both orders but holds the whole model on every rank during the
      step; `inplace` keeps everything sharded (first order only; the route that scales to
      7B on 8 GPUs).
+  7. `--ascent random` (a control, not the method): θ' = θ + u with u a random direction of the
+     length the gradient step would have (‖u‖ = η‖∇J‖, or η with --normalize-ascent), drawn
+     afresh every step from (--seed, step) (`random_direction`, `ascent_seed`). It asks whether
+     MetaRM's effect comes from ∇J's direction or from any look-ahead of that size. ∇J is still
+     computed: its norm sets |u|, and the statistics report it with cos(u, ∇J). First order only.
 """
 from __future__ import annotations
 
@@ -126,6 +131,12 @@ class Args:
                          essential=True)
     normalize_ascent: bool = arg(False, "deviation, off by default: ascend by η·∇J/‖∇J‖ "
                                         "instead of η·∇J", essential=True)
+    ascent: str = arg("gradient", "direction of the look-ahead θ' of Alg. 1 l.5: gradient = "
+                      "θ + η∇J (the paper); random = a control, θ + u with u a random direction "
+                      "of the same length (‖u‖ = η‖∇J‖, or η with --normalize-ascent), drawn anew "
+                      "every step from --seed and the step: does ∇J's direction matter, or any "
+                      "look-ahead of that size? (--meta-order 1 only)",
+                      choices=["gradient", "random"], essential=True)
     epochs: float = arg(1.0, "passes over D (paper: 1)", valid=positive)
     batch_size: int = arg(16, "n: preference pairs per step, global (paper: 16)", essential=True,
                           valid=positive)
@@ -216,7 +227,8 @@ def meta_gradient(model: torch.nn.Module, params: dict[str, torch.Tensor],
                   buffers: dict[str, torch.Tensor], pairs: packing.Packed, meta: packing.Packed,
                   k: int, eta: float, order: int, normalize_ascent: bool = False,
                   average: Callable[[torch.Tensor], torch.Tensor] = lambda g: g,
-                  bf16: bool = False) -> tuple[list[torch.Tensor], dict[str, float]]:
+                  bf16: bool = False,
+                  random_seed: int | None = None) -> tuple[list[torch.Tensor], dict[str, float]]:
     """∇_θ L_θ'(X_t) with θ' = θ + η ∇_θ J_θ(X_s) — Algorithm 1, lines 4–7 up to the optimiser step.
 
     params   θ by name: the model's own parameters (one process) or gathered full copies (FSDP2)
@@ -224,6 +236,8 @@ def meta_gradient(model: torch.nn.Module, params: dict[str, torch.Tensor],
     meta     X_s packed: m·k sequences, sequence i·k + j is response j of prompt i
     average  turns this process's ∇J into the mean over all processes (identity in one process);
              differentiable for order 2 (an autograd-aware all-reduce)
+    random_seed  None: ascend along ∇J (the paper); a seed: `--ascent random`, θ' = θ + step·u with
+             u = random_direction(∇J, ‖∇J‖, random_seed) in place of ∇J (order 1)
     Returns the gradient of every parameter (in the order of `params`) and the step's statistics.
     """
     device = next(iter(params.values())).device
@@ -248,7 +262,10 @@ def meta_gradient(model: torch.nn.Module, params: dict[str, torch.Tensor],
     grad_J = [average(g if order == 2 else g.detach()) for g in grad_J]
     grad_J_norm = torch.sqrt(sum((g.detach().double() ** 2).sum() for g in grad_J)).item()
     ascent_size = eta / max(grad_J_norm, 1e-12) if normalize_ascent else eta
-    adapted = {name: p + ascent_size * g for name, p, g in zip(names, theta, grad_J)}  # θ'
+    direction = grad_J
+    if random_seed is not None:  # the control: a random direction as long as ∇J
+        direction = random_direction(grad_J, grad_J_norm, random_seed)
+    adapted = {name: p + ascent_size * d for name, p, d in zip(names, theta, direction)}  # θ'
 
     # Alg.1 l.6: L_θ'(X_t), the vanilla Bradley–Terry loss (Eq. 1) at the adapted parameters
     r_pairs = r(adapted, pairs)  # (2n,)
@@ -261,7 +278,39 @@ def meta_gradient(model: torch.nn.Module, params: dict[str, torch.Tensor],
              "acc_adapted": (r_pairs[:n] > r_pairs[n:]).float().mean().item(),
              "step_norm": ascent_size * grad_J_norm,  # ‖θ' − θ‖
              "grad_J_norm": grad_J_norm}
+    if random_seed is not None:
+        stats["cos_u_grad_J"] = _global_dot(direction, grad_J) / max(grad_J_norm**2, 1e-300)
     return list(grads), stats
+
+
+def ascent_seed(seed: int, step: int) -> int:
+    """The seed of `--ascent random`'s u at a step (0-based): a function of --seed and the step
+    alone, so a rerun (or a resumed run) draws the same u's, and every step draws a new one."""
+    return seed * 1_000_003 + step
+
+
+def random_direction(like: list[torch.Tensor], norm: float, seed: int) -> list[torch.Tensor]:
+    """`--ascent random`'s stand-in for ∇J: u ~ N(0, I) in the shapes of `like` (∇J), rescaled to
+    ‖u‖ = `norm` (‖∇J‖). θ + step·u then moves exactly as far as θ + step·∇J would, in a direction
+    that knows nothing of J: E[cos(u, ∇J)] = 0, with |cos| of order 1/√(number of parameters).
+
+    u is drawn in float64 on the CPU from a torch.Generator seeded with seed·4096 + rank, where
+    seed = `ascent_seed`(--seed, step), so the same seed gives the same u on any device. Plain
+    tensors (one process, or the gathered route's full copies) use rank 0: every process draws the
+    same full u. FSDP2 shards (DTensors, the in-place route): each process draws its own shard
+    with its own rank, and ‖u‖ is taken over all shards (`_global_dot`)."""
+    sharded = any(hasattr(t, "to_local") for t in like)
+    generator = torch.Generator().manual_seed(seed * 4_096 + (dist.get_rank() if sharded else 0))
+    u = []
+    for t in like:
+        shard = t.to_local() if sharded else t
+        x = torch.randn(shard.shape, generator=generator, dtype=torch.float64).to(shard.device)
+        if sharded:
+            from torch.distributed.tensor import DTensor
+            x = DTensor.from_local(x, t.device_mesh, t.placements, shape=t.shape, stride=t.stride())
+        u.append(x)
+    scale = norm / max(math.sqrt(_global_dot(u, u)), 1e-300)
+    return [(x * scale).to(t.dtype) for x, t in zip(u, like)]
 
 
 def rewards_at(model: torch.nn.Module, params: dict[str, torch.Tensor],
@@ -292,7 +341,8 @@ def rewards_at(model: torch.nn.Module, params: dict[str, torch.Tensor],
 # --------------------------------------------------------------------------------------------------
 def meta_gradient_gathered(model: torch.nn.Module, twin: torch.nn.Module, pairs: packing.Packed,
                            meta: packing.Packed, k: int, eta: float, order: int,
-                           normalize_ascent: bool, bf16: bool) -> dict[str, float]:
+                           normalize_ascent: bool, bf16: bool,
+                           random_seed: int | None = None) -> dict[str, float]:
     """`meta_gradient` on an FSDP2 model: all-gather each parameter into a full tensor, run the
     textbook code on `twin` (a plain, meta-device copy of the architecture whose weights come only
     from functional_call), then turn each full gradient back into this process's shard in `p.grad`.
@@ -308,7 +358,7 @@ def meta_gradient_gathered(model: torch.nn.Module, twin: torch.nn.Module, pairs:
     buffers = dict(model.named_buffers())
     average = lambda g: all_reduce(g, "sum", dist.group.WORLD) / world  # differentiable mean
     grads, stats = meta_gradient(twin, full, buffers, pairs, meta, k, eta, order, normalize_ascent,
-                                 average, bf16)
+                                 average, bf16, random_seed)
     for p, g in zip(sharded.values(), grads):
         p.grad = DTensor.from_local(g, p.device_mesh, [Partial("avg")]).redistribute(
             p.device_mesh, [Shard(0)])
@@ -320,12 +370,13 @@ def meta_gradient_gathered(model: torch.nn.Module, twin: torch.nn.Module, pairs:
 def meta_gradient_inplace(model: torch.nn.Module, pairs: list[packing.Packed],
                           meta: list[packing.Packed], k: int, eta: float, n_pairs: int,
                           n_prompts: int, normalize_ascent: bool = False,
-                          bf16: bool = False) -> dict[str, float]:
+                          bf16: bool = False, random_seed: int | None = None) -> dict[str, float]:
     """`meta_gradient(order=1)` without functional_call — the same lines 4–7 in the authors' recipe,
     which keeps FSDP2 parameters sharded: back up θ, add η·∇J to the parameters in place,
     backpropagate L at θ', restore θ exactly. Leaves ∇_θ L_θ'(X_t) in each `p.grad` and returns
     the same statistics. `pairs`, `meta`: micro-batches; n_pairs, n_prompts: this process's totals,
-    which weight each micro-batch's share of the mean."""
+    which weight each micro-batch's share of the mean. random_seed: as in `meta_gradient` (under
+    FSDP2 each process draws its own shard of u)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     theta = list(model.parameters())
     backup = [p.detach().clone() for p in theta]  # θ_t, to restore bit for bit after the look-ahead
@@ -340,11 +391,16 @@ def meta_gradient_inplace(model: torch.nn.Module, pairs: list[packing.Packed],
     J = distributed.all_reduce_mean({"J": J}, world)["J"]
 
     # Alg.1 l.5: θ' = θ + η ∇J, in place
-    grad_J_norm = distributed.global_norm([p.grad for p in theta])
+    grad_J = [p.grad for p in theta]
+    grad_J_norm = distributed.global_norm(grad_J)
     ascent_size = eta / max(grad_J_norm, 1e-12) if normalize_ascent else eta
+    direction = grad_J
+    if random_seed is not None:  # the control: a random direction as long as ∇J
+        direction = random_direction(grad_J, grad_J_norm, random_seed)
+        cos_u = _global_dot(direction, grad_J) / max(grad_J_norm**2, 1e-300)
     with torch.no_grad():
-        for p in theta:
-            p.copy_(p + ascent_size * p.grad)  # same arithmetic as meta_gradient, bit for bit
+        for p, d in zip(theta, direction):
+            p.copy_(p + ascent_size * d)  # same arithmetic as meta_gradient, bit for bit
             p.grad = None
 
     # Alg.1 l.6: L at θ'; backward leaves ∇L(θ') in p.grad
@@ -362,8 +418,11 @@ def meta_gradient_inplace(model: torch.nn.Module, pairs: list[packing.Packed],
         for p, saved in zip(theta, backup):
             p.copy_(saved)
     metrics = distributed.all_reduce_mean({"L": L, "acc": correct / n_pairs}, world)
-    return {"L_adapted": metrics["L"], "J": J, "acc_adapted": metrics["acc"],
-            "step_norm": ascent_size * grad_J_norm, "grad_J_norm": grad_J_norm}
+    stats = {"L_adapted": metrics["L"], "J": J, "acc_adapted": metrics["acc"],
+             "step_norm": ascent_size * grad_J_norm, "grad_J_norm": grad_J_norm}
+    if random_seed is not None:
+        stats["cos_u_grad_J"] = cos_u
+    return stats
 
 
 def own_rewards(model: torch.nn.Module, batch: packing.Packed, bf16: bool) -> torch.Tensor:
@@ -396,11 +455,13 @@ def standardised(x: torch.Tensor) -> torch.Tensor:
 
 def mechanism_stats(model: torch.nn.Module, pairs: list[packing.Packed],
                     meta: list[packing.Packed], k: int, eta: float, normalize_ascent: bool,
-                    n_pairs: int, n_prompts: int, bf16: bool) -> dict[str, float]:
+                    n_pairs: int, n_prompts: int, bf16: bool,
+                    random_seed: int | None = None) -> dict[str, float]:
     """What the meta step did, beyond "J went up". Called after any route, before the optimiser
     step: `p.grad` holds ∇L(θ'), the model is at θ. Works on a plain or an FSDP2 module alike (it
     moves the module's own parameters to θ' and back, as the in-place route does); `p.grad` and θ
     are left exactly as found. Costs a forward/backward of X_s and X_t and a forward of X_s.
+    random_seed: the route's (`--ascent random`: θ' is θ + step·u with the same u).
 
     Eq. (2) rewards a larger reward *scale* as much as a better *separation*: σ(|Δr|) grows when
     every reward is multiplied by 2, although the ranking is unchanged, and PPO's score
@@ -435,9 +496,12 @@ def mechanism_stats(model: torch.nn.Module, pairs: list[packing.Packed],
                                  / (k * n_prompts))
     grad_J_norm = distributed.global_norm([p.grad for p in theta])
     ascent_size = eta / max(grad_J_norm, 1e-12) if normalize_ascent else eta
+    direction = [p.grad for p in theta]
+    if random_seed is not None:  # the control: the route's random direction
+        direction = random_direction(direction, grad_J_norm, random_seed)
     with torch.no_grad():
-        for p in theta:
-            p.copy_(p + ascent_size * p.grad)
+        for p, d in zip(theta, direction):
+            p.copy_(p + ascent_size * d)
         r_meta_adapted = torch.cat([own_rewards(model, batch, bf16) for batch in meta])
         distributed.reshard(model)  # a no-grad forward leaves an FSDP2 root unsharded
         for p, saved in zip(theta, backup):
@@ -530,6 +594,9 @@ def main(argv: list[str] | None = None) -> None:
     threads = common.configure_process(args.threads, args.tf32, args.deterministic)
     rank, world, device = distributed.init_distributed(args.dist_timeout)
     route = meta_route(args, world)  # which code computes Alg. 1 l.4–7 (the loop names it)
+    check(not (args.ascent == "random" and args.meta_order == 2),
+          "--ascent random is a first-order control (θ' = θ + u with u a constant); it has no "
+          "--meta-order 2 (nothing to differentiate through): use --meta-order 1")
     check(not args.grad_checkpointing or route == "inplace",
           f"--grad-checkpointing needs --meta-impl inplace (this run's route is {route}): the "
           "functional routes evaluate the model at θ' through torch.func.functional_call, and a "
@@ -598,7 +665,9 @@ def main(argv: list[str] | None = None) -> None:
                   f"{total_steps} steps of n = {args.batch_size} pairs, "
                   f"m = {args.meta_batch_size} prompts; order {args.meta_order}, "
                   f"{route} on {world} process(es), {threads} thread(s) each; "
-                  f"η = {args.eta}, α = {args.lr}")
+                  f"η = {args.eta}, α = {args.lr}"
+                  + (", ascent along a random direction (control)"
+                     if args.ascent == "random" else ""))
 
     def run_eval(step: int) -> None:
         metrics = {}
@@ -651,25 +720,29 @@ def main(argv: list[str] | None = None) -> None:
                                         args.chat_template, device)  # this process's share, packed
         # Alg.1 l.4–l.6 and the gradient of l.7: ∇θ L_θ'(X_t) into every p.grad, by the route chosen
         # before the loop (meta_route; docs/design.md §9: functional_call cannot run under FSDP2)
+        # --ascent random (a control): ascend along a random u of ∇J's length, drawn from this seed
+        seed_u = ascent_seed(args.seed, step) if args.ascent == "random" else None
         if route == "functional":
             # the textbook code: torch.func.functional_call at θ' (1 process)
             grads, stats = meta_gradient(model, params, buffers, pairs_t[0], meta_s[0], k, args.eta,
-                                         args.meta_order, args.normalize_ascent, bf16=args.bf16)
+                                         args.meta_order, args.normalize_ascent, bf16=args.bf16,
+                                         random_seed=seed_u)
             for p, g in zip(params.values(), grads):
                 p.grad = g
         elif route == "inplace":
             # FSDP2, order 1: ascend the shards in place, backward L, restore θ
             stats = meta_gradient_inplace(model, pairs_t, meta_s, k, args.eta, n_local, m_local,
-                                          args.normalize_ascent, args.bf16)
+                                          args.normalize_ascent, args.bf16, seed_u)
         else:
             # "gathered" (FSDP2, order 2): meta_gradient on gathered parameters and a plain twin
             stats = meta_gradient_gathered(model, twin, pairs_t[0], meta_s[0], k, args.eta,
-                                           args.meta_order, args.normalize_ascent, args.bf16)
+                                           args.meta_order, args.normalize_ascent, args.bf16,
+                                           seed_u)
         if args.log_adapted_every > 0 and step % args.log_adapted_every == 0:
             # what the ascent did: J at θ', J of standardised rewards, reward scale,
             # cos(∇L(θ'), ∇L(θ))
             stats.update(mechanism_stats(model, pairs_t, meta_s, k, args.eta, args.normalize_ascent,
-                                         n_local, m_local, args.bf16))
+                                         n_local, m_local, args.bf16, seed_u))
         # Alg.1 l.7: θ_{t+1} = θ_t − α ∇θ L_θ'(X_t)   (AdamW with lr α, or plain SGD)
         grad_norm = distributed.clip_grad_norm(model, args.grad_clip,
                                                f"meta_rm step {step + 1}: gradient norm")

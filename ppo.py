@@ -582,6 +582,46 @@ def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float)
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
+def onpolicy_sums(scores: torch.Tensor, golds: torch.Tensor | None,
+                  k: int) -> dict[str, float]:
+    """Sums over prompts of how well the RM tells apart the policy's own samples. scores, golds:
+    (N,) per response, N = m·k; responses i·k .. i·k + k − 1 are the k samples of prompt i. golds
+    None (prompts without a gold reward): the gold sums are 0.
+
+      agree          Σ over pairs i < j of one prompt with g_i ≠ g_j of
+                     1[sign(s_i − s_j) = sign(g_i − g_j)] + ½·1[s_i = s_j]   (an RM tie is a coin)
+      pairs          the number of those pairs (pairs of equal gold have no right order: left out)
+      reward_spread  Σ over prompts of the population std of s over its k samples
+      gold_spread    the same for g
+      prompts        m
+    Sums rather than means, so that ranks add them (distributed.all_reduce_sum) before
+    `onpolicy_metrics` divides."""
+    s = scores.double().view(-1, k)                                   # (m, k)
+    i, j = torch.triu_indices(k, k, offset=1)                         # the C(k, 2) pairs i < j
+    sums = dict(agree=0.0, pairs=0.0, reward_spread=s.std(1, unbiased=False).sum().item(),
+                gold_spread=0.0, prompts=float(s.shape[0]))
+    if golds is not None:
+        g = golds.double().view(-1, k)
+        d_rm, d_gold = s[:, i] - s[:, j], g[:, i] - g[:, j]            # (m, C(k, 2))
+        ordered = d_gold != 0
+        agree = (torch.sign(d_rm) == torch.sign(d_gold)).double() + 0.5 * (d_rm == 0).double()
+        sums.update(agree=agree[ordered].sum().item(), pairs=ordered.sum().item(),
+                    gold_spread=g.std(1, unbiased=False).sum().item())
+    return sums
+
+
+def onpolicy_metrics(totals: dict[str, float], has_gold: bool) -> dict[str, float]:
+    """`onpolicy_sums` (summed over ranks) -> eval_reward_spread and, with gold, eval_onpolicy_acc
+    (agree / pairs; NaN without pairs), eval_onpolicy_pairs, eval_gold_spread."""
+    out = {"eval_reward_spread": totals["reward_spread"] / totals["prompts"]}
+    if has_gold:
+        out["eval_onpolicy_acc"] = (totals["agree"] / totals["pairs"] if totals["pairs"] > 0
+                                    else float("nan"))
+        out["eval_onpolicy_pairs"] = int(totals["pairs"])
+        out["eval_gold_spread"] = totals["gold_spread"] / totals["prompts"]
+    return out
+
+
 @torch.no_grad()
 def evaluate_policy(policy, ref, rm, tokenizer, prompts: list[str], args: Args, world: int,
                     rank: int, device: torch.device) -> dict[str, float]:
@@ -599,11 +639,22 @@ def evaluate_policy(policy, ref, rm, tokenizer, prompts: list[str], args: Args, 
     Gao et al. (2022) plot gold reward against d = √KL; `eval_sqrt_kl` is √ of the mean KL (the d of
     the policy), not the mean of per-response roots. Prompts are dealt to ranks in turn; a tail that
     does not fill every rank is left out so that all ranks run the same number of collective forward
-    passes."""
+    passes.
+
+    On-policy separation (does the RM still tell apart the policy's own samples?), from the k =
+    --eval-samples responses of each prompt (`onpolicy_sums`): `eval_onpolicy_acc`, over the pairs
+    of one prompt's samples whose gold rewards differ, the share the RM orders as the gold does (a
+    tie in the RM's scores counts ½), and `eval_onpolicy_pairs`, how many such pairs there were;
+    `eval_reward_spread` and `eval_gold_spread`, the mean over prompts of the population std of
+    the RM's scores and of the gold rewards over the k samples. The gold ones on testbed prompts
+    only."""
     n = len(prompts) // world * world
     mine = [p for p in prompts[:n][rank::world] for _ in range(args.eval_samples)]
     sums = dict(gold=0.0, score=0.0, kl=0.0, response_len=0.0, eos_rate=0.0, count=0.0)
     has_gold = True
+    # the RM's score and the gold of every response, in the order of `mine`: a prompt's k samples
+    # may span two generation chunks, so onpolicy_sums groups them after the loop
+    scores, golds = [], []
     for start in range(0, len(mine), args.generation_batch_size):
         chunk = mine[start: start + args.generation_batch_size]
         q, r = sampling.generate(policy, tokenizer, chunk, max_new_tokens=args.max_new_tokens,
@@ -622,10 +673,13 @@ def evaluate_policy(policy, ref, rm, tokenizer, prompts: list[str], args: Args, 
             kl = token_kl(response_logits(policy, pr, args.bf16),
                           response_logits(ref, pr, args.bf16), args.temperature)
             sums["kl"] += kl.sum().item()
-            sums["score"] += rm_scores(rm, pr, args.bf16).sum().item()
+            score = rm_scores(rm, pr, args.bf16).float().cpu()  # (b,)
+            sums["score"] += score.sum().item()
+            scores.append(score)
             gold = gold_scores(part.prompts, response_texts(part, tokenizer))
             has_gold = has_gold and gold is not None
             sums["gold"] += sum(gold) if gold is not None else 0.0
+            golds.extend(gold or [])
             sums["response_len"] += part.response_mask.sum().item()
             sums["eos_rate"] += part.ended.float().sum().item()
             sums["count"] += len(part.prompts)
@@ -634,6 +688,12 @@ def evaluate_policy(policy, ref, rm, tokenizer, prompts: list[str], args: Args, 
     out = {f"eval_{k}": totals[k] / totals["count"]
            for k in sums if k != "count" and (k != "gold" or has_gold)}
     out["eval_sqrt_kl"] = max(out["eval_kl"], 0.0) ** 0.5
+    # gold in float64: two equal gold rewards stay equal, two different ones stay apart
+    gold_tensor = torch.tensor(golds, dtype=torch.float64) if has_gold and golds else None
+    onpolicy = onpolicy_sums(torch.cat(scores) if scores else torch.zeros(0), gold_tensor,
+                             args.eval_samples)
+    onpolicy = {k: distributed.all_reduce_sum(v, world) for k, v in onpolicy.items()}
+    out.update(onpolicy_metrics(onpolicy, has_gold))
     return out
 
 
@@ -814,9 +874,14 @@ def main(argv: list[str] | None = None) -> None:
                                       device)
         log.log(iteration=iteration, **metrics)
         gold = f"gold {metrics['eval_gold']:.3f}, " if "eval_gold" in metrics else ""
+        spread = f"; RM spread {metrics['eval_reward_spread']:.3f}"
+        if "eval_onpolicy_acc" in metrics:  # testbed prompts: the RM vs the gold on π's samples
+            spread += (f" (gold {metrics['eval_gold_spread']:.3f}), on-policy RM accuracy "
+                       f"{metrics['eval_onpolicy_acc']:.3f} on {metrics['eval_onpolicy_pairs']} "
+                       f"pairs")
         common.print0(f"eval @ {iteration}: {gold}score {metrics['eval_score']:.3f}, "
                       f"KL {metrics['eval_kl']:.3f} (sqrt {metrics['eval_sqrt_kl']:.3f}) on "
-                      f"{len(eval_prompts)} held-out prompts")
+                      f"{len(eval_prompts)} held-out prompts{spread}")
 
     if eval_prompts and start == 0:
         held_out_eval(0)
