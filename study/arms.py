@@ -71,16 +71,18 @@ TESTBED = {
 }
 # The extrapolation world (testbed/gold.py): what differs from TESTBED above, each chosen on the
 # vanilla and oracle arms only (docs/calibration.md). τ = 0.5: labels agree with the gold order on
-# ~91 % of pairs; 3000 pairs; PPO samples 24 new tokens (the world's best responses have ≤ 20),
-# leaves the RM score unclipped (--score-clip 0: a clip at 0.8 standard deviations caps the very
-# incentive whose extrapolation is being studied) and evaluates every 5 of its 40 iterations.
+# ~91 % of pairs; 8000 pairs (the vanilla RM at 0.84 of the gold order, 3000 gave 0.78–0.80). PPO
+# samples 24 new tokens (the world's best responses have ≤ 20), leaves the RM score unclipped
+# (--score-clip 0: a clip caps the very incentive whose extrapolation is studied), and moves slowly
+# enough (policy lr 3e-5, 60 iterations of 32 rollouts) that its held-out curve, every 5
+# iterations, shows the rise before the fall (at 1e-4 gold peaked by iteration 5).
 WORLD_FLAGS = {
     "assistant": {},
     "extrapolation": {
-        "testbed": ["--world", "extrapolation", "--label-noise", "0.5", "--n-pairs-train", "3000"],
+        "testbed": ["--world", "extrapolation", "--label-noise", "0.5"],
         "meta_data": ["--oracle-tau", "0.5"],
-        "ppo": ["--iterations", "40", "--max-new-tokens", "24", "--score-clip", "0",
-                "--prompts-per-iteration", "8", "--eval-every", "5"],
+        "ppo": ["--iterations", "60", "--max-new-tokens", "24", "--score-clip", "0",
+                "--prompts-per-iteration", "8", "--eval-every", "5", "--policy-lr", "3e-5"],
     },
 }
 # --toy: sizes for a smoke run of every stage in a few minutes (tests);

@@ -313,7 +313,10 @@ def main(argv: list[str] | None = None) -> None:
                                   "model_size": args.model_size, "meta_order": args.meta_order,
                                   "world": args.world, "world_seed": args.world_seed,
                                   "ood": args.ood, "toy": args.toy, "rm_init": args.rm_init,
-                                  "ppo_init": args.ppo_init, "eta": metarm_eta(args.eta)})
+                                  "ppo_init": args.ppo_init, "eta": metarm_eta(args.eta),
+                                  "command": shlex.join(["python", "-m", "study",
+                                                         *(argv if argv is not None
+                                                           else sys.argv[1:])])})
     print(f"\n{text}\nwrote {args.out}/report.md, results.json and figures/ "
           f"({(time.time() - t_start) / 60:.1f} min)")
 

@@ -35,7 +35,7 @@ import json
 import math
 import os
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import evaluate
 from plumbing.figures import pyplot
@@ -452,8 +452,11 @@ def criteria_rows(agg: dict[str, Any], seeds: dict[int, dict]) -> list[list[str]
     oracles = sorted((k for k in agg["policies"] if k.startswith("oracle_r")),
                      key=lambda k: int(k[len("oracle_r"):]))
     o = oracles[-1] if oracles else None
-    met = lambda ci, ok: "–" if ci is None else ("met" if ok(ci) else "not met")  # noqa: E731
-    helps, drop = v.get("helps"), v.get("drop")
+    def met(ci: dict[str, float] | None, ok: Callable[[dict], bool]) -> str:
+        if ci is None:
+            return "–"
+        return "one seed: no interval" if ci["n"] < 2 else ("met" if ok(ci) else "not met")
+    helps = v.get("helps")
     half = (paired(seeds, ("policies", "vanilla", "curve", "drop"),
                    ("policies", "vanilla", "curve", "half_helps")))
     curve = ("policies", "vanilla", "curve")
@@ -570,6 +573,35 @@ def tables(agg: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def readme_block(results: dict[str, Any]) -> str:
+    """The study's summary as the README publishes it, from a results.json alone: the criteria
+    table, every verdict and the on-policy table. `python -m study` writes it to readme_block.md;
+    tests/test_pipeline.py checks that the README's block is this function of the committed
+    results.json."""
+    agg, per = results["aggregate"], results["per_seed"]
+    settings = results.get("settings", {})
+    n = len(results["seeds"])
+    command = settings.get("command") or "python -m study.report"
+    lines = [f"`{command}` — world {settings.get('world') or 'assistant'} (seed "
+             f"{settings.get('world_seed') or 0}), {n} seeds, arms {', '.join(results['arms'])}, "
+             f"{results['rounds']} round{'s' if results['rounds'] != 1 else ''}; "
+             f"{results['wall_seconds'] / 60:.1f} min. Mean over seeds [95 % bootstrap interval].",
+             "", "| criterion | target | measured | |", "|---|---|---|---|"]
+    lines += ["| " + " | ".join(r) + " |" for r in criteria_rows(agg, per)]
+    lines += ["", "Verdicts (greedy gold of the final policies, paired by seed):", ""]
+    lines += [f"- {v}" for v in agg["verdicts"]]
+    P = agg["policies"]
+    rows = [(k, e) for k, e in P.items() if e.get("onpolicy_acc_final")]
+    if rows:
+        lines += ["", "| policy | gold, held-out sampled: SFT → final | on-policy RM acc: SFT → final "
+                  "| RM spread: SFT → final | final √KL |", "|---|---|---|---|---|"]
+        lines += [f"| {label(k)} | {fmt(e['sft_gold'])} → {fmt(e['final_gold'])} | "
+                  f"{fmt(e['onpolicy_acc_sft'])} → {fmt(e['onpolicy_acc_final'])} | "
+                  f"{fmt(e['reward_spread_sft'])} → {fmt(e['reward_spread_final'])} | "
+                  f"{fmt(e['final_sqrt_kl'], 2)} |" for k, e in rows]
+    return "\n".join(lines) + "\n"
+
+
 def write(out: str, seeds: list[int], arms: list[str], rounds: int, sweep: list[float],
           wall_seconds: float, stage_seconds: dict[str, tuple[str, float]],
           settings: dict[str, Any]) -> str:
@@ -624,6 +656,9 @@ def write(out: str, seeds: list[int], arms: list[str], rounds: int, sweep: list[
     text = "\n".join(lines)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(text)
+    if n:
+        with open(os.path.join(out, "readme_block.md"), "w") as f:
+            f.write(readme_block(json.loads(json.dumps(results))))
     return text
 
 

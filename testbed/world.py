@@ -259,7 +259,7 @@ def pair_style(q: float, errors: str = "visible") -> Style:
 
 # The extrapolation world: 0, 1 or 2 courtesy phrases (never more); in the pairs a better response
 # is warmer, so within the data "more courtesy is better" holds.
-SFT_STYLE_EXTRAPOLATION = dataclasses.replace(SFT_STYLE, p_courtesy=0.35, p_courtesy_many=0.15)
+SFT_STYLE_EXTRAPOLATION = dataclasses.replace(SFT_STYLE, p_courtesy=0.2, p_courtesy_many=0.05)
 
 
 def pair_style_extrapolation(q: float, errors: str = "visible") -> Style:
