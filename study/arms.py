@@ -102,6 +102,8 @@ TOY = {
     "best_of_n": ["--samples", "4", "--max-new-tokens", "8"],
 }
 ARMS = ("vanilla", "metarm", "eta0", "oracle", "dpo", "random", "sftS", "oracleM")
+# python -m study without --arms: the paper's comparison with the η = 0 control and the oracle
+DEFAULT_ARMS = ("vanilla", "metarm", "eta0", "oracle", "dpo")
 ROUND_ARMS = ("metarm", "eta0", "oracle", "random", "sftS", "oracleM")  # the paper's rounds
 CONTROLS = ("eta0", "random", "sftS", "oracleM")  # MetaRM against each, round by round
 META_ARMS = ("metarm", "random", "sftS")  # the arms whose RMs are meta_rm.py runs

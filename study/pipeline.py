@@ -16,6 +16,9 @@ One world (testbed + SFT model, shared), then for every seed s, with the stages 
               those pairs, from RM_{r−1}: the fresh-labels upper bound MetaRM tries to approach
               without labels
     dpo       DPO on D from the SFT model (no reward model)
+    random    control: MetaRM's rounds with the ascent along a random direction of the same length
+    sftS      control: MetaRM's rounds with J always on S₁ (the SFT model's samples)
+    oracleM   control: the oracle with one gold label per meta sample
     evaluation  every policy vs SFT (gold judge, greedy, held-out prompts); the gold-vs-√KL curve
               of every PPO run (ppo.py --eval-prompts); RM accuracy (ID / OOD) and reward gaps of
               every RM; best-of-n under RM₀
@@ -31,7 +34,7 @@ costs only the stages in flight.
 
 Commands
     python -m study                     # the default: 5 seeds, every arm, 1 round (~1 h on 2 cores)
-    python -m study --study             # the full study: 5 seeds, every arm, 3 rounds
+    python -m study --study             # the full study: 8 seeds, every arm and control, 3 rounds
     python -m study --eta-sweep 0,0.03,0.1,0.3,1 --arms vanilla,metarm --rounds 1 \\
         --out runs/eta_sweep
     python -m study --nproc 2 --jobs 1  # every stage under torchrun with 2 processes (FSDP2)
@@ -66,7 +69,7 @@ from typing import Callable
 from plumbing import common
 from plumbing.common import Valid, arg, check, non_negative, or_sentinel, positive
 from study import report
-from study.arms import (ARMS, WORLD_FLAGS, Seed, Task, metarm_eta, seed_tasks, stage_flags,
+from study.arms import (ARMS, DEFAULT_ARMS, WORLD_FLAGS, Seed, Task, metarm_eta, seed_tasks, stage_flags,
                         world_tasks)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # stages run from the root
@@ -80,13 +83,14 @@ class Args:
                                     "results.json, figures/")
     seeds: int = arg(5, "seeds 0 … N−1; each seed has its own RMs, meta sets and PPO runs (the "
                         "world and the SFT model are shared)", valid=SEEDS)
-    arms: str = arg(",".join(ARMS),
+    arms: str = arg(",".join(DEFAULT_ARMS),
                     "comma-separated arms: " + ", ".join(ARMS) + " (vanilla is always run: "
                     "it is the baseline of every comparison)")
     rounds: int = arg(1, "MetaRM rounds after the vanilla RM (paper: 4 for dialogue, 5 for "
                          "summarisation)", valid=non_negative)
-    study: bool = arg(False, "the full study: --seeds 5 --arms " + ",".join(ARMS)
-                             + " --rounds 3 (flags given explicitly still win)")
+    study: bool = arg(False, "the full study: --seeds 8 --arms " + ",".join(ARMS)
+                             + " --rounds 3 (every arm and control; flags given explicitly "
+                             "still win)")
     eta_sweep: str = arg("", "comma-separated η values: round-1 MetaRM from RM₀ with each η, then "
                              "PPO (its own figure); empty = none")
     jobs: int = arg(0, "stages run at once; 0 = the cores this process may use // "
@@ -123,7 +127,7 @@ class Args:
                           valid=non_negative)
 
 
-STUDY_DEFAULTS = {"seeds": 5, "arms": ",".join(ARMS), "rounds": 3}
+STUDY_DEFAULTS = {"seeds": 8, "arms": ",".join(ARMS), "rounds": 3}
 
 
 def plan(args: Args, hp: dict[str, list[str]], arms: list[str], sweep: list[float]) -> list[Task]:

@@ -238,6 +238,11 @@ def test_toy_study_end_to_end_and_resume(tmp_path):
     sweep_vs_eta0 = [v for v in agg["verdicts"] if v.startswith("MetaRM r1, η = 0.1 − η = 0 control r1")]
     d = [per[s]["policies"]["sweep_eta0.1"]["gold"] - per[s]["policies"]["eta0_r1"]["gold"] for s in ("0", "1")]
     assert len(sweep_vs_eta0) == 1 and f"{sum(d) / 2:+.3f} gold" in sweep_vs_eta0[0]
+    # the README's study block is a function of results.json alone: the toy run's block, rendered again from its
+    # results.json, is the file the run wrote (and names the command that made it)
+    block = (out / "readme_block.md").read_text()
+    assert block == report.readme_block(results) and block.startswith("`python -m study --toy --seeds 2")
+    assert "| (a) the vanilla RM agrees" in block and all(f"- {v}\n" in block for v in agg["verdicts"])
     text = (out / "report.md").read_text()
     for heading in ("## Verdicts", "## The testbed's criteria", "## Table 1 shape", "## Table 2 shape",
                     "## Reward models", "## Why MetaRM does what it does"):
@@ -262,3 +267,17 @@ def test_toy_study_two_processes(tmp_path):
     assert stdout.count("$ torchrun --standalone --nproc_per_node=2 ") == stdout.count("\n$ ") - 1
     results = json.loads((out / "results.json").read_text())
     assert set(results["aggregate"]["policies"]) == {"vanilla", "metarm_r1"}
+
+
+def test_readme_study_block_is_the_rendering_of_the_committed_results():
+    # every number of the README's study block comes from the run's results.json (committed in docs/), rendered by
+    # report.readme_block: editing a number by hand, or publishing a block of another run, fails here
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "docs", "study_extrapolation.json")) as f:
+        results = json.load(f)
+    with open(os.path.join(root, "README.md")) as f:
+        readme = f.read()
+    start, end = "<!-- study-block: docs/study_extrapolation.json -->\n", "<!-- /study-block -->"
+    block = readme[readme.index(start) + len(start): readme.index(end)]
+    assert block == report.readme_block(results)
+    assert results["settings"]["world"] == "extrapolation" and len(results["seeds"]) >= 8
