@@ -57,3 +57,7 @@ def test_step_lines_timing_and_finiteness():
     assert gpu_smoke.not_finite([{"loss": 1.0, "n": 3, "ok": True},
                                  {"x": {"y": [math.nan, math.inf]}}]) == ["1.x.y.0 = nan",
                                                                           "1.x.y.1 = inf"]
+    # an on-policy accuracy over no pairs is undefined, not a fault; over some pairs a NaN is one
+    assert gpu_smoke.not_finite([{"eval_onpolicy_acc": math.nan, "eval_onpolicy_pairs": 0}]) == []
+    assert gpu_smoke.not_finite([{"eval_onpolicy_acc": math.nan, "eval_onpolicy_pairs": 3}]) == [
+        "0.eval_onpolicy_acc = nan"]
