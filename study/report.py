@@ -336,6 +336,25 @@ def gao_fit(d: list[float], gain: list[float]) -> dict[str, float] | None:
             "d_peak": float(math.exp(alpha / beta - 1)) if beta > 0 else float("inf")}
 
 
+def curve_panels(out: str, name: str, curves: dict[str, dict],
+                 panels: list[tuple[str, str, str]]) -> str:
+    """figures/<name>.png: one panel per (series, y label, title) of `panels`, each the seed-mean
+    curves (mean_curve) against √KL with their 95 % band; returns the relative path."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
+    for key, c in curves.items():
+        for ax, (y, _, _) in zip(axes, panels):
+            ax.plot(c["sqrt_kl"], c[y], marker=".", label=label(key))
+            ax.fill_between(c["sqrt_kl"], c[y + "_low"], c[y + "_high"], alpha=0.15)
+    for ax, (_, ylabel, title) in zip(axes, panels):
+        ax.set(xlabel="√KL(π ‖ π_SFT)  (nats^½)", ylabel=ylabel, title=title)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "figures", f"{name}.png"), dpi=110)
+    plt.close(fig)
+    return f"figures/{name}.png"
+
+
 def draw_figures(out: str, seeds: dict[int, dict], keys: list[str], sweep: list[float],
                  metarm_eta: float | None = None) -> dict[str, str]:
     """figures/gold_vs_sqrt_kl.png (gold and proxy against √KL, seed bands), figures/best_of_n.png,
@@ -345,37 +364,17 @@ def draw_figures(out: str, seeds: dict[int, dict], keys: list[str], sweep: list[
     figures = {}
     curves = {k: c for k in keys if not k.startswith("sweep_") and (c := mean_curve(seeds, k))}
     if curves:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for key, c in curves.items():
-            for ax, y in zip(axes, ("gold", "score")):
-                ax.plot(c["sqrt_kl"], c[y], marker=".", label=label(key))
-                ax.fill_between(c["sqrt_kl"], c[y + "_low"], c[y + "_high"], alpha=0.15)
-        axes[0].set(xlabel="√KL(π ‖ π_SFT)  (nats^½)", ylabel="gold reward (held-out, sampled)",
-                    title=f"gold vs √KL, mean of {len(seeds)} seeds, 95% band")
-        axes[1].set(xlabel="√KL(π ‖ π_SFT)  (nats^½)", ylabel="proxy RM score (its own units)",
-                    title="the proxy the policy optimised")
-        axes[0].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "figures", "gold_vs_sqrt_kl.png"), dpi=110)
-        plt.close(fig)
-        figures["gold_vs_sqrt_kl"] = "figures/gold_vs_sqrt_kl.png"
+        figures["gold_vs_sqrt_kl"] = curve_panels(out, "gold_vs_sqrt_kl", curves, [
+            ("gold", "gold reward (held-out, sampled)",
+             f"gold vs √KL, mean of {len(seeds)} seeds, 95% band"),
+            ("score", "proxy RM score (its own units)", "the proxy the policy optimised")])
     onpolicy = {k: c for k, c in curves.items() if "onpolicy_acc" in c}
     if onpolicy:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for key, c in onpolicy.items():
-            for ax, y in zip(axes, ("onpolicy_acc", "reward_spread")):
-                ax.plot(c["sqrt_kl"], c[y], marker=".", label=label(key))
-                ax.fill_between(c["sqrt_kl"], c[y + "_low"], c[y + "_high"], alpha=0.15)
-        axes[0].set(xlabel="√KL(π ‖ π_SFT)  (nats^½)",
-                    ylabel="RM agrees with gold on the policy's own pairs",
-                    title=f"on-policy RM accuracy, mean of {len(seeds)} seeds")
-        axes[1].set(xlabel="√KL(π ‖ π_SFT)  (nats^½)", ylabel="std of RM score among k samples",
-                    title="reward spread among one prompt's samples")
-        axes[0].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "figures", "onpolicy_accuracy.png"), dpi=110)
-        plt.close(fig)
-        figures["onpolicy_accuracy"] = "figures/onpolicy_accuracy.png"
+        figures["onpolicy_accuracy"] = curve_panels(out, "onpolicy_accuracy", onpolicy, [
+            ("onpolicy_acc", "RM agrees with gold on the policy's own pairs",
+             f"on-policy RM accuracy, mean of {len(seeds)} seeds"),
+            ("reward_spread", "std of RM score among k samples",
+             "reward spread among one prompt's samples")])
     bons = [s["best_of_n"] for s in seeds.values() if "best_of_n" in s]
     if bons:
         fig, ax = plt.subplots(figsize=(5.5, 4))
