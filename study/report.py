@@ -446,11 +446,10 @@ def paired(seeds: dict[int, dict], a: tuple[str, ...], b: tuple[str, ...]
 def criteria_rows(agg: dict[str, Any], seeds: dict[int, dict]) -> list[list[str]]:
     """The testbed's acceptance criteria (a)–(d), each [criterion, target, measured, met?]: they say
     whether this world can tell RM methods apart at all, and are read off the vanilla and oracle
-    arms only (the oracle's last round)."""
+    arms only; (c) and (d)'s oracle rows come once per round, the last round being the criterion."""
     v, rm = agg["policies"].get("vanilla", {}), agg["rms"].get("vanilla", {})
     oracles = sorted((k for k in agg["policies"] if k.startswith("oracle_r")),
                      key=lambda k: int(k[len("oracle_r"):]))
-    o = oracles[-1] if oracles else None
     def met(ci: dict[str, float] | None, ok: Callable[[dict], bool]) -> str:
         if ci is None:
             return "–"
@@ -470,7 +469,7 @@ def criteria_rows(agg: dict[str, Any], seeds: dict[int, dict]) -> list[list[str]
             ["(b) … while the proxy keeps rising: score(final) − score(peak)", "> 0",
              fmt(v.get("score_rise_after_peak")),
              met(v.get("score_rise_after_peak"), lambda c: c["mean"] > 0)]]
-    if o:
+    for o in oracles:  # every round; the criterion is the last one's ("at the end")
         diff = agg["policies"][o].get("final_gold_sampled_minus_vanilla")
         rows.append([f"(c) {label(o)} − vanilla PPO, final gold (held-out, sampled)",
                      "≥ +0.2, interval above 0", fmt(diff),
@@ -478,7 +477,7 @@ def criteria_rows(agg: dict[str, Any], seeds: dict[int, dict]) -> list[list[str]
     rows.append(["(d) on-policy RM accuracy falls along vanilla PPO: final − SFT",
                  "interval below 0", fmt(onpolicy_fall),
                  met(onpolicy_fall, lambda c: c["high"] < 0)])
-    if o:
+    for o in oracles:
         restore = paired(seeds, ("policies", o, "curve", "onpolicy_acc_final"),
                          (*curve, "onpolicy_acc_final"))
         rows.append([f"(d) … and the oracle restores it: {label(o)} − vanilla, final",

@@ -3,6 +3,7 @@ stops it), study/report.py's reductions by hand, and the whole study at toy size
 import json
 import math
 import os
+import re
 
 import pytest
 
@@ -160,6 +161,15 @@ def test_onpolicy_curve_numbers_and_criteria_by_hand():
     # final sampled gold 3 − 1 = 2 met; (d) final − SFT = 0.5 − 0.9 = −0.4, interval [−0.4, −0.4] below 0: met;
     # oracle − vanilla final on-policy 0.8 − 0.5 = 0.3: met
     assert verdict == ["met"] * 7, rows
+    # a round-1 oracle identical to vanilla adds its own (c) and (d) rows, before round 2's: 0 − 0 is not
+    # ≥ +0.2 and its interval [0, 0] is not above 0 — not met; round 2's rows are unchanged
+    for s in seeds.values():
+        s["policies"]["oracle_r1"] = {"gold": 1.0, "curve": c}
+    agg = report.aggregate(seeds, ["vanilla", "oracle_r1", "oracle_r2"])
+    rows = report.criteria_rows(agg, seeds)
+    assert [r[3] for r in rows] == ["met"] * 4 + ["not met", "met", "met", "not met", "met"], rows
+    assert [r[0][:3] for r in rows][4:] == ["(c)", "(c)", "(d)", "(d)", "(d)"]
+    assert "r1" in report.label("oracle_r1") and report.label("oracle_r1") in rows[4][0]
 
 
 def test_controls_are_the_arms_they_claim(tmp_path):
@@ -269,15 +279,19 @@ def test_toy_study_two_processes(tmp_path):
     assert set(results["aggregate"]["policies"]) == {"vanilla", "metarm_r1"}
 
 
-def test_readme_study_block_is_the_rendering_of_the_committed_results():
-    # every number of the README's study block comes from the run's results.json (committed in docs/), rendered by
+def test_readme_study_blocks_are_the_rendering_of_the_committed_results():
+    # every number of the README's study blocks comes from a run's results.json (committed in docs/), rendered by
     # report.readme_block: editing a number by hand, or publishing a block of another run, fails here
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(os.path.join(root, "docs", "study_extrapolation.json")) as f:
-        results = json.load(f)
     with open(os.path.join(root, "README.md")) as f:
         readme = f.read()
-    start, end = "<!-- study-block: docs/study_extrapolation.json -->\n", "<!-- /study-block -->"
-    block = readme[readme.index(start) + len(start): readme.index(end)]
-    assert block == report.readme_block(results)
-    assert results["settings"]["world"] == "extrapolation" and len(results["seeds"]) >= 8
+    blocks = re.findall(r"<!-- study-block: (\S+) -->\n(.*?)<!-- /study-block -->", readme, re.S)
+    sources = [source for source, _ in blocks]
+    assert "docs/study_extrapolation.json" in sources and len(set(sources)) == len(sources)
+    for source, block in blocks:
+        with open(os.path.join(root, source)) as f:
+            results = json.load(f)
+        assert block == report.readme_block(results), source
+        assert results["settings"]["world"] == "extrapolation"
+    with open(os.path.join(root, "docs", "study_extrapolation.json")) as f:
+        assert len(json.load(f)["seeds"]) >= 8
