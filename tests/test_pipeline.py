@@ -293,5 +293,5 @@ def test_readme_study_blocks_are_the_rendering_of_the_committed_results():
             results = json.load(f)
         assert block == report.readme_block(results), source
         assert results["settings"]["world"] == "extrapolation"
-    with open(os.path.join(root, "docs", "study_extrapolation.json")) as f:
-        assert len(json.load(f)["seeds"]) >= 8
+        if source == "docs/study_extrapolation.json":  # the published one-round study
+            assert len(results["seeds"]) >= 8
