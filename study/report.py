@@ -269,23 +269,31 @@ def _order(key: str) -> tuple:
     return (order.index(arm) if arm in order else len(order), key)
 
 
-def verdicts(agg: dict[str, Any], seeds: dict[int, dict]) -> list[str]:
-    """One line per comparison, from the intervals: every arm vs vanilla on gold (greedy), MetaRM vs
-    the η = 0 control, vs the oracle round by round, and vs DPO; each η-sweep point vs the
-    η = 0 control."""
+# the held-out sampled gold at the end of PPO (ppo.py's curve, 100 prompts x 4 samples): criterion (c)'s
+# measure, reported beside the greedy verdicts because greedy decoding of a policy that has drifted can
+# degenerate (on the second world single greedy golds range from -6 to +4 around SFT's 2.8)
+SAMPLED_GOLD = ("curve", "final_gold")
+
+
+def verdicts(agg: dict[str, Any], seeds: dict[int, dict], path: tuple[str, ...] = ("gold",)) -> list[str]:
+    """One line per comparison of the policies' number at `path` (default: greedy gold), paired by
+    seed: every arm vs vanilla PPO, then MetaRM vs the η = 0 control, the other controls, the oracle
+    round by round and DPO, and each η-sweep point vs the η = 0 control (compared_with)."""
+    keys = list(agg["policies"])
+    pairs = ([(k, "vanilla") for k in keys if k != "vanilla"]
+             + [(k, other) for k in keys for other in compared_with(k)])
     lines = []
-    for key, entry in agg["policies"].items():
-        if "gold_minus_vanilla" in entry:
-            lines.append(stats.verdict(f"{label(key)} − vanilla PPO", entry["gold_minus_vanilla"],
-                                       "gold"))
-    for key in agg["policies"]:
-        for other in compared_with(key):
-            a, b = (per_seed(seeds, "policies", key, "gold"),
-                    per_seed(seeds, "policies", other, "gold"))
-            if set(a) & set(b):
-                lines.append(stats.verdict(f"{label(key)} − {label(other)}",
-                                           stats.paired_difference(a, b), "gold"))
+    for key, other in pairs:
+        a, b = (_finite(per_seed(seeds, "policies", key, *path)),
+                _finite(per_seed(seeds, "policies", other, *path)))
+        if set(a) & set(b):
+            lines.append(stats.verdict(f"{label(key)} − {label(other)}",
+                                       stats.paired_difference(a, b), "gold"))
     return lines
+
+
+def _finite(values: dict[int, Any]) -> dict[int, float]:
+    return {s: v for s, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
 
 
 def compared_with(key: str) -> tuple[str, ...]:
@@ -588,6 +596,11 @@ def readme_block(results: dict[str, Any]) -> str:
     lines += ["| " + " | ".join(r) + " |" for r in criteria_rows(agg, per)]
     lines += ["", "Verdicts (greedy gold of the final policies, paired by seed):", ""]
     lines += [f"- {v}" for v in agg["verdicts"]]
+    sampled = verdicts(agg, per, SAMPLED_GOLD)
+    if sampled:
+        lines += ["", "The same comparisons on the held-out sampled gold at the end of PPO (criterion "
+                  "(c)'s measure; paired by seed):", ""]
+        lines += [f"- {v}" for v in sampled]
     P = agg["policies"]
     rows = [(k, e) for k, e in P.items() if e.get("onpolicy_acc_final")]
     if rows:
@@ -637,7 +650,10 @@ def write(out: str, seeds: list[int], arms: list[str], rounds: int, sweep: list[
              "over seeds [low, high]; a difference is called only when its interval excludes 0.",
              ""]
     if n:
-        lines += ["## Verdicts", ""] + [f"- {v}" for v in agg["verdicts"]] + [""]
+        lines += ["## Verdicts", "", "Greedy gold of the final policies:", ""]
+        lines += [f"- {v}" for v in agg["verdicts"]] + [""]
+        lines += ["Held-out sampled gold at the end of PPO (criterion (c)'s measure):", ""]
+        lines += [f"- {v}" for v in verdicts(agg, per, SAMPLED_GOLD)] + [""]
         lines += calibration_section(agg, per) + tables(agg)
         if sweep:
             lines += ["## η sweep (round 1)", "",

@@ -172,6 +172,30 @@ def test_onpolicy_curve_numbers_and_criteria_by_hand():
     assert "r1" in report.label("oracle_r1") and report.label("oracle_r1") in rows[4][0]
 
 
+def test_verdicts_on_sampled_gold_by_hand():
+    # final held-out sampled gold per seed (seeds 0, 1): vanilla 1.0, 2.0; MetaRM r1 1.5, 3.0; η = 0 r1 1.0, 3.5.
+    # Greedy gold is the same for every policy (2.0), so the greedy verdicts are all 0 [0, 0].
+    # MetaRM − vanilla: differences 0.5, 1.0. The exact bootstrap of a 2-seed mean takes the resamples {0.5, 0.5},
+    # {0.5, 1.0}, {1.0, 1.0} with probabilities 1/4, 1/2, 1/4: means 0.5, 0.75, 1.0, so the 2.5 % and 97.5 %
+    # quantiles are 0.5 and 1.0 -> +0.750 [+0.500, +1.000], higher. η = 0 − vanilla: 0.0, 1.5 -> +0.750 [0, +1.5],
+    # the interval touches 0: no detectable difference. MetaRM − η = 0: 0.5, −0.5 -> 0 [−0.5, +0.5].
+    finals = {"vanilla": (1.0, 2.0), "metarm_r1": (1.5, 3.0), "eta0_r1": (1.0, 3.5)}
+    seeds = {s: {"policies": {k: {"gold": 2.0, "curve": {"final_gold": v[s]}} for k, v in finals.items()},
+                 "rms": {}, "mechanism": {}, "sft_gold": 1.0} for s in (0, 1)}
+    agg = report.aggregate(seeds, list(finals))
+    assert report.verdicts(agg, seeds, report.SAMPLED_GOLD) == [
+        "MetaRM r1 − vanilla PPO: +0.750 gold [+0.500, +1.000] (2 seeds): higher",
+        "η = 0 control r1 − vanilla PPO: +0.750 gold [+0.000, +1.500] (2 seeds): no detectable difference",
+        "MetaRM r1 − η = 0 control r1: +0.000 gold [-0.500, +0.500] (2 seeds): no detectable difference"]
+    assert all(v.endswith("+0.000 gold [+0.000, +0.000] (2 seeds): no detectable difference")
+               for v in agg["verdicts"]) and len(agg["verdicts"]) == 3
+    # the README block carries both lists, the greedy one first; a JSON round trip (string seed keys) changes nothing
+    results = json.loads(json.dumps({"seeds": [0, 1], "arms": ["vanilla", "metarm", "eta0"], "rounds": 1,
+                                     "settings": {}, "wall_seconds": 60.0, "per_seed": seeds, "aggregate": agg}))
+    block = report.readme_block(results)
+    assert block.index("- MetaRM r1 − vanilla PPO: +0.000") < block.index("- MetaRM r1 − vanilla PPO: +0.750")
+
+
 def test_controls_are_the_arms_they_claim(tmp_path):
     # random: meta_rm.py --ascent random on MetaRM's own S; sftS: J on S₁ (the SFT model's samples) in every round,
     # no meta set of its own; oracleM: D plus the matched (one label per meta sample) oracle pairs of its S_r
