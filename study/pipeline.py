@@ -33,7 +33,7 @@ A finished stage leaves a marker in OUT/.done/: running the same command again s
 costs only the stages in flight.
 
 Commands
-    python -m study                     # the default: 5 seeds, every arm, 1 round (~1 h on 2 cores)
+    python -m study                     # the default: 5 seeds, every arm, 1 round (~50 min on 2 cores)
     python -m study --study             # the full study: 8 seeds, every arm and control, 3 rounds
     python -m study --eta-sweep 0,0.03,0.1,0.3,1 --arms vanilla,metarm --rounds 1 \\
         --out runs/eta_sweep
