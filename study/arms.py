@@ -22,7 +22,8 @@ the arms are command lines.
     random          MetaRM's rounds with the ascent in a random direction of the same length
                     ‖η∇J‖ (meta_rm.py --ascent random): is it ∇J's direction, or any look-ahead?
     sftS            MetaRM's rounds with J always on S₁, the SFT model's samples: is it the
-                    policy's shift? (round 1 is MetaRM's own round 1: its S is S₁ already)
+                    policy's shift? (round 1 is MetaRM's own round 1 — its S is S₁ already —
+                    so it is not run again: the chain goes on from MetaRM's round-1 RM and policy)
     oracleM         the oracle with as many gold labels as MetaRM has meta samples (a cycle of k
                     pairs per prompt of S_r, meta_data.py's oracle_pairs_matched.jsonl)
     dpo             DPO on D from the SFT model (no reward model)
@@ -295,7 +296,9 @@ def round_arm(w: Seed, arm: str, rounds: int, rm_init: str, ppo_init: str,
     tasks: list[Task] = []
     rm_prev, policy_prev = w.name("rm0"), None
     for r in range(1, rounds + 1):
-        base = (arm, f"round{r}")
+        # sftS's round 1 is MetaRM's round 1 (same S₁, same flags, same seed: the same RM bit for bit),
+        # so it is not run twice: the chain continues from MetaRM's round-1 RM and policy
+        base = ("metarm" if arm == "sftS" and r == 1 else arm, f"round{r}")
         S = w.name("S1") if r == 1 or arm == "sftS" else w.name(*base, "S")
         if r > 1 and arm not in ("eta0", "sftS"):
             tasks.append(meta_set_task(w, S, policy_prev, r))
@@ -350,6 +353,11 @@ def seed_tasks(w: Seed, arms: list[str], rounds: int, sweep: list[float], rm_ini
         tasks += sweep_arm(w, eta, order)
     if "dpo" in arms:
         tasks += dpo_arm(w)
+    # a task two arms share (MetaRM's round 1, which sftS starts from) runs once
+    unique: dict[str, Task] = {}
+    for t in tasks:
+        unique.setdefault(t.name, t)
+    tasks = list(unique.values())
     return tasks + evaluation_tasks(w, tasks)
 
 

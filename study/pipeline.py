@@ -17,7 +17,8 @@ One world (testbed + SFT model, shared), then for every seed s, with the stages 
               without labels
     dpo       DPO on D from the SFT model (no reward model)
     random    control: MetaRM's rounds with the ascent along a random direction of the same length
-    sftS      control: MetaRM's rounds with J always on S₁ (the SFT model's samples)
+    sftS      control: MetaRM's rounds with J always on S₁ (the SFT model's samples); its round 1
+              is MetaRM's round 1, run once
     oracleM   control: the oracle with one gold label per meta sample
     evaluation  every policy vs SFT (gold judge, greedy, held-out prompts); the gold-vs-√KL curve
               of every PPO run (ppo.py --eval-prompts); RM accuracy (ID / OOD) and reward gaps of

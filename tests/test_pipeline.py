@@ -208,6 +208,15 @@ def test_controls_are_the_arms_they_claim(tmp_path):
     assert flag(tasks["seed0/random/round2/rm"], "--meta").endswith("seed0/random/round2/S/meta_train.jsonl")
     assert flag(tasks["seed0/sftS/round2/rm"], "--meta").endswith("seed0/S1/meta_train.jsonl")
     assert "seed0/sftS/round2/S" not in tasks
+    # sftS's round 1 would repeat MetaRM's round 1 flag for flag (S₁, the same --seed), so it is not planned:
+    # round 2 goes on from MetaRM's round-1 RM, and every task name is planned once
+    assert not any(n.startswith("seed0/sftS/round1/") for n in tasks)
+    assert tasks["seed0/sftS/round2/rm"].deps == ["seed0/S1", "seed0/metarm/round1/rm"]
+    assert flag(tasks["seed0/sftS/round2/rm"], "--model").endswith("seed0/metarm/round1/rm")
+    assert len(pipeline.plan(args, hp, ["vanilla", "metarm", "random", "sftS", "oracleM"], [])) == len(tasks)
+    alone = {t.name: t for t in pipeline.plan(args, hp, ["vanilla", "sftS"], [])}
+    assert {"seed0/metarm/round1/rm", "seed0/metarm/round1/ppo"} <= set(alone)
+    assert alone["seed0/metarm/round1/rm"].flags == tasks["seed0/metarm/round1/rm"].flags
     assert flag(tasks["seed0/oracleM/round2/S"], "--policy").endswith("seed0/oracleM/round1/ppo")
     train = tmp_path / "seed0" / "oracleM" / "round2" / "train_pairs.jsonl"
     os.makedirs(tmp_path / "testbed" / "data"); os.makedirs(tmp_path / "seed0" / "oracleM" / "round2" / "S")
@@ -218,7 +227,7 @@ def test_controls_are_the_arms_they_claim(tmp_path):
     assert train.read_text() == '{"d": 1}\n{"m": 1}\n'
     # every RM gets an evaluation of its own, and the world's flags reach the stages once each
     assert {n for n in tasks if n.startswith("seed0/eval/rm/")} == {
-        f"seed0/eval/rm/{k}" for k in ("vanilla", "metarm_r1", "metarm_r2", "random_r1", "random_r2", "sftS_r1",
+        f"seed0/eval/rm/{k}" for k in ("vanilla", "metarm_r1", "metarm_r2", "random_r1", "random_r2",
                                        "sftS_r2", "oracleM_r1", "oracleM_r2")}
     assert flag(tasks["testbed"], "--world") == "extrapolation" and tasks["testbed"].flags.count("--n-pairs-train") == 1
 
