@@ -353,10 +353,12 @@ def seed_tasks(w: Seed, arms: list[str], rounds: int, sweep: list[float], rm_ini
         tasks += sweep_arm(w, eta, order)
     if "dpo" in arms:
         tasks += dpo_arm(w)
-    # a task two arms share (MetaRM's round 1, which sftS starts from) runs once
+    # a task two arms share (MetaRM's round 1, which sftS starts from) runs once; a name planned
+    # twice must be the same command, else the planner has a bug that keeping one would hide
     unique: dict[str, Task] = {}
     for t in tasks:
-        unique.setdefault(t.name, t)
+        kept = unique.setdefault(t.name, t)
+        assert (kept.script, kept.flags, kept.deps) == (t.script, t.flags, t.deps), t.name
     tasks = list(unique.values())
     return tasks + evaluation_tasks(w, tasks)
 
