@@ -205,9 +205,8 @@ def rm_dir_parts(key: str) -> list[str] | None:
 # Across seeds
 # --------------------------------------------------------------------------------------------------
 def interval(values: dict[int, float]) -> dict[str, float] | None:
-    """{mean, low, high, n} of the values over seeds (None when there are none)."""
-    values = {s: v for s, v in values.items()
-              if v is not None and not (isinstance(v, float) and math.isnan(v))}
+    """{mean, low, high, n} of the finite values over seeds (None when there are none)."""
+    values = _finite(values)
     if not values:
         return None
     mean, low, high = stats.bootstrap_ci(list(values.values()))
@@ -293,6 +292,7 @@ def verdicts(agg: dict[str, Any], seeds: dict[int, dict], path: tuple[str, ...] 
 
 
 def _finite(values: dict[int, Any]) -> dict[int, float]:
+    """The seeds whose value is a finite number (a missing, NaN or infinite value is left out)."""
     return {s: v for s, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
 
 
