@@ -344,16 +344,28 @@ def gao_fit(d: list[float], gain: list[float]) -> dict[str, float] | None:
             "d_peak": float(math.exp(alpha / beta - 1)) if beta > 0 else float("inf")}
 
 
+def _arm_round(key: str) -> tuple[str, str]:
+    """("metarm", "3") for "metarm_r3"; (key, "") for a curve without rounds ("vanilla")."""
+    arm, _, r = key.partition("_r")
+    return (arm, r) if r.isdigit() else (key, "")
+
+
 def curve_panels(out: str, name: str, curves: dict[str, dict],
                  panels: list[tuple[str, str, str]]) -> str:
     """figures/<name>.png: one panel per (series, y label, title) of `panels`, each the seed-mean
     curves (mean_curve) against √KL with their 95 % band; returns the relative path."""
     plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
+    # one colour per arm, one line style per round (r1 dotted, r2 dashed, r3 and one-off curves
+    # solid): with more than ten curves the default colour cycle would give two curves one colour
+    arms = list(dict.fromkeys(_arm_round(key)[0] for key in curves))
     for key, c in curves.items():
+        arm, r = _arm_round(key)
+        style = dict(color=f"C{arms.index(arm) % 10}", linestyle={"1": ":", "2": "--"}.get(r, "-"))
         for ax, (y, _, _) in zip(axes, panels):
-            ax.plot(c["sqrt_kl"], c[y], marker=".", label=label(key))
-            ax.fill_between(c["sqrt_kl"], c[y + "_low"], c[y + "_high"], alpha=0.15)
+            ax.plot(c["sqrt_kl"], c[y], marker=".", label=label(key), **style)
+            ax.fill_between(c["sqrt_kl"], c[y + "_low"], c[y + "_high"], alpha=0.15,
+                            color=style["color"])
     for ax, (_, ylabel, title) in zip(axes, panels):
         ax.set(xlabel="√KL(π ‖ π_SFT)  (nats^½)", ylabel=ylabel, title=title)
     axes[0].legend(fontsize=7)

@@ -332,3 +332,12 @@ def test_readme_study_blocks_are_the_rendering_of_the_committed_results():
             assert re.fullmatch(r"python -m study --out \S+", results["settings"]["command"]), source
         if source == "docs/study_extrapolation.json":  # the published one-round study
             assert len(results["seeds"]) >= 8
+
+
+def test_figure_curves_are_coloured_by_arm_and_styled_by_round():
+    # the key grammar of report.aggregate: "<arm>_r<round>" for the paper's rounds, a bare name
+    # otherwise; an η-sweep key contains neither "_r" nor a round number
+    assert report._arm_round("metarm_r3") == ("metarm", "3")
+    assert report._arm_round("oracleM_r1") == ("oracleM", "1")
+    assert report._arm_round("vanilla") == ("vanilla", "")
+    assert report._arm_round("sweep_eta0.1") == ("sweep_eta0.1", "")
