@@ -47,6 +47,12 @@ SMOOTH = 3     # points of the moving average on the held-out curves
 MATCHED_SQRT_KL = (0.5, 1.0, 1.5, 2.0)  # the distances at which curves are compared
 
 
+def _arm_round(key: str) -> tuple[str, str]:
+    """("metarm", "3") for "metarm_r3"; (key, "") for a key without rounds ("vanilla", "dpo")."""
+    arm, _, r = key.partition("_r")
+    return (arm, r) if r.isdigit() else (key, "")
+
+
 def label(key: str) -> str:
     """A row label for the report: 'metarm_r2' -> 'MetaRM r2', 'eta0_r1' -> 'η = 0 r1', ..."""
     names = {"vanilla": "vanilla PPO", "metarm": "MetaRM", "eta0": "η = 0 control",
@@ -55,7 +61,7 @@ def label(key: str) -> str:
              "oracleM": "oracle, one label per meta sample"}
     if key.startswith("sweep_eta"):
         return f"MetaRM r1, η = {key[len('sweep_eta'):]}"
-    arm, _, r = key.partition("_r")
+    arm, r = _arm_round(key)
     return f"{names.get(arm, arm)} r{r}" if r else names.get(arm, arm)
 
 
@@ -188,7 +194,7 @@ def policy_dir(root: str, key: str) -> str | None:
         return os.path.join(root, "vanilla", "ppo")
     if key.startswith("sweep_"):
         return os.path.join(root, "sweep", key[len("sweep_"):], "ppo")
-    arm, _, r = key.partition("_r")
+    arm, r = _arm_round(key)
     return os.path.join(root, arm, f"round{r}", "ppo") if r else None
 
 
@@ -197,7 +203,7 @@ def rm_dir_parts(key: str) -> list[str] | None:
     else None."""
     if key.startswith("sweep_"):
         return ["sweep", key[len("sweep_"):], "rm"]
-    arm, _, r = key.partition("_r")
+    arm, r = _arm_round(key)
     return [arm, f"round{r}", "rm"] if arm in META_ARMS and r else None
 
 
@@ -263,7 +269,7 @@ def aggregate(seeds: dict[int, dict], keys: list[str]) -> dict[str, Any]:
 
 
 def _order(key: str) -> tuple:
-    arm, _, r = key.partition("_r")
+    arm, _ = _arm_round(key)
     order = ["vanilla", "metarm", "eta0", "random", "sftS", "oracle", "oracleM", "dpo"]
     return (order.index(arm) if arm in order else len(order), key)
 
@@ -342,12 +348,6 @@ def gao_fit(d: list[float], gain: list[float]) -> dict[str, float] | None:
     (alpha, beta), *_ = np.linalg.lstsq(A, y, rcond=None)
     return {"alpha": float(alpha), "beta": float(beta),
             "d_peak": float(math.exp(alpha / beta - 1)) if beta > 0 else float("inf")}
-
-
-def _arm_round(key: str) -> tuple[str, str]:
-    """("metarm", "3") for "metarm_r3"; (key, "") for a curve without rounds ("vanilla")."""
-    arm, _, r = key.partition("_r")
-    return (arm, r) if r.isdigit() else (key, "")
 
 
 def curve_panels(out: str, name: str, curves: dict[str, dict],
